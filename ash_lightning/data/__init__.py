@@ -1,0 +1,5 @@
+"""Data sources and the OOD evaluation data module."""
+from ash_lightning.data.datamodule import IndexedDataset, LoaderInfo, OODDataModule
+from ash_lightning.data.sources import SOURCES, Source, build_source
+
+__all__ = ["IndexedDataset", "LoaderInfo", "OODDataModule", "SOURCES", "Source", "build_source"]

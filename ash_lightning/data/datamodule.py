@@ -1,0 +1,153 @@
+"""``OODDataModule``: one ID test set and named OOD sets as one multi-dataloader test loop.
+
+Dataloader 0 is the ID set, then one dataloader per OOD set in the given order, then (optionally) the
+ID-validation set and the OOD-validation sets used to select a setting without touching the test sets.
+Every batch is ``(images, targets, index)``; a negative index marks a corrupt file that was skipped.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ash_lightning.data.sources import CorruptImageError, Source, build_source
+from ash_lightning.errors import UserError
+
+DatasetSpec = str | dict[str, Any]
+ROLES = ("id", "ood", "val_id", "val_ood")
+
+
+@dataclass(frozen=True)
+class LoaderInfo:
+    """What a test dataloader holds: its data set name and its role (one of ``ROLES``)."""
+
+    name: str
+    role: str
+
+
+class IndexedDataset(Dataset):
+    """``(transform(image), target, index)``; with ``skip_corrupt`` an undecodable file gives index -(i+1)."""
+
+    def __init__(self, source: Source, transform: Any, skip_corrupt: bool, blank_shape: tuple[int, ...]) -> None:
+        self.source, self.transform, self.skip_corrupt = source, transform, skip_corrupt
+        self.blank_shape = blank_shape
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        try:
+            image, target = self.source.dataset[i]
+        except CorruptImageError as err:
+            if not self.skip_corrupt:
+                raise
+            warnings.warn(f"skipping corrupt image {err.path!r}", stacklevel=2)
+            return torch.zeros(self.blank_shape), -1, -(i + 1)
+        return self.transform(image), target, i
+
+
+class OODDataModule(pl.LightningDataModule):
+    """ID and OOD test sets (and optional validation sets) with transforms from the backbone's timm config.
+
+    Args:
+        id: the ID test set spec, e.g. ``{kind: npz, path: $DATASETS/cifar10_test_jpeg.npz}``.
+        ood: OOD set name -> spec, evaluated in this order.
+        groups: optional group name -> OOD set names (e.g. ``near``/``far``) averaged in the results.
+        val_id, val_ood: optional validation sets; the best setting of a sweep is chosen on them.
+        fit: optional ID data for calibrated methods (ReAct percentile, DICE, VRA).
+        backbone: timm name whose pretrained config gives the transform (linked from the model by the CLI).
+        image_size, mean, std, interpolation, crop_pct: override the backbone's data config.
+        skip_corrupt: skip undecodable image files with a warning (recorded in the results) instead of failing.
+    """
+
+    def __init__(self, id: DatasetSpec, ood: dict[str, DatasetSpec], groups: dict[str, list[str]] | None = None,
+                 val_id: DatasetSpec | None = None, val_ood: dict[str, DatasetSpec] | None = None,
+                 fit: DatasetSpec | None = None, backbone: str | None = None, batch_size: int = 256,
+                 num_workers: int = 0, image_size: int | None = None, mean: tuple[float, float, float] | None = None,
+                 std: tuple[float, float, float] | None = None, interpolation: str | None = None,
+                 crop_pct: float | None = None, skip_corrupt: bool = False, pin_memory: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not ood:
+            raise UserError("data.ood is empty: OOD evaluation needs at least one OOD set. "
+                            "Fix: add e.g. ood: {textures: {kind: folder, path: $DATASETS/dtd}}.")
+        if (val_id is None) != (not val_ood):
+            raise UserError("validation needs both val_id and val_ood (or neither). Fix: set the missing one.")
+        unknown = sorted({n for members in (groups or {}).values() for n in members} - set(ood))
+        if unknown:
+            raise UserError(f"data.groups names unknown OOD sets {unknown}; the OOD sets are {list(ood)}.")
+        self.groups = dict(groups or {})
+        specs = [("id", LoaderInfo(_id_name(id), "id"), id)]
+        specs += [(f"ood.{n}", LoaderInfo(n, "ood"), s) for n, s in ood.items()]
+        if val_id is not None:
+            specs += [("val_id", LoaderInfo("val_id", "val_id"), val_id)]
+            specs += [(f"val_ood.{n}", LoaderInfo(f"val_{n}", "val_ood"), s) for n, s in (val_ood or {}).items()]
+        self._specs = specs
+        self.loaders: list[LoaderInfo] = [info for _, info, _ in specs]
+        self.sources: dict[str, Source] = {}
+
+    @property
+    def ood_names(self) -> list[str]:
+        """Names of the OOD test sets in dataloader order."""
+        return [info.name for info in self.loaders if info.role == "ood"]
+
+    def data_config(self) -> dict[str, Any]:
+        """The backbone's timm data config with this module's overrides applied."""
+        hp = self.hparams
+        cfg = resolve_data_config(pretrained_cfg=_pretrained_cfg(hp.backbone)) if hp.backbone else \
+            resolve_data_config({})
+        overrides = {"input_size": (3, hp.image_size, hp.image_size) if hp.image_size else None, "mean": hp.mean,
+                     "std": hp.std, "interpolation": hp.interpolation, "crop_pct": hp.crop_pct}
+        cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None})
+        return cfg
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.sources:
+            return
+        for what, info, spec in self._specs:
+            self.sources[info.name] = build_source(spec, f"data.{what}")
+
+    def _loader(self, source: Source) -> DataLoader:
+        cfg = self.data_config()
+        dataset = IndexedDataset(source, create_transform(**cfg, is_training=False), self.hparams.skip_corrupt,
+                                 tuple(cfg["input_size"]))
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=False,
+                          num_workers=self.hparams.num_workers, pin_memory=self.hparams.pin_memory,
+                          persistent_workers=False)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        self.setup("test")
+        return [self._loader(self.sources[info.name]) for info in self.loaders]
+
+    def fit_dataloader(self) -> DataLoader | None:
+        """The ID data that calibrated methods estimate their statistics on (None if not configured)."""
+        if self.hparams.fit is None:
+            return None
+        return self._loader(build_source(self.hparams.fit, "data.fit"))
+
+    def sample_paths(self, name: str, indices: list[int]) -> list[str]:
+        """File paths of the given sample indices of data set ``name`` (indices where paths are unknown)."""
+        paths = self.sources[name].paths
+        return [paths[i] if paths is not None else str(i) for i in indices]
+
+
+def _id_name(spec: DatasetSpec) -> str:
+    """The ID set's display name: its ``name`` key, else "id"."""
+    return str(spec.get("name", "id")) if isinstance(spec, Mapping) else "id"
+
+
+def _pretrained_cfg(backbone: str) -> dict[str, Any]:
+    import ash_lightning.models  # noqa: F401  (our registered models have pretrained configs too)
+
+    cfg = timm.models.get_pretrained_cfg(backbone)
+    if cfg is None:
+        raise UserError(f"unknown backbone {backbone!r} for the data transform. Fix: use a timm model name.")
+    return cfg.to_dict()

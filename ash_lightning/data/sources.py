@@ -1,0 +1,224 @@
+"""Data set sources for OOD evaluation, behind one registry: ``build_source(spec)`` -> a ``Source``.
+
+A spec is a dict with ``kind`` and kind-specific keys, or the shorthand string ``"kind:path"``
+(``"npz:$DATASETS/mnist_test.npz"``, ``"folder:/data/inat"``, ``"gaussian"``). Paths expand ``~`` and
+environment variables. Every source yields ``(PIL RGB image, int target)``; unlabelled images get -1.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tvd
+
+from ash_lightning.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+@dataclass
+class Source:
+    """A data set of ``(PIL image, target)`` pairs and, for files on disk, the path of each sample."""
+
+    dataset: Dataset
+    paths: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def expand_path(path: str | os.PathLike, what: str) -> str:
+    """Expand ``~`` and ``$VARS``; a UserError if an unset variable is left or the path does not exist."""
+    expanded = os.path.expandvars(os.path.expanduser(str(path)))
+    if "$" in expanded:
+        raise UserError(f"{what}: path {str(path)!r} uses an unset environment variable ({expanded!r}). "
+                        "Fix: export it (e.g. DATASETS=/path/to/data) or give an absolute path.")
+    if not os.path.exists(expanded):
+        raise UserError(f"{what}: path {expanded!r} does not exist. Fix: check the path in the config "
+                        "(environment variables such as $DATASETS are expanded).")
+    return expanded
+
+
+class ArraySource(Dataset):
+    """Images from a uint8 array (N,H,W,C) or (N,H,W) with int targets."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray) -> None:
+        self.images, self.targets = images, targets
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[i]).convert("RGB"), int(self.targets[i])
+
+
+class FileSource(Dataset):
+    """Image files with targets; decoding errors surface as ``CorruptImageError`` naming the file."""
+
+    def __init__(self, paths: list[str], targets: list[int]) -> None:
+        self.paths, self.targets = paths, targets
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        try:
+            with Image.open(self.paths[i]) as img:
+                return img.convert("RGB"), self.targets[i]
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise CorruptImageError(self.paths[i], err) from err
+
+
+class CorruptImageError(UserError):
+    """An image file that cannot be decoded."""
+
+    def __init__(self, path: str, cause: Exception) -> None:
+        super().__init__(f"cannot decode image {path!r} ({cause.__class__.__name__}: {cause}). Fix: remove or "
+                         "replace the file, or set skip_corrupt: true to skip such files with a warning.")
+        self.path = path
+
+
+class NoiseSource(Dataset):
+    """Synthetic images, reproducible per index: ``gaussian`` N(0.5, 0.25) or ``uniform`` U(0, 1), clipped."""
+
+    def __init__(self, kind: str, num_samples: int, size: int, seed: int) -> None:
+        self.kind, self.num_samples, self.size, self.seed = kind, num_samples, size, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        shape = (self.size, self.size, 3)
+        pixels = torch.randn(shape, generator=gen) * 0.25 + 0.5 if self.kind == "gaussian" else torch.rand(
+            shape, generator=gen)
+        return Image.fromarray((pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()), -1
+
+
+class _RGB(Dataset):
+    """A torchvision data set whose images are converted to RGB (MNIST and FashionMNIST are grey)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        img, target = self.dataset[i]
+        return img.convert("RGB"), int(target)
+
+
+def _npz(spec: Mapping[str, Any], what: str) -> Source:
+    path = expand_path(spec["path"], what)
+    key = spec.get("key", "x")
+    try:
+        with np.load(path) as arrays:
+            if key not in arrays:
+                raise UserError(f"{what}: {path!r} has no array {key!r} (it has {sorted(arrays.files)}). "
+                                "Fix: set `key` to one of them.")
+            images = arrays[key]
+            targets = arrays["y"] if "y" in arrays else np.full(len(images), -1, dtype=np.int64)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{what}: cannot read {path!r} as a .npz archive ({err}). Fix: write it with "
+                        "numpy.savez(path, x=uint8 images, y=int labels).") from err
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise UserError(f"{what}: array {key!r} in {path!r} is {images.dtype} {images.shape}; expected uint8 "
+                        "N×H×W×C (C = 1 or 3) or N×H×W. Fix: convert the images to uint8 HWC.")
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if len(targets) != len(images):
+        raise UserError(f"{what}: {path!r} has {len(images)} images but {len(targets)} labels in 'y'.")
+    return Source(ArraySource(images, targets.astype(np.int64)))
+
+
+def _folder(spec: Mapping[str, Any], what: str) -> Source:
+    root = expand_path(spec["path"], what)
+    if not os.path.isdir(root):
+        raise UserError(f"{what}: {root!r} is not a folder. Fix: point `path` at a folder of images "
+                        "(class sub-folders, or images directly inside it).")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if classes:
+        paths, targets = [], []
+        for label, cls in enumerate(classes):
+            for dirpath, _, files in sorted(os.walk(os.path.join(root, cls))):
+                found = sorted(os.path.join(dirpath, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+                paths += found
+                targets += [label] * len(found)
+    else:
+        paths = sorted(os.path.join(root, f) for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS))
+        targets = [-1] * len(paths)
+    return Source(FileSource(paths, targets), paths)
+
+
+def _torchvision(cls: type, split_arg: str) -> Callable[[Mapping[str, Any], str], Source]:
+    def build(spec: Mapping[str, Any], what: str) -> Source:
+        root = os.path.expandvars(os.path.expanduser(str(spec.get("path", "."))))
+        split = spec.get("split", "test")
+        kwargs = {"split": split} if split_arg == "split" else {"train": split == "train"}
+        try:
+            dataset = cls(root, download=bool(spec.get("download", False)), **kwargs)
+        except RuntimeError as err:
+            raise UserError(f"{what}: {cls.__name__} not found under {root!r} ({err}). Fix: set `path` to the "
+                            "folder holding it, or `download: true` on a machine with network access.") from err
+        return Source(_RGB(dataset))
+    return build
+
+
+def _noise(kind: str) -> Callable[[Mapping[str, Any], str], Source]:
+    def build(spec: Mapping[str, Any], what: str) -> Source:
+        return Source(NoiseSource(kind, int(spec.get("num_samples", 1000)), int(spec.get("size", 32)),
+                                  int(spec.get("seed", 0))))
+    return build
+
+
+SOURCES: dict[str, Callable[[Mapping[str, Any], str], Source]] = {
+    "npz": _npz,
+    "folder": _folder,
+    "cifar10": _torchvision(tvd.CIFAR10, "train"),
+    "cifar100": _torchvision(tvd.CIFAR100, "train"),
+    "svhn": _torchvision(tvd.SVHN, "split"),
+    "mnist": _torchvision(tvd.MNIST, "train"),
+    "fashionmnist": _torchvision(tvd.FashionMNIST, "train"),
+    "gaussian": _noise("gaussian"),
+    "uniform": _noise("uniform"),
+}
+_NEEDS_PATH = ("npz", "folder")
+
+
+def parse_spec(spec: str | Mapping[str, Any], what: str) -> dict[str, Any]:
+    """Normalise a spec: ``"kind:path"`` or ``"kind"`` becomes ``{"kind": ..., "path": ...}``."""
+    if isinstance(spec, str):
+        kind, _, path = spec.partition(":")
+        spec = {"kind": kind, **({"path": path} if path else {})}
+    if not isinstance(spec, Mapping) or "kind" not in spec:
+        raise UserError(f"{what}: a data set spec needs a `kind` (got {spec!r}). Fix: e.g. "
+                        "{kind: npz, path: $DATASETS/mnist_test.npz} or the string 'folder:/data/inat'.")
+    spec = dict(spec)
+    spec["kind"] = str(spec["kind"]).lower()
+    if spec["kind"] not in SOURCES:
+        raise UserError(f"{what}: unknown data set kind {spec['kind']!r}. Fix: use one of {sorted(SOURCES)}.")
+    if spec["kind"] in _NEEDS_PATH and not spec.get("path"):
+        raise UserError(f"{what}: kind {spec['kind']!r} needs a `path`.")
+    return spec
+
+
+def build_source(spec: str | Mapping[str, Any], what: str) -> Source:
+    """Build the data set a spec describes; ``limit: N`` keeps a fixed, seeded random subset of N samples."""
+    spec = parse_spec(spec, what)
+    source = SOURCES[spec["kind"]](spec, what)
+    if len(source) == 0:
+        raise UserError(f"{what}: the data set at {spec.get('path', spec['kind'])!r} is empty. Fix: check the "
+                        "path; OOD metrics need at least one sample per set.")
+    limit = spec.get("limit")
+    if limit is not None and int(limit) < len(source):
+        keep = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[: int(limit)].sort().values
+        source = Source(torch.utils.data.Subset(source.dataset, keep.tolist()),
+                        None if source.paths is None else [source.paths[i] for i in keep.tolist()])
+    return source

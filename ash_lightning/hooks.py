@@ -1,0 +1,143 @@
+"""Attach a shaping function to any ``nn.Module`` through forward hooks.
+
+Placements (where the activations are shaped):
+
+* ``"penultimate"``: the pooled features fed to the classifier, i.e. the input of
+  ``model.get_classifier()`` (every timm model has one).
+* ``"pre_pool"``: the feature map entering global pooling, i.e. the input of ``model.global_pool``,
+  ``model.head.global_pool`` (timm) or ``model.avgpool`` (torchvision).
+* any dotted module name (``"layer4"``, ``"head.fc"``): that module's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from .shaping import Shaper, get_shaping
+
+__all__ = ["ShapingHandle", "attach_shaping", "resolve_hook_point"]
+
+_POOL_NAMES = ("global_pool", "head.global_pool", "avgpool")
+
+
+def _last_children(model: nn.Module, count: int = 4) -> str:
+    """The names of the last ``count`` top-level children, for error messages."""
+    return ", ".join(repr(name) for name, _ in list(model.named_children())[-count:])
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    get_classifier = getattr(model, "get_classifier", None)
+    if not callable(get_classifier):
+        problem = "has no get_classifier()"
+    else:
+        classifier = get_classifier()
+        if isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Identity):
+            return classifier
+        problem = f"has no classifier (get_classifier() returned {type(classifier).__name__}, e.g. num_classes=0)"
+    raise ValueError(
+        f"placement 'penultimate' needs the classifier module, but {type(model).__name__} {problem}. "
+        "Pass the name of the module whose output is the pooled feature vector instead, "
+        f"e.g. one of {_last_children(model)}."
+    )
+
+
+def _global_pool(model: nn.Module) -> nn.Module:
+    for name in _POOL_NAMES:
+        try:
+            return model.get_submodule(name)
+        except AttributeError:
+            continue
+    raise ValueError(
+        f"placement 'pre_pool' needs a global pooling module, but {type(model).__name__} has none "
+        f"(looked for {', '.join(_POOL_NAMES)}). Pass the name of the module whose output is the "
+        f"feature map instead, e.g. one of {_last_children(model)}."
+    )
+
+
+def resolve_hook_point(model: nn.Module, placement: str) -> tuple[nn.Module, str]:
+    """The module where ``placement`` shapes activations and which side: ``"input"`` for
+    ``"penultimate"`` and ``"pre_pool"``, ``"output"`` for a dotted module name."""
+    if placement == "penultimate":
+        return _classifier(model), "input"
+    if placement == "pre_pool":
+        return _global_pool(model), "input"
+    try:
+        return model.get_submodule(placement), "output"
+    except AttributeError:
+        raise ValueError(
+            f"Unknown placement {placement!r} for {type(model).__name__}: valid placements are "
+            "'penultimate', 'pre_pool' or a dotted module name from model.named_modules(), e.g. one of "
+            f"{', '.join(repr(name) for name, _ in model.named_children())}."
+        ) from None
+
+
+@dataclass(frozen=True)
+class _ShapeInput:
+    """Forward pre-hook: replaces the module's first positional input with ``shaping(input)``."""
+
+    shaping: Shaper
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (self.shaping(args[0]), *args[1:])
+
+
+@dataclass(frozen=True)
+class _ShapeOutput:
+    """Forward hook: replaces the module's output with ``shaping(output)``."""
+
+    shaping: Shaper
+    placement: str
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor:
+        if not isinstance(output, Tensor):
+            raise ValueError(
+                f"placement {self.placement!r} ({type(module).__name__}) outputs a "
+                f"{type(output).__name__}, not a tensor; choose a module whose output is the activation tensor."
+            )
+        return self.shaping(output)
+
+
+class ShapingHandle:
+    """An attached shaping: ``remove()`` detaches it; as a context manager it detaches on exit.
+
+    ``module`` is the hooked submodule, ``placement`` the placement asked for, ``shaping`` the ``Shaper``.
+    """
+
+    def __init__(self, module: nn.Module, placement: str, shaping: Shaper, hook: RemovableHandle) -> None:
+        self.module = module
+        self.placement = placement
+        self.shaping = shaping
+        self._hook = hook
+
+    def remove(self) -> None:
+        """Detach the hook (idempotent); the model then computes exactly what it did before."""
+        self._hook.remove()
+
+    def __enter__(self) -> ShapingHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"ShapingHandle({self.shaping.spec!r}, placement={self.placement!r})"
+
+
+def attach_shaping(
+    model: nn.Module,
+    shaping: str | Callable[[Tensor], Tensor],
+    placement: str = "penultimate",
+) -> ShapingHandle:
+    """Shape ``model``'s activations at ``placement`` with ``shaping`` (a spec string such as
+    ``"ash_s@90"`` or a callable) on every forward pass, until the returned handle is removed."""
+    shaper = get_shaping(shaping)
+    module, side = resolve_hook_point(model, placement)
+    if side == "input":
+        hook = module.register_forward_pre_hook(_ShapeInput(shaper))
+    else:
+        hook = module.register_forward_hook(_ShapeOutput(shaper, placement))
+    return ShapingHandle(module, placement, shaper, hook)

@@ -1,0 +1,224 @@
+"""Exact OOD-detection metrics (FPR@TPR, AUROC, AUPR-In, AUPR-Out) and their torchmetrics wrapper.
+
+Scores follow the convention "higher = more in-distribution". Everything is computed in
+float64 from one stable sort of all scores, with no sigmoid and no binning, so the result is
+exact for scores of any range (energies around 5..40, logits around -1000, heavy ties).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+__all__ = ["CONVENTIONS", "OODMetrics", "fpr_key", "ood_metrics", "summarize", "unique_by_index"]
+
+ScoresLike = Union[Tensor, np.ndarray, Sequence[float]]
+
+#: ``"paper"``: ID is the positive class (ASH, ReAct, Energy papers).
+#: ``"openood"``: OOD is the positive class (OpenOOD v1.5).
+CONVENTIONS = ("paper", "openood")
+
+
+def _check_options(tpr: float, convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"Unknown convention {convention!r}; use one of {CONVENTIONS}.")
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must lie in (0, 1], got {tpr!r}; e.g. 0.95 for FPR@95%TPR.")
+
+
+def fpr_key(tpr: float) -> str:
+    """Metric key for the FPR at a given TPR: 0.95 -> ``"fpr95"``, 0.995 -> ``"fpr99.5"``."""
+    return f"fpr{round(tpr * 100, 6):g}"
+
+
+def _as_float64(scores: ScoresLike, set_name: str) -> np.ndarray:
+    """1-D float64 numpy copy of ``scores``; ValueError if not 1-D, empty, or not finite."""
+    if isinstance(scores, Tensor):
+        array = scores.detach().to(device="cpu", dtype=torch.float64).numpy()
+    else:
+        array = np.asarray(scores, dtype=np.float64)
+    if array.ndim != 1:
+        raise ValueError(f"{set_name} scores must be 1-D, got shape {array.shape}; flatten them first.")
+    if array.size == 0:
+        raise ValueError(f"{set_name} scores are empty; OOD metrics need at least one {set_name} score.")
+    n_bad = array.size - int(np.count_nonzero(np.isfinite(array)))
+    if n_bad:
+        raise ValueError(
+            f"{set_name} scores contain {n_bad} non-finite value(s) (NaN or Inf); "
+            "fix or drop them (e.g. check the model's logits for overflow) before computing OOD metrics."
+        )
+    return array
+
+
+def ood_metrics(
+    id_scores: ScoresLike,
+    ood_scores: ScoresLike,
+    *,
+    tpr: float = 0.95,
+    convention: str = "paper",
+) -> dict[str, float]:
+    """FPR@``tpr``, AUROC, AUPR-In and AUPR-Out of scores where higher = more in-distribution.
+
+    - ``fpr{tpr}`` ("paper"): fraction of OOD scores >= t, t the largest threshold keeping
+      >= ``tpr`` of ID scores >= t. ("openood"): fraction of ID scores <= t, t the smallest
+      threshold with >= ``tpr`` of OOD scores <= t.
+    - ``auroc`` = P(s_id > s_ood) + 0.5 P(s_id = s_ood).
+    - ``aupr_in`` / ``aupr_out``: average precision (as scikit-learn's ``average_precision_score``,
+      ties grouped) with ID positive on the scores / OOD positive on the negated scores.
+    """
+    _check_options(tpr, convention)
+    id64 = _as_float64(id_scores, "ID")
+    ood64 = _as_float64(ood_scores, "OOD")
+    n_id, n_ood = id64.size, ood64.size
+
+    # One stable sort, then cumulative counts at the last position of each distinct score.
+    scores = np.concatenate((id64, ood64))
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    group_end = np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1])
+    group_end = np.append(group_end, scores.size - 1)
+    id_le = np.cumsum(order < n_id)[group_end]  # number of ID scores <= each distinct score
+    ood_le = group_end + 1 - id_le  # number of OOD scores <= each distinct score
+    id_eq = np.diff(id_le, prepend=0)  # number of ID scores == each distinct score
+    ood_eq = np.diff(ood_le, prepend=0)
+    id_ge = n_id - id_le + id_eq  # number of ID scores >= each distinct score
+    ood_ge = n_ood - ood_le + ood_eq
+
+    if convention == "paper":
+        # id_ge is non-increasing: the last distinct score meeting the TPR is the largest threshold.
+        last = np.count_nonzero(id_ge / n_id >= tpr) - 1
+        fpr = ood_ge[last] / n_ood
+    else:
+        # ood_le is non-decreasing: the first distinct score meeting the TPR is the smallest threshold.
+        first = group_end.size - np.count_nonzero(ood_le / n_ood >= tpr)
+        fpr = id_le[first] / n_id
+
+    # 2 * sum over ID of (#OOD below + 0.5 #OOD tied), exact in int64.
+    auroc_twice = int(np.dot(id_eq, 2 * (ood_le - ood_eq) + ood_eq))
+    aupr_in = float(np.dot(id_eq, id_ge / (id_ge + ood_ge))) / n_id
+    aupr_out = float(np.dot(ood_eq, ood_le / (ood_le + id_le))) / n_ood
+    return {
+        fpr_key(tpr): float(fpr),
+        "auroc": auroc_twice / (2 * n_id * n_ood),
+        "aupr_in": aupr_in,
+        "aupr_out": aupr_out,
+    }
+
+
+def unique_by_index(index: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Keep the first occurrence of each ``index`` value; return ``(index, *tensors)`` filtered, in index order.
+
+    ``tensors`` are aligned with ``index`` along dim 0 (e.g. samples repeated by DistributedSampler padding).
+    """
+    if index.ndim != 1 or index.is_floating_point() or index.is_complex():
+        raise ValueError(
+            f"index must be a 1-D integer tensor, got dtype {index.dtype} and shape {tuple(index.shape)}."
+        )
+    for position, tensor in enumerate(tensors):
+        if tensor.shape[:1] != index.shape:
+            raise ValueError(
+                f"tensor {position} has {tensor.shape[0] if tensor.ndim else 'no'} rows but index has "
+                f"{index.shape[0]}; pass tensors aligned with index along dim 0."
+            )
+    sorted_index, order = torch.sort(index, stable=True)
+    is_first = torch.ones_like(sorted_index, dtype=torch.bool)
+    is_first[1:] = sorted_index[1:] != sorted_index[:-1]
+    keep = order[is_first]
+    return (sorted_index[is_first], *(tensor[keep] for tensor in tensors))
+
+
+class OODMetrics(Metric):
+    """Accumulates scores with their ID/OOD flag (and optional sample index) and computes :func:`ood_metrics`.
+
+    States are lists gathered with ``dist_reduce_fx="cat"``, so DDP needs nothing extra. When ``index``
+    is passed to :meth:`update`, each (is_id, index) pair is counted once, which undoes the repeated
+    samples that ``DistributedSampler`` pads shards with.
+    """
+
+    is_differentiable = False
+    higher_is_better = None  # mixed: FPR is lower-is-better, AUROC/AUPR are higher-is-better
+    full_state_update = False
+
+    def __init__(self, tpr: float = 0.95, convention: str = "paper", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        _check_options(tpr, convention)
+        self.tpr = tpr
+        self.convention = convention
+        self.add_state("scores", default=[], dist_reduce_fx="cat")
+        self.add_state("is_id", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+
+    def update(self, scores: Tensor, is_id: Tensor | bool, index: Tensor | None = None) -> None:
+        """Add a batch of 1-D ``scores``; ``is_id`` is a bool per sample or one bool for the batch."""
+        if scores.ndim != 1:
+            raise ValueError(f"scores must be 1-D (batch,), got shape {tuple(scores.shape)}.")
+        if isinstance(is_id, bool):
+            is_id = torch.full(scores.shape, is_id, dtype=torch.bool, device=scores.device)
+        if is_id.shape != scores.shape:
+            raise ValueError(f"is_id has shape {tuple(is_id.shape)} but scores have {tuple(scores.shape)}.")
+        if len(self.scores) and (index is not None) != (len(self.index) > 0):
+            raise ValueError("Pass `index` to OODMetrics.update for every batch or for none, not for some only.")
+        if index is not None:
+            if index.shape != scores.shape or index.is_floating_point():
+                raise ValueError(
+                    f"index must be an integer tensor shaped like scores {tuple(scores.shape)}, "
+                    f"got dtype {index.dtype} and shape {tuple(index.shape)}."
+                )
+            self.index.append(index.detach().long())
+        self.scores.append(scores.detach().double())
+        self.is_id.append(is_id.detach().bool())
+
+    def compute(self) -> dict[str, float]:
+        """:func:`ood_metrics` over everything accumulated (de-duplicated by index when given)."""
+        if len(self.scores) == 0:
+            raise ValueError("OODMetrics has no scores; call update() with ID and OOD batches before compute().")
+        scores = dim_zero_cat(self.scores)
+        is_id = dim_zero_cat(self.is_id)
+        index = dim_zero_cat(self.index) if len(self.index) else None
+        per_set = []
+        for mask in (is_id, ~is_id):
+            set_scores = scores[mask]
+            if index is not None:
+                _, set_scores = unique_by_index(index[mask], set_scores)
+            per_set.append(set_scores)
+        return ood_metrics(per_set[0], per_set[1], tpr=self.tpr, convention=self.convention)
+
+
+def _mean_metrics(per_set: dict[str, dict[str, float]], names: Sequence[str]) -> dict[str, float]:
+    keys = per_set[names[0]].keys()
+    return {key: sum(per_set[name][key] for name in names) / len(names) for key in keys}
+
+
+def summarize(
+    per_set: dict[str, dict[str, float]],
+    groups: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """Average per-OOD-set metric dicts: ``{"mean": {...}, "groups": {group: {...}}}``.
+
+    Each entry is the arithmetic mean per metric key over the member sets ("mean": all sets).
+    """
+    if not per_set:
+        raise ValueError("summarize needs at least one OOD set's metrics, got an empty dict.")
+    first_name, first = next(iter(per_set.items()))
+    for name, metrics in per_set.items():
+        if metrics.keys() != first.keys():
+            raise ValueError(
+                f"OOD set {name!r} has metric keys {sorted(metrics)} but {first_name!r} has {sorted(first)}; "
+                "compute all sets with the same tpr."
+            )
+    groups = groups or {}
+    unknown = sorted({name for members in groups.values() for name in members} - per_set.keys())
+    if unknown:
+        raise ValueError(f"Unknown OOD set(s) {unknown} in groups; known sets: {sorted(per_set)}.")
+    empty = sorted(group for group, members in groups.items() if not members)
+    if empty:
+        raise ValueError(f"Group(s) {empty} have no member sets; list at least one OOD set per group.")
+    return {
+        "mean": _mean_metrics(per_set, list(per_set)),
+        "groups": {group: _mean_metrics(per_set, members) for group, members in groups.items()},
+    }

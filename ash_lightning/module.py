@@ -1,0 +1,86 @@
+"""``OODEvalModule``: any timm backbone with activation shaping, evaluated by the test loop.
+
+``shaping`` and ``score`` may be lists: a test run evaluates their product (a sweep), with one backbone
+pass per batch where the placement allows it (see ``ash_lightning.sweep``). ``test_step`` returns per-sample
+``logits``, ``scores``, ``preds``, ``targets`` and ``index``; ``runs`` labels the score columns.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from ash_lightning.backbone import create_backbone
+from ash_lightning.errors import UserError
+from ash_lightning.scores import get_score
+from ash_lightning.shaping import get_shaping
+from ash_lightning.sweep import runs_backbone_once, shaped_logits
+
+log = logging.getLogger(__name__)
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _user_spec(resolve: Any, spec: str, what: str) -> Any:
+    try:
+        return resolve(spec)
+    except ValueError as err:
+        raise UserError(f"model.{what}: {err}") from err
+
+
+class OODEvalModule(pl.LightningModule):
+    """Evaluate ``backbone`` with ``shaping`` at ``placement`` and OOD ``score`` on every test dataloader.
+
+    Args:
+        backbone: a timm model name (``resnet50.tv_in1k``, ``cifar_resnet20``, ...).
+        pretrained: load timm's pretrained weights (needs them downloaded or cached).
+        checkpoint_path: a local state_dict (bare, or under ``state_dict``/``model``; ``module.`` is stripped).
+        strict_loading: every checkpoint key must match the model.
+        num_classes: override the classifier size (default: the model's).
+        shaping: a shaping spec or a list of them (``"ash_s@90"``, ``["none", "ash_b@65"]``).
+        placement: ``"penultimate"``, ``"pre_pool"`` or a dotted module name.
+        score: a score name or a list of them (``"energy"``, ``"msp"``, ...).
+    """
+
+    def __init__(self, backbone: str, pretrained: bool = False, checkpoint_path: str | None = None,
+                 strict_loading: bool = True, num_classes: int | None = None,
+                 shaping: str | list[str] = "ash_s@90", placement: str = "penultimate",
+                 score: str | list[str] = "energy") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.shapers = [_user_spec(get_shaping, s, "shaping") for s in _as_list(shaping)]
+        self.scores = [_user_spec(get_score, s, "score") for s in _as_list(score)]
+        if not self.shapers or not self.scores:
+            raise UserError("model.shaping and model.score need at least one entry each.")
+        self.model = create_backbone(backbone, pretrained=pretrained, num_classes=num_classes,
+                                     checkpoint_path=checkpoint_path, strict=strict_loading)
+        self.placement = placement
+        self.runs = [{"shaping": sh.spec, "score": sc.name} for sh, sc in itertools.product(self.shapers, self.scores)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of the backbone with the first shaper attached."""
+        return shaped_logits(self.model, x, self.shapers[:1], self.placement)[0]
+
+    def on_test_start(self) -> None:
+        if len(self.shapers) > 1 and not runs_backbone_once(self.model, self.placement):
+            log.warning("placement %r is not inside forward_head: the full network runs once per shaping "
+                        "setting (%d settings)", self.placement, len(self.shapers))
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        x, targets, index = batch
+        logits = shaped_logits(self.model, x, self.shapers, self.placement)  # (S, B, K)
+        scores = torch.stack([score(lg) for lg in logits for score in self.scores], dim=1)  # (B, R)
+        preds = logits.argmax(-1).repeat_interleave(len(self.scores), dim=0).T  # (B, R)
+        single = len(self.runs) == 1
+        return {"logits": logits[0] if len(self.shapers) == 1 else logits.transpose(0, 1),
+                "scores": scores[:, 0] if single else scores, "preds": preds[:, 0] if single else preds,
+                "targets": targets, "index": index}
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        return self.test_step(batch, batch_idx, dataloader_idx)

@@ -1,0 +1,168 @@
+"""From saved per-sample scores to the results table: pure functions shared by the callback and ``report``.
+
+A *score store* maps each data set name to numpy arrays ``scores`` (N, R), ``targets`` (N,), ``index`` (N,)
+and optionally ``preds`` (N, R), one column per run (a (shaping, score) pair). ``save_scores`` and
+``load_scores`` keep it in ``scores.npz`` with the metadata needed to recompute every metric.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ash_lightning.errors import UserError
+from ash_lightning.metrics import fpr_key, ood_metrics, summarize
+
+Store = dict[str, dict[str, np.ndarray]]
+METRIC_LABELS = {"auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out"}
+
+
+def _set_metrics(id_scores: np.ndarray, sets: Mapping[str, np.ndarray], tpr: float, convention: str
+                 ) -> dict[str, dict[str, float]]:
+    return {name: ood_metrics(id_scores, s, tpr=tpr, convention=convention) for name, s in sets.items()}
+
+
+def id_accuracy(arrays: Mapping[str, np.ndarray], column: int) -> float | None:
+    """Top-1 accuracy of run ``column`` on the labelled samples (targets >= 0); None without labels."""
+    if "preds" not in arrays:
+        return None
+    labelled = arrays["targets"] >= 0
+    if not labelled.any():
+        return None
+    return float((arrays["preds"][labelled, column] == arrays["targets"][labelled]).mean())
+
+
+def rank_runs(runs: Sequence[Mapping[str, Any]], key: str = "mean") -> list[int]:
+    """Run positions sorted by mean FPR (ascending), then mean AUROC (descending)."""
+    def order(i: int) -> tuple[float, float]:
+        mean = runs[i][key]
+        fpr = next(v for k, v in mean.items() if k.startswith("fpr"))
+        return fpr, -mean["auroc"]
+    return sorted(range(len(runs)), key=order)
+
+
+def compute_results(store: Store, loaders: Sequence[Mapping[str, str]], runs: Sequence[Mapping[str, str]],
+                    groups: Mapping[str, list[str]] | None = None, tpr: float = 0.95,
+                    convention: str = "paper") -> dict[str, Any]:
+    """Per run: metrics per OOD set, their mean and group means, ID accuracy; a ranking; and, when
+    validation sets are present, the run ``selected`` on them (lowest mean validation FPR, then AUROC)."""
+    by_role: dict[str, list[str]] = {}
+    for info in loaders:
+        by_role.setdefault(info["role"], []).append(info["name"])
+    (id_name,) = by_role["id"]
+    out_runs = []
+    for r, run in enumerate(runs):
+        per_set = _set_metrics(store[id_name]["scores"][:, r], {n: store[n]["scores"][:, r] for n in by_role["ood"]},
+                               tpr, convention)
+        entry = {**run, "id_accuracy": id_accuracy(store[id_name], r), "ood": per_set, **summarize(per_set, groups)}
+        if "val_id" in by_role:
+            val = _set_metrics(store[by_role["val_id"][0]]["scores"][:, r],
+                               {n: store[n]["scores"][:, r] for n in by_role["val_ood"]}, tpr, convention)
+            entry["validation"] = {"ood": val, "mean": summarize(val)["mean"]}
+        out_runs.append(entry)
+    results: dict[str, Any] = {
+        "runs": out_runs, "ranking": rank_runs(out_runs), "counts": {n: int(len(a["index"])) for n, a in store.items()},
+        "id": id_name, "ood_sets": by_role["ood"], "groups": dict(groups or {}), "tpr": tpr, "convention": convention,
+    }
+    if "val_id" in by_role:
+        best = rank_runs([r["validation"] for r in out_runs])[0]
+        results["selected"] = {"run": best, "shaping": out_runs[best]["shaping"], "score": out_runs[best]["score"],
+                               "validation_mean": out_runs[best]["validation"]["mean"],
+                               "test_mean": out_runs[best]["mean"], "test_ood": out_runs[best]["ood"]}
+    return results
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f}"
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """Markdown: per-set metrics of the best run (or the only one); for sweeps, also all runs ranked."""
+    fkey = fpr_key(results["tpr"])
+    runs = results["runs"]
+    best = runs[results["ranking"][0]]
+    head = f"| OOD set | {fkey.upper()} ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |\n|---|---:|---:|---:|---:|\n"
+    rows = [(name, m) for name, m in best["ood"].items()]
+    rows += [(f"*{g}*", m) for g, m in best["groups"].items()] + [("**mean**", best["mean"])]
+    lines = [f"### {best['shaping']} + {best['score']}  (ID accuracy {_pct(best['id_accuracy'])}%, "
+             f"convention {results['convention']})", "", head.rstrip("\n")]
+    lines += [f"| {n} | {_pct(m[fkey])} | {_pct(m['auroc'])} | {_pct(m['aupr_in'])} | {_pct(m['aupr_out'])} |"
+              for n, m in rows]
+    if len(runs) > 1:
+        lines += ["", f"### All {len(runs)} settings, ranked by mean {fkey.upper()} then mean AUROC", "",
+                  f"| rank | shaping | score | mean {fkey.upper()} ↓ | mean AUROC ↑ | mean AUPR-In ↑ | ID acc |",
+                  "|---:|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {rank} | {runs[i]['shaping']} | {runs[i]['score']} | {_pct(runs[i]['mean'][fkey])} | "
+                  f"{_pct(runs[i]['mean']['auroc'])} | {_pct(runs[i]['mean']['aupr_in'])} | "
+                  f"{_pct(runs[i]['id_accuracy'])} |" for rank, i in enumerate(results["ranking"], start=1)]
+    if "selected" in results:
+        sel = results["selected"]
+        lines += ["", f"Selected on validation data: **{sel['shaping']} + {sel['score']}** (validation mean "
+                  f"{fkey.upper()} {_pct(sel['validation_mean'][fkey])}; test mean {fkey.upper()} "
+                  f"{_pct(sel['test_mean'][fkey])}, AUROC {_pct(sel['test_mean']['auroc'])})"]
+    return "\n".join(lines)
+
+
+def write_results(results: Mapping[str, Any], directory: str) -> tuple[str, str]:
+    """Write ``ood_results.json`` and ``ood_results.csv`` (one row per run and OOD set, mean and group)."""
+    os.makedirs(directory, exist_ok=True)
+    json_path, csv_path = os.path.join(directory, "ood_results.json"), os.path.join(directory, "ood_results.csv")
+    with open(json_path, "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    fkey = fpr_key(results["tpr"])
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["shaping", "score", "set", fkey, "auroc", "aupr_in", "aupr_out", "id_accuracy"])
+        for run in results["runs"]:
+            rows = [*run["ood"].items(), *((f"group:{g}", m) for g, m in run["groups"].items()), ("mean", run["mean"])]
+            for name, m in rows:
+                writer.writerow([run["shaping"], run["score"], name, m[fkey], m["auroc"], m["aupr_in"], m["aupr_out"],
+                                 run["id_accuracy"]])
+    return json_path, csv_path
+
+
+def save_scores(path: str, store: Store, meta: Mapping[str, Any]) -> None:
+    """Write the score store and its metadata (runs, loaders, groups, tpr, convention) to ``path`` atomically."""
+    arrays = {f"{name}/{key}": value for name, data in store.items() for key, value in data.items()}
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, __meta__=np.array(json.dumps(meta)), **arrays)
+    os.replace(tmp, path)
+
+
+def load_scores(path: str) -> tuple[Store, dict[str, Any]]:
+    """Read ``scores.npz`` (or the one inside a run directory) back into a store and its metadata."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "scores.npz")
+    if not os.path.isfile(path):
+        raise UserError(f"no saved scores at {path!r}. Fix: pass a run directory (it holds scores.npz) or the "
+                        "scores.npz file written by OODMetricsCallback.")
+    try:
+        with np.load(path) as data:
+            meta = json.loads(str(data["__meta__"]))
+            store: Store = {}
+            for key in data.files:
+                if key != "__meta__":
+                    name, _, field = key.rpartition("/")
+                    store.setdefault(name, {})[field] = data[key]
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{path!r} is not a scores.npz written by ash-lightning ({err}).") from err
+    return store, meta
+
+
+def results_from_store(store: Store, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Recompute the results of a (possibly partial) store: OOD sets missing from it are left out."""
+    loaders = [info for info in meta["loaders"] if info["name"] in store]
+    if not any(info["role"] == "ood" for info in loaders) or not any(info["role"] == "id" for info in loaders):
+        raise UserError("the saved scores hold no complete ID set and OOD set pair; nothing to compute.")
+    present = {info["name"] for info in loaders}
+    groups = {g: [n for n in members if n in present] for g, members in (meta.get("groups") or {}).items()}
+    groups = {g: m for g, m in groups.items() if m}
+    if any(info["role"] == "val_ood" for info in loaders) != any(info["role"] == "val_id" for info in loaders):
+        loaders = [info for info in loaders if not info["role"].startswith("val")]
+    results = compute_results(store, loaders, meta["runs"], groups, meta["tpr"], meta["convention"])
+    return {**results, "skipped": meta.get("skipped", {}), "dropped_nonfinite": meta.get("dropped_nonfinite", {}),
+            "config": meta.get("config", {})}

@@ -1,0 +1,251 @@
+"""``OODMetricsCallback``: OOD metrics over a multi-dataloader test loop, on one device or many.
+
+Dataloader ``id_dataloader_idx`` is the ID set, every other one an OOD set (or, with ``OODDataModule``, the
+roles it declares). Per-sample scores are gathered from all ranks when each dataloader ends, de-duplicated by
+sample index (DistributedSampler pads shards with repeats) and saved to ``scores.npz`` at once, so a failure
+on a later set loses nothing. At the end: metrics per OOD set, their mean and group means, ID accuracy;
+scalars to every logger, histograms and curves to TensorBoard, ``ood_results.json``/``.csv`` and a
+Markdown table. Works with any LightningModule whose ``test_step`` returns logits or a dict holding
+``logits`` and/or ``scores`` (and optionally ``preds``, ``targets``, ``index``).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from ash_lightning.errors import UserError
+from ash_lightning.metrics import unique_by_index
+from ash_lightning.plots import curves_figure, sweep_figure
+from ash_lightning.results import format_table, results_from_store, save_scores, write_results
+from ash_lightning.scores import get_score
+
+NONFINITE_POLICIES = ("raise", "drop")
+
+
+class OODMetricsCallback(pl.Callback):
+    """Accumulate scores per test dataloader and report FPR@TPR, AUROC, AUPR-In/Out per OOD set.
+
+    Args:
+        id_dataloader_idx: the ID dataloader when the data module declares no roles.
+        ood_names: names of the other dataloaders (default: the data module's, else ``ood1``, ``ood2``...).
+        groups: group name -> OOD set names to average (default: the data module's ``groups``).
+        score: the score computed from logits when ``test_step`` returns no ``scores``.
+        tpr: the TPR of the FPR metric (0.95 -> ``fpr95``); convention: ``"paper"`` or ``"openood"``.
+        nonfinite: ``"raise"`` stops on NaN/Inf scores naming the set and count; ``"drop"`` drops those
+            samples and records them in the results.
+        output_dir: where files go (default: the logger's log directory).
+    """
+
+    def __init__(self, id_dataloader_idx: int = 0, ood_names: list[str] | None = None,
+                 groups: dict[str, list[str]] | None = None, score: str = "energy", tpr: float = 0.95,
+                 convention: str = "paper", nonfinite: str = "raise", output_dir: str | None = None,
+                 log_figures: bool = True) -> None:
+        if nonfinite not in NONFINITE_POLICIES:
+            raise UserError(f"nonfinite={nonfinite!r}; use one of {NONFINITE_POLICIES}.")
+        self.id_dataloader_idx, self.ood_names, self.groups = id_dataloader_idx, ood_names, groups
+        self.score = get_score(score)
+        self.tpr, self.convention, self.nonfinite = tpr, convention, nonfinite
+        self.output_dir, self.log_figures = output_dir, log_figures
+        self.results: dict[str, Any] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._batches: dict[int, list[dict[str, Tensor]]] = {}
+        self._store: dict[str, dict[str, np.ndarray]] = {}
+        self._skipped: dict[str, list[str]] = {}
+        self._dropped: dict[str, int] = {}
+        self._current: int | None = None
+        self._loaders: list[dict[str, str]] = []
+        self._runs: list[dict[str, str]] = []
+        self._warned_no_index = False
+        self._directory = ""
+
+    # ------------------------------------------------------------------ hooks
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._reset()
+        self._loaders = self._resolve_loaders(trainer)
+        self._runs = self._resolve_runs(trainer, pl_module)
+        self._directory = self.output_dir or trainer.log_dir or trainer.default_root_dir  # a collective in DDP
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._current is not None and dataloader_idx != self._current:
+            self._finish_loader(trainer, self._current)
+        self._current = dataloader_idx
+        self._batches.setdefault(dataloader_idx, []).append(self._parse(outputs, batch, trainer))
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for idx in range(len(self._loaders)):
+            if self._loaders[idx]["name"] not in self._store:
+                self._finish_loader(trainer, idx)
+        self.results = results_from_store(self._store, self._meta(trainer, pl_module))
+        if trainer.is_global_zero:
+            self._report(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.is_global_zero and self._store:
+            print(f"\nOOD evaluation stopped by {exception.__class__.__name__}; the scores of "
+                  f"{sorted(self._store)} are saved in {os.path.join(self._out(), 'scores.npz')}. "
+                  f"Recompute their metrics with: python main.py report {self._out()}")
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"results": self.results}
+
+    def _resolve_loaders(self, trainer: pl.Trainer) -> list[dict[str, str]]:
+        declared = getattr(trainer.datamodule, "loaders", None)
+        if declared:
+            return [{"name": info.name, "role": info.role} for info in declared]
+        count = len(trainer.test_dataloaders) if isinstance(trainer.test_dataloaders, Sequence) else 1
+        others = list(self.ood_names or [f"ood{i}" for i in range(1, count)])
+        if len(others) != count - 1:
+            raise UserError(f"ood_names has {len(others)} names for {count - 1} OOD dataloaders.")
+        return [{"name": "id", "role": "id"} if i == self.id_dataloader_idx else
+                {"name": others.pop(0), "role": "ood"} for i in range(count)]
+
+    def _resolve_runs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict[str, str]]:
+        runs = getattr(pl_module, "runs", None)
+        if runs:
+            return [dict(r) for r in runs]
+        specs = [cb.spec for cb in trainer.callbacks if hasattr(cb, "spec") and hasattr(cb, "placement")]
+        return [{"shaping": specs[0] if specs else "none", "score": self.score.name}]
+
+    def _parse(self, outputs: Any, batch: Any, trainer: pl.Trainer) -> dict[str, Tensor]:
+        out = {"logits": outputs} if isinstance(outputs, Tensor) else dict(outputs or {})
+        logits, scores = out.get("logits"), out.get("scores")
+        if logits is None and scores is None:
+            raise UserError("OODMetricsCallback needs test_step to return logits (a tensor) or a dict holding "
+                            "'logits' and/or 'scores'. Fix: `return self(x)` at the end of test_step.")
+        if scores is None:
+            scores = self.score(logits)
+        scores = scores.reshape(len(scores), -1)
+        preds = out.get("preds")
+        if preds is None and logits is not None and logits.ndim == 2:
+            preds = logits.argmax(-1)
+        fields = {"scores": scores}
+        if preds is not None:
+            fields["preds"] = preds.reshape(len(preds), -1).expand(-1, scores.shape[1])
+        seq = batch if isinstance(batch, (list, tuple)) else ()
+        targets = out.get("targets", seq[1] if len(seq) > 1 and isinstance(seq[1], Tensor) else None)
+        fields["targets"] = targets if targets is not None else torch.full((len(scores),), -1)
+        index = out.get("index", seq[2] if len(seq) > 2 and isinstance(seq[2], Tensor) else None)
+        if index is None:
+            if trainer.world_size > 1 and not self._warned_no_index:
+                warnings.warn("batches carry no sample index, so samples that DistributedSampler repeats to pad "
+                              "shards are counted twice. Fix: yield (x, y, index) batches (OODDataModule does).")
+                self._warned_no_index = True
+            start = sum(len(b["scores"]) for b in self._batches.get(self._current, []))
+            index = torch.arange(start, start + len(scores)) * trainer.world_size + trainer.global_rank
+        fields["index"] = index
+        return {k: v.detach().to("cpu", non_blocking=False) for k, v in fields.items()}
+
+    def _finish_loader(self, trainer: pl.Trainer, idx: int) -> None:
+        """Gather one dataloader's samples from all ranks, de-duplicate, check finiteness, save to disk."""
+        name = self._loaders[idx]["name"]
+        batches = self._batches.pop(idx, [])
+        fields = {k: torch.cat([b[k] for b in batches]) for k in batches[0]} if batches else None
+        if trainer.world_size > 1:
+            fields = self._gather(fields)
+        if fields is None or not len(fields["index"]):
+            raise UserError(f"data set {name!r} produced no samples. Fix: check that it is not empty and that "
+                            "limit_test_batches does not skip it.")
+        corrupt = fields["index"] < 0
+        if corrupt.any():
+            bad = sorted(set((-fields["index"][corrupt] - 1).tolist()))
+            datamodule = trainer.datamodule
+            self._skipped[name] = datamodule.sample_paths(name, bad) if hasattr(datamodule, "sample_paths") \
+                else [str(i) for i in bad]
+            fields = {k: v[~corrupt] for k, v in fields.items()}
+        keys = [k for k in fields if k != "index"]
+        index, *values = unique_by_index(fields["index"], *(fields[k] for k in keys))
+        fields = {"index": index, **dict(zip(keys, values))}
+        finite = torch.isfinite(fields["scores"]).all(dim=1)
+        if not finite.all():
+            count = int((~finite).sum())
+            if self.nonfinite == "raise":
+                raise UserError(f"{count} of {len(finite)} samples of data set {name!r} have non-finite (NaN/Inf) "
+                                "scores. Fix: check the model and data (e.g. fp16 overflow), or set "
+                                "nonfinite: drop to drop and record them.")
+            self._dropped[name] = count
+            fields = {k: v[finite] for k, v in fields.items()}
+        self._store[name] = {k: v.numpy() for k, v in fields.items()}
+        if trainer.is_global_zero:
+            save_scores(os.path.join(self._out(), "scores.npz"), self._store, self._meta(trainer, None))
+
+    @staticmethod
+    def _gather(fields: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+        """Concatenate every rank's tensors (uneven lengths allowed); ranks without samples send empty ones."""
+        has = torch.tensor([0 if fields is None else 1])
+        if not int(torch.stack(gather_all_tensors(has)).sum()):
+            return None
+        if fields is None:
+            raise RuntimeError("a rank saw no batches of a dataloader that others saw")
+        return {k: torch.cat(gather_all_tensors(v.contiguous())) for k, v in fields.items()}
+
+    # ------------------------------------------------------------------ output
+    def _out(self) -> str:
+        os.makedirs(self._directory, exist_ok=True)
+        return self._directory
+
+    def _meta(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None) -> dict[str, Any]:
+        datamodule = trainer.datamodule
+        groups = self.groups if self.groups is not None else getattr(datamodule, "groups", None)
+        config = {"trainer": {"world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
+                              "precision": str(trainer.precision)},
+                  "callback": {"tpr": self.tpr, "convention": self.convention, "nonfinite": self.nonfinite}}
+        for key, obj in (("model", pl_module or trainer.lightning_module), ("data", datamodule)):
+            if getattr(obj, "hparams", None):
+                config[key] = dict(obj.hparams)
+        return {"runs": self._runs, "loaders": self._loaders, "groups": groups or {}, "tpr": self.tpr,
+                "convention": self.convention, "skipped": self._skipped, "dropped_nonfinite": self._dropped,
+                "config": config}
+
+    def _report(self, trainer: pl.Trainer) -> None:
+        results = self.results
+        directory = self._out()
+        json_path, csv_path = write_results(results, directory)
+        self._log(trainer, results)
+        print("\n" + format_table(results) + f"\n\nResults: {json_path}, {csv_path}; scores: "
+              f"{os.path.join(directory, 'scores.npz')}")
+
+    def _log(self, trainer: pl.Trainer, results: Mapping[str, Any]) -> None:
+        single = len(results["runs"]) == 1
+        scalars = {}
+        for run in results["runs"]:
+            prefix = "" if single else f"{run['shaping']}|{run['score']}/"
+            sets = {**run["ood"], "mean": run["mean"], **{f"group_{g}": m for g, m in run["groups"].items()}}
+            scalars.update({f"{prefix}ood/{s}/{k}": v for s, m in sets.items() for k, v in m.items()})
+            if run["id_accuracy"] is not None:
+                scalars[f"{prefix}id/accuracy"] = run["id_accuracy"]
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=trainer.global_step)
+        tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not tensorboards:
+            return
+        writer = tensorboards[0].experiment
+        id_name = results["id"]
+        for r, run in enumerate(results["runs"]):
+            prefix = "" if single else f"{run['shaping']}|{run['score']}/"
+            for name in [id_name, *results["ood_sets"]]:
+                writer.add_histogram(f"{prefix}scores/{name}", self._store[name]["scores"][:, r], trainer.global_step)
+        if self.log_figures:
+            best = results["ranking"][0]
+            run = results["runs"][best]
+            fig = curves_figure(self._store[id_name]["scores"][:, best],
+                                {n: self._store[n]["scores"][:, best] for n in results["ood_sets"]},
+                                f"{run['shaping']} + {run['score']}")
+            writer.add_figure("curves/roc_pr", fig, trainer.global_step)
+            sweep = sweep_figure(results["runs"], results["tpr"]) if not single else None
+            if sweep is not None:
+                sweep.savefig(os.path.join(self._out(), "sweep.png"), dpi=120)
+                writer.add_figure("sweep/metrics_vs_percentile", sweep, trainer.global_step)
+        writer.flush()

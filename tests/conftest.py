@@ -1,0 +1,86 @@
+"""Shared fixtures: small synthetic .npz data sets, a saved random-weight checkpoint, the real-data folder."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """``$DATASETS`` or ``../shared/data`` when it holds the benchmark arrays, else None."""
+    for candidate in (os.environ.get("DATASETS"), REPO.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "cifar10_test_jpeg.npz").is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("real data absent: set DATASETS or place the benchmark in ../shared/data")
+    return path
+
+
+def write_npz(path: Path, n: int, seed: int, brightness: float = 1.0, size: int = 32) -> Path:
+    """A uint8 N×size×size×3 image array with labels 0..9, deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    x = np.clip(rng.normal(127 * brightness, 60, size=(n, size, size, 3)), 0, 255).astype(np.uint8)
+    np.savez(path, x=x, y=rng.integers(0, 10, size=n))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """ID (101 samples) and two OOD sets (67, 53): sizes divisible neither by 2 nor by common batch sizes."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    return {"id": write_npz(root / "id.npz", 101, 0), "dark": write_npz(root / "dark.npz", 67, 1, 0.4),
+            "bright": write_npz(root / "bright.npz", 53, 2, 1.6)}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight cifar_resnet20 state_dict saved like the akamaster files (``module.`` prefix)."""
+    import timm
+
+    import ash_lightning.models  # noqa: F401
+
+    torch.manual_seed(0)
+    model = timm.create_model("cifar_resnet20")
+    path = tmp_path_factory.mktemp("ckpt") / "resnet20_random.th"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def tiny_config(tiny_data: dict[str, Path], checkpoint: Path, out: Path, **model: object) -> dict:
+    """A main.py config over the tiny data sets, logging under ``out``."""
+    return {
+        "seed_everything": 0,
+        "model": {"backbone": "cifar_resnet20", "checkpoint_path": str(checkpoint), "shaping": "ash_s@90",
+                  "score": "energy", **model},
+        "data": {"id": {"kind": "npz", "path": str(tiny_data["id"])},
+                 "ood": {"dark": {"kind": "npz", "path": str(tiny_data["dark"])},
+                         "bright": {"kind": "npz", "path": str(tiny_data["bright"])}},
+                 "groups": {"near": ["dark"], "far": ["bright"]}, "batch_size": 16, "num_workers": 0},
+        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                    "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                               "init_args": {"save_dir": str(out), "name": "run", "version": "v"}}},
+    }
+
+
+def run_main(config: dict, tmp_path: Path, *extra: str, env: dict | None = None,
+             command: str = "test") -> subprocess.CompletedProcess:
+    """``python main.py test --config <config>`` in a subprocess; returns the completed process."""
+    cfg = tmp_path / f"config_{abs(hash(str(config))) % 10**8}.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, str(REPO / "main.py"), command, "--config", str(cfg), *extra],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **(env or {})},
+                          timeout=600)

@@ -1,0 +1,142 @@
+"""ash_lightning.hooks: shaping through forward hooks on timm models equals shaping by hand."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from ash_lightning import shaping
+from ash_lightning.hooks import ShapingHandle, attach_shaping, resolve_hook_point
+from ash_lightning.shaping import get_shaping
+
+MODELS = {  # name -> input side
+    "resnet18": 64,
+    "convnext_tiny": 64,
+    "efficientnet_b0": 64,
+    "vit_small_patch16_224": 224,
+}
+NEGATIVE_WARNING = "ASH assumes non-negative activations"
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return {
+        name: (timm.create_model(name, pretrained=False).eval(), torch.randn(2, 3, side, side))
+        for name, side in MODELS.items()
+    }
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    shaping._reset_negative_warning()
+    with torch.no_grad():
+        yield
+    shaping._reset_negative_warning()
+
+
+def shape_quietly(spec, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_shaping(spec)(x)
+
+
+@pytest.mark.parametrize("spec", ["ash_s@90", "ash_b@65"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_penultimate_equals_manual(models, name, spec):
+    model, x = models[name]
+    base = model(x)
+    features = model.forward_head(model.forward_features(x), pre_logits=True)
+    expected = model.get_classifier()(shape_quietly(spec, features))
+    shaping._reset_negative_warning()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = attach_shaping(model, spec)
+        shaped = model(x)
+    handle.remove()
+    negative_warnings = [w for w in caught if NEGATIVE_WARNING in str(w.message)]
+    assert len(negative_warnings) == int(bool((features < 0).any()))
+    if name == "vit_small_patch16_224":  # post-LayerNorm tokens
+        assert negative_warnings and "% of the values passed to" in str(negative_warnings[0].message)
+    assert handle.module is model.get_classifier() and handle.placement == "penultimate"
+    assert handle.shaping.spec == spec
+    assert not torch.allclose(shaped, base)
+    torch.testing.assert_close(shaped, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model(x), base)
+
+
+def test_pre_pool_and_module_name_on_resnet18(models):
+    model, x = models["resnet18"]
+    base = model(x)
+    expected = model.forward_head(shape_quietly("ash_s@90", model.forward_features(x)))
+    for placement in ("pre_pool", "layer4"):
+        with attach_shaping(model, "ash_s@90", placement) as handle:
+            shaped = model(x)
+        torch.testing.assert_close(shaped, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(model(x), base)
+    assert isinstance(handle, ShapingHandle) and handle.module is model.layer4
+
+
+def test_nested_module_name_shapes_its_output(models):
+    model, x = models["convnext_tiny"]
+    base = model(x)
+    with attach_shaping(model, "react@0.0", "head.fc") as handle:
+        clipped = model(x)
+    assert handle.module is model.head.fc
+    assert torch.equal(clipped, base.clamp(max=0.0))
+    assert torch.equal(model(x), base)
+
+
+def test_resolve_hook_point(models):
+    resnet, convnext = models["resnet18"][0], models["convnext_tiny"][0]
+    assert resolve_hook_point(resnet, "penultimate") == (resnet.fc, "input")
+    assert resolve_hook_point(resnet, "pre_pool") == (resnet.global_pool, "input")
+    assert resolve_hook_point(resnet, "layer4") == (resnet.layer4, "output")
+    assert resolve_hook_point(convnext, "penultimate") == (convnext.head.fc, "input")
+    assert resolve_hook_point(convnext, "pre_pool") == (convnext.head.global_pool, "input")
+
+
+def test_callable_shaping_and_hooked_model_copies(models):
+    model, x = models["resnet18"]
+    base = model(x)
+    with attach_shaping(model, lambda f: f * 0, "pre_pool"):
+        zeroed = model(x)
+    torch.testing.assert_close(zeroed, model.fc.bias.expand_as(base))
+    handle = attach_shaping(model, "ash_p@90")
+    try:
+        twin = copy.deepcopy(model)  # what DDP spawn / checkpointing do to a hooked model
+    finally:
+        handle.remove()
+    features = model.forward_head(model.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(twin(x), model.fc(shaping.ash_p(features, 90)))
+    assert torch.equal(model(x), base)
+
+
+def test_bad_placements(models):
+    resnet, vit = models["resnet18"][0], models["vit_small_patch16_224"][0]
+    unknown = r"Unknown placement 'layer9' for ResNet.*'penultimate', 'pre_pool'.*'layer4'"
+    with pytest.raises(ValueError, match=unknown):
+        attach_shaping(resnet, "ash_s@90", "layer9")
+    with pytest.raises(ValueError, match=r"'pre_pool'.*VisionTransformer has no.*global_pool.*'norm'"):
+        attach_shaping(vit, "ash_s@90", "pre_pool")
+    headless = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    with pytest.raises(ValueError, match=r"'penultimate'.*ResNet has no classifier.*Identity.*'global_pool'"):
+        attach_shaping(headless, "ash_s@90")
+    with pytest.raises(ValueError, match=r"'penultimate'.*Sequential has no get_classifier\(\).*'1'"):
+        resolve_hook_point(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), "penultimate")
+    with pytest.raises(ValueError, match="Invalid shaping spec 'ash_x'"):
+        attach_shaping(resnet, "ash_x")
+    assert not resnet.fc._forward_pre_hooks  # nothing left attached by the failures
+
+
+def test_module_with_tuple_output():
+    lstm = nn.Sequential()
+    lstm.add_module("rnn", nn.LSTM(4, 4, batch_first=True))
+    with attach_shaping(lstm, "ash_p@50", "rnn"):
+        with pytest.raises(ValueError, match=r"'rnn' \(LSTM\) outputs a tuple"):
+            lstm(torch.rand(2, 3, 4))
