@@ -8,6 +8,7 @@ from ash_lightning.scores import energy, gen, get_score, max_logit, msp, neg_ent
 from ash_lightning.shaping import (
     Shaper, ash_b, ash_p, ash_rand, ash_s, get_shaping, react, react_and_ash, register_shaping, scale,
 )
+import ash_lightning.calibration  # noqa: F401  (registers react@p<q>, dice, vra, lts)
 
 __version__ = "0.1.0"
 __all__ = [

@@ -7,6 +7,10 @@ Placements (where the activations are shaped):
 * ``"pre_pool"``: the feature map entering global pooling, i.e. the input of ``model.global_pool``,
   ``model.head.global_pool`` (timm) or ``model.avgpool`` (torchvision).
 * any dotted module name (``"layer4"``, ``"head.fc"``): that module's output.
+
+A ``LogitShaper`` (DICE, LTS) shapes the classifier's output instead of activations: it is hooked onto
+``model.get_classifier()``, gets the classifier's input (the penultimate features h) and output (the logits)
+and returns new logits. Only placement ``"penultimate"`` is valid for it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .shaping import Shaper, get_shaping
 
-__all__ = ["ShapingHandle", "attach_shaping", "resolve_hook_point"]
+__all__ = ["LogitShaper", "ShapingHandle", "attach_shaping", "resolve_hook_point"]
 
 _POOL_NAMES = ("global_pool", "head.global_pool", "avgpool")
 
@@ -75,6 +79,21 @@ def resolve_hook_point(model: nn.Module, placement: str) -> tuple[nn.Module, str
         ) from None
 
 
+@dataclass(frozen=True, repr=False)
+class LogitShaper(Shaper):
+    """A shaper of the classifier's output: ``shaper(features, logits, classifier) == fn(features, logits,
+    classifier)``, the new logits from the classifier's input ``features`` (B, D), its output ``logits`` (B, K)
+    and the classifier module. It must not modify its arguments in place."""
+
+    fn: Callable[[Tensor, Tensor, nn.Module], Tensor]
+
+    def __call__(self, features: Tensor, logits: Tensor, classifier: nn.Module) -> Tensor:  # type: ignore[override]
+        return self.fn(features, logits, classifier)
+
+    def __repr__(self) -> str:
+        return f"LogitShaper({self.spec!r})"
+
+
 @dataclass(frozen=True)
 class _ShapeInput:
     """Forward pre-hook: replaces the module's first positional input with ``shaping(input)``."""
@@ -85,6 +104,16 @@ class _ShapeInput:
         return (self.shaping(args[0]), *args[1:])
 
 
+def _activation_tensor(output: Any, module: nn.Module, placement: str) -> Tensor:
+    """``output`` of the module at ``placement``, which must be a tensor."""
+    if not isinstance(output, Tensor):
+        raise ValueError(
+            f"placement {placement!r} ({type(module).__name__}) outputs a "
+            f"{type(output).__name__}, not a tensor; choose a module whose output is the activation tensor."
+        )
+    return output
+
+
 @dataclass(frozen=True)
 class _ShapeOutput:
     """Forward hook: replaces the module's output with ``shaping(output)``."""
@@ -93,12 +122,17 @@ class _ShapeOutput:
     placement: str
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor:
-        if not isinstance(output, Tensor):
-            raise ValueError(
-                f"placement {self.placement!r} ({type(module).__name__}) outputs a "
-                f"{type(output).__name__}, not a tensor; choose a module whose output is the activation tensor."
-            )
-        return self.shaping(output)
+        return self.shaping(_activation_tensor(output, module, self.placement))
+
+
+@dataclass(frozen=True)
+class _ShapeLogits:
+    """Forward hook on the classifier: replaces its output with ``shaping(input, output, classifier)``."""
+
+    shaping: LogitShaper
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        return self.shaping(args[0], output, module)
 
 
 class ShapingHandle:
@@ -133,11 +167,21 @@ def attach_shaping(
     placement: str = "penultimate",
 ) -> ShapingHandle:
     """Shape ``model``'s activations at ``placement`` with ``shaping`` (a spec string such as
-    ``"ash_s@90"`` or a callable) on every forward pass, until the returned handle is removed."""
+    ``"ash_s@90"`` or a callable) on every forward pass, until the returned handle is removed. A
+    ``LogitShaper`` replaces the classifier's output instead and needs ``placement="penultimate"``."""
     shaper = get_shaping(shaping)
-    module, side = resolve_hook_point(model, placement)
-    if side == "input":
-        hook = module.register_forward_pre_hook(_ShapeInput(shaper))
+    if isinstance(shaper, LogitShaper):
+        if placement != "penultimate":
+            raise ValueError(
+                f"{shaper.spec} shapes the logits from the penultimate features and the classifier, so it only "
+                f"works at placement 'penultimate', not {placement!r}. Fix: set placement: penultimate."
+            )
+        module = _classifier(model)
+        hook = module.register_forward_hook(_ShapeLogits(shaper))
     else:
-        hook = module.register_forward_hook(_ShapeOutput(shaper, placement))
+        module, side = resolve_hook_point(model, placement)
+        if side == "input":
+            hook = module.register_forward_pre_hook(_ShapeInput(shaper))
+        else:
+            hook = module.register_forward_hook(_ShapeOutput(shaper, placement))
     return ShapingHandle(module, placement, shaper, hook)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ash_lightning.backbone import create_backbone
+from ash_lightning.calibration import calibrate, fit_loader_of, make_cache_key, needs_calibration
 from ash_lightning.errors import UserError
 from ash_lightning.scores import get_score
 from ash_lightning.shaping import get_shaping
@@ -46,22 +47,25 @@ class OODEvalModule(pl.LightningModule):
         shaping: a shaping spec or a list of them (``"ash_s@90"``, ``["none", "ash_b@65"]``).
         placement: ``"penultimate"``, ``"pre_pool"`` or a dotted module name.
         score: a score name or a list of them (``"energy"``, ``"msp"``, ...).
+        calibration_samples: at most this many ID fit samples for calibrated methods (default: all of data.fit).
     """
 
     def __init__(self, backbone: str, pretrained: bool = False, checkpoint_path: str | None = None,
                  strict_loading: bool = True, num_classes: int | None = None,
                  shaping: str | list[str] = "ash_s@90", placement: str = "penultimate",
-                 score: str | list[str] = "energy") -> None:
+                 score: str | list[str] = "energy", calibration_samples: int | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.shapers = [_user_spec(get_shaping, s, "shaping") for s in _as_list(shaping)]
+        self.requested_shapers = [_user_spec(get_shaping, s, "shaping") for s in _as_list(shaping)]
+        self.shapers = list(self.requested_shapers)  # calibrated ones are fitted when testing starts
         self.scores = [_user_spec(get_score, s, "score") for s in _as_list(score)]
         if not self.shapers or not self.scores:
             raise UserError("model.shaping and model.score need at least one entry each.")
         self.model = create_backbone(backbone, pretrained=pretrained, num_classes=num_classes,
                                      checkpoint_path=checkpoint_path, strict=strict_loading)
         self.placement = placement
-        self.runs = [{"shaping": sh.spec, "score": sc.name} for sh, sc in itertools.product(self.shapers, self.scores)]
+        self.runs = [{"shaping": sh.spec, "score": sc.name}
+                     for sh, sc in itertools.product(self.requested_shapers, self.scores)]
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the backbone with the first shaper attached."""
@@ -71,6 +75,14 @@ class OODEvalModule(pl.LightningModule):
         if len(self.shapers) > 1 and not runs_backbone_once(self.model, self.placement):
             log.warning("placement %r is not inside forward_head: the full network runs once per shaping "
                         "setting (%d settings)", self.placement, len(self.shapers))
+        if any(map(needs_calibration, self.requested_shapers)):
+            hp, datamodule = self.hparams, self.trainer.datamodule
+            key = make_cache_key(hp.backbone, hp.checkpoint_path, getattr(datamodule, "hparams", {}).get("fit"),
+                                 pretrained=hp.pretrained, num_classes=hp.num_classes,
+                                 data_config=datamodule.data_config() if hasattr(datamodule, "data_config") else None)
+            self.shapers = calibrate(self.requested_shapers, self.model, self.placement,
+                                     lambda: fit_loader_of(self.trainer), key, max_samples=hp.calibration_samples,
+                                     device=self.device)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         x, targets, index = batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 from torch import nn
 
+from ash_lightning.calibration import calibrate, fit_loader_of, make_cache_key, needs_calibration, weights_fingerprint
 from ash_lightning.errors import UserError
 from ash_lightning.hooks import ShapingHandle, attach_shaping
 from ash_lightning.shaping import get_shaping
@@ -13,7 +14,9 @@ class ActivationShapingCallback(pl.Callback):
     """Attach ``spec`` (e.g. ``"ash_s@90"``) at ``placement`` when testing/predicting starts, remove it at the end.
 
     ``module`` names the network inside the LightningModule (e.g. ``"model"``); by default the first child
-    that exposes ``get_classifier()`` (any timm model), else the LightningModule itself.
+    that exposes ``get_classifier()`` (any timm model), else the LightningModule itself. Calibrated specs
+    (``react@p90``, ``dice@90``, ``vra@10@90``) are fitted on ``trainer.datamodule.fit_dataloader()`` first,
+    cached by the network's weights.
     """
 
     def __init__(self, spec: str, placement: str = "penultimate", module: str | None = None) -> None:
@@ -35,19 +38,20 @@ class ActivationShapingCallback(pl.Callback):
         candidates = [m for m in (pl_module, *pl_module.children()) if callable(getattr(m, "get_classifier", None))]
         return candidates[0] if candidates else pl_module
 
-    def _attach(self, pl_module: pl.LightningModule) -> None:
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
-        self._handle = attach_shaping(self._network(pl_module), self.shaper, self.placement)
+        network, shaper = self._network(pl_module), self.shaper
+        if needs_calibration(shaper):
+            fit = getattr(trainer.datamodule, "hparams", {}).get("fit")
+            key = make_cache_key(type(network).__name__, fit=fit, weights=weights_fingerprint(network))
+            (shaper,) = calibrate([shaper], network, self.placement, lambda: fit_loader_of(trainer), key,
+                                  device=pl_module.device)
+        self._handle = attach_shaping(network, shaper, self.placement)
 
     def _detach(self, *_: object) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
 
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._attach(pl_module)
-
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._attach(pl_module)
-
+    on_test_start = on_predict_start = _attach
     on_test_end = on_predict_end = on_exception = _detach

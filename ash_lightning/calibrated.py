@@ -1,0 +1,243 @@
+"""Shapers fitted on ID statistics (ReAct at a percentile, VRA, DICE) and logit shapers (DICE, LTS).
+
+Spec strings, registered when this module (or ``ash_lightning.calibration``) is imported:
+
+* ``react@p90``: ReAct (Sun et al., NeurIPS 2021) with the threshold set to the 90th percentile of the ID
+  activations at the placement, over all units and samples (the paper's rule); ``react@1.0`` keeps a fixed one.
+* ``vra@10@90``: VRA (Xu et al., NeurIPS 2023) with alpha, beta = the 10th and 90th percentiles of the ID
+  activations at the placement.
+* ``dice@90``: DICE (Sun & Li, ECCV 2022) with sparsity 90: the classifier keeps the top 10% of its weight
+  contributions W ⊙ mean_ID(h), h the penultimate features.
+* ``lts@90``: LTS logit scaling; needs no ID data.
+
+DICE and LTS are ``LogitShaper``s (placement ``"penultimate"`` only). ``react@p..``, ``vra`` and ``dice`` come
+from ``get_shaping`` unfitted: their ``params`` are the spec's numbers and using them raises a ValueError until
+``ash_lightning.calibration.calibrate`` replaces them by fitted shapers. A fitted shaper keeps the requested spec
+(``react@p90`` stays ``react@p90``) and records the fitted values in ``params``: the threshold for ReAct,
+(alpha, beta) for VRA, the sparsity for DICE (its mask is ``fn.mask``).
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ash_lightning.errors import UserError
+from ash_lightning.hooks import LogitShaper, _classifier
+from ash_lightning.shaping import (
+    Shaper, _accumulation_dtype, _BuiltinFactory, _check_percentile, _format_number, _parse_number, _prune,
+    _saturate_, react, register_shaping,
+)
+
+__all__ = [
+    "IDStats", "StatsRequest", "dice_logits", "dice_mask", "lts", "lts_factor", "missing_fit_data_message",
+    "needs_calibration", "vra",
+]
+
+
+def vra(x: Tensor, alpha: float, beta: float) -> Tensor:
+    """VRA, elementwise: 0 where ``x < alpha``, ``x`` where ``alpha <= x <= beta``, ``beta`` where ``x > beta``.
+
+    This is the paper's map; OpenOOD's implementation instead clips from below (``alpha``, not 0, under alpha).
+    """
+    return x.clamp(max=beta).masked_fill(x < alpha, 0)
+
+
+def _keep_count(n: int, percentile: float) -> int:
+    """k = n - round(n * percentile / 100), at least 1: how many of ``n`` values pruning at ``percentile`` keeps."""
+    return max(1, n - round(n * percentile / 100))
+
+
+def dice_mask(weight: Tensor, mean: Tensor, sparsity: float) -> Tensor:
+    """DICE's mask M (bool, shaped like ``weight`` (K, D)): True at the k largest contributions
+    ``weight * mean`` (``mean`` (D,) broadcast over the K rows), k = ``_keep_count(K * D, sparsity)``."""
+    contributions = (weight * mean).flatten()
+    kept = contributions.topk(_keep_count(contributions.numel(), sparsity)).indices
+    return torch.zeros_like(contributions, dtype=torch.bool).index_fill_(0, kept, True).view_as(weight)
+
+
+def dice_logits(features: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor) -> Tensor:
+    """DICE logits: ``(W ⊙ M) h + b``."""
+    return F.linear(features, weight * mask, bias)
+
+
+def lts_factor(features: Tensor, percentile: float) -> Tensor:
+    """LTS factor per sample, ``(s1 / s2)²`` with s1 the sum of its features and s2 the sum of its top-k values
+    (k as in ASH); 1 where s2 = 0 (e.g. all-zero features). Computed in float32 or wider."""
+    flat, values, _ = _prune(features, percentile, "lts")
+    acc = _accumulation_dtype(features.dtype)
+    s1, s2 = flat.sum(1, dtype=acc), values.sum(1, dtype=acc)
+    return torch.where(s2 != 0, s1 / s2, 1.0).square()
+
+
+def lts(features: Tensor, logits: Tensor, percentile: float) -> Tensor:
+    """LTS logit scaling: ``logits * lts_factor(features, percentile)`` per sample, saturating in the logits' dtype."""
+    factor = lts_factor(features, percentile)
+    return _saturate_(logits.to(factor.dtype) * factor[:, None], logits.dtype)
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """The ID statistics calibrated shapers need: ``percentiles`` (0-100) of the placement's activations over
+    all units and samples, and/or (``mean``) the per-unit mean of the penultimate features."""
+
+    percentiles: frozenset[float] = frozenset()
+    mean: bool = False
+
+    def __or__(self, other: StatsRequest) -> StatsRequest:
+        return StatsRequest(self.percentiles | other.percentiles, self.mean or other.mean)
+
+    def __bool__(self) -> bool:
+        return bool(self.percentiles) or self.mean
+
+
+@dataclass(frozen=True, eq=False)
+class IDStats:
+    """ID statistics: ``percentiles`` maps q to the q-th percentile of the placement's activations; ``mean`` is
+    the per-unit mean (D,) of the penultimate features (None if not collected); ``n_samples`` the samples seen."""
+
+    percentiles: Mapping[float, float] = field(default_factory=dict)
+    mean: Tensor | None = None
+    n_samples: int = 0
+
+    def missing(self, request: StatsRequest) -> StatsRequest:
+        """The part of ``request`` these statistics do not hold."""
+        return StatsRequest(request.percentiles - self.percentiles.keys(), request.mean and self.mean is None)
+
+    def merged(self, newer: IDStats) -> IDStats:
+        """These statistics updated with ``newer``'s (collected on the same data)."""
+        mean = newer.mean if newer.mean is not None else self.mean
+        return IDStats({**self.percentiles, **newer.percentiles}, mean, newer.n_samples)
+
+
+def missing_fit_data_message(specs: list[str]) -> str:
+    """The error for calibrated shapers without ID fit data."""
+    return (f"{', '.join(specs)} need{'s' if len(specs) == 1 else ''} ID statistics: set data.fit (ID fit data, "
+            "e.g. the ID training set: data.fit: {kind: npz, path: ...}) so that they are estimated before "
+            "testing, or use a setting without calibration (e.g. react@1.0 instead of react@p90).")
+
+
+@dataclass(frozen=True)
+class _Unfitted:
+    """``fn`` of a calibrated shaper before calibration: raises when called; ``fit(stats, model)`` returns the
+    fitted shaper."""
+
+    spec: str
+    request: StatsRequest
+    fit: Callable[[IDStats, nn.Module], Shaper]
+
+    def __call__(self, *_: object) -> Tensor:
+        raise UserError(missing_fit_data_message([self.spec]))
+
+
+def needs_calibration(shaper: Shaper) -> bool:
+    """True for a calibrated shaper that has not been fitted yet (``calibrate`` fits it)."""
+    return isinstance(shaper.fn, _Unfitted)
+
+
+@dataclass(frozen=True, eq=False)
+class _DiceHead:
+    """``LogitShaper.fn`` of a fitted DICE: the classifier's logits with its weight masked by ``mask``."""
+
+    mask: Tensor
+
+    def __call__(self, features: Tensor, logits: Tensor, classifier: nn.Module) -> Tensor:
+        return dice_logits(features, classifier.weight, classifier.bias, self.mask.to(classifier.weight.device))
+
+
+def _lts_head(features: Tensor, logits: Tensor, classifier: nn.Module, *, percentile: float) -> Tensor:
+    """``LogitShaper.fn`` of LTS."""
+    return lts(features, logits, percentile)
+
+
+def _fit_react(stats: IDStats, model: nn.Module, *, spec: str, q: float) -> Shaper:
+    threshold = stats.percentiles[q]
+    return Shaper(functools.partial(react, threshold=threshold), spec, (threshold,), q)
+
+
+def _fit_vra(stats: IDStats, model: nn.Module, *, spec: str, low: float, high: float) -> Shaper:
+    alpha, beta = stats.percentiles[low], stats.percentiles[high]
+    return Shaper(functools.partial(vra, alpha=alpha, beta=beta), spec, (alpha, beta))
+
+
+def _fit_dice(stats: IDStats, model: nn.Module, *, spec: str, sparsity: float) -> LogitShaper:
+    classifier = _classifier(model)
+    weight = getattr(classifier, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != stats.mean.numel():
+        raise ValueError(
+            f"{spec} masks a linear classifier's (K, D) weight by the mean of its D inputs, but "
+            f"{type(model).__name__}'s classifier is {type(classifier).__name__} with weight of shape "
+            f"{None if not isinstance(weight, Tensor) else tuple(weight.shape)}. Fix: use DICE on a model whose "
+            "get_classifier() is an nn.Linear on the pooled features."
+        )
+    mask = dice_mask(weight.detach(), stats.mean.to(weight), sparsity)
+    return LogitShaper(_DiceHead(mask), spec, (sparsity,), sparsity)
+
+
+def _expect(usage: str, args: tuple[str, ...], names: tuple[str, ...]) -> tuple[float, ...]:
+    """Parse ``args`` as the numbers ``names`` of ``usage``."""
+    if len(args) != len(names):
+        raise ValueError(f"{usage} takes {len(names)} argument(s), got {len(args)}")
+    return tuple(_parse_number(arg, name) for arg, name in zip(args, names))
+
+
+def _check_id_percentile(q: float, name: str) -> None:
+    if not 0 <= q <= 100:
+        raise ValueError(f"<{name}>={_format_number(q)} is outside [0, 100]; pass a percentile, e.g. 90")
+
+
+def _calibrated(cls: type[Shaper], spec: str, params: tuple[float, ...], request: StatsRequest,
+                fit: Callable[[IDStats, nn.Module], Shaper], percentile: float | None = None) -> Shaper:
+    return cls(_Unfitted(spec, request, fit), spec, params, percentile)
+
+
+_FIXED_REACT = _BuiltinFactory("react", react, ("threshold",))
+
+
+def _react_factory(*args: str) -> Shaper:
+    """``react@<threshold>`` (fixed) or ``react@p<percentile>`` (calibrated)."""
+    if not (args and args[0].startswith("p")):
+        return _FIXED_REACT(*args)
+    (q,) = _expect("react@p<percentile>", (args[0][1:], *args[1:]), ("percentile",))
+    _check_id_percentile(q, "percentile")
+    spec = f"react@p{_format_number(q)}"
+    return _calibrated(Shaper, spec, (q,), StatsRequest(frozenset({q})),
+                       functools.partial(_fit_react, spec=spec, q=q), q)
+
+
+def _vra_factory(*args: str) -> Shaper:
+    low, high = _expect("vra", args, ("low_percentile", "high_percentile"))
+    _check_id_percentile(low, "low_percentile")
+    _check_id_percentile(high, "high_percentile")
+    if low > high:
+        raise ValueError(f"vra needs <low_percentile> <= <high_percentile>, got {_format_number(low)} > "
+                         f"{_format_number(high)}")
+    spec = f"vra@{_format_number(low)}@{_format_number(high)}"
+    return _calibrated(Shaper, spec, (low, high), StatsRequest(frozenset({low, high})),
+                       functools.partial(_fit_vra, spec=spec, low=low, high=high))
+
+
+def _dice_factory(*args: str) -> Shaper:
+    (sparsity,) = _expect("dice", args, ("sparsity",))
+    _check_percentile(sparsity, "dice")
+    spec = f"dice@{_format_number(sparsity)}"
+    return _calibrated(LogitShaper, spec, (sparsity,), StatsRequest(mean=True),
+                       functools.partial(_fit_dice, spec=spec, sparsity=sparsity), sparsity)
+
+
+def _lts_factory(*args: str) -> LogitShaper:
+    (percentile,) = _expect("lts", args, ("percentile",))
+    _check_percentile(percentile, "lts")
+    return LogitShaper(functools.partial(_lts_head, percentile=percentile), f"lts@{_format_number(percentile)}",
+                       (percentile,), percentile)
+
+
+register_shaping("react", _react_factory, "react@<threshold>|react@p<percentile>", replace=True)
+register_shaping("vra", _vra_factory, "vra@<low_percentile>@<high_percentile>")
+register_shaping("dice", _dice_factory, "dice@<sparsity>")
+register_shaping("lts", _lts_factory, "lts@<percentile>")

@@ -1,0 +1,255 @@
+"""Fit the calibrated shapers (``react@p90``, ``vra@10@90``, ``dice@90``) on ID data before testing.
+
+``calibrate`` makes one pass over an ID fit dataloader (eval mode, ``torch.inference_mode``) and collects what
+the shapers ask for (see ``ash_lightning.calibrated``, whose shapers importing this module registers):
+
+* ReAct, VRA: percentiles of the activations at the placement (the tensor the placement shapes, seen before any
+  other hook changes it) over all units and samples, by ``np.percentile`` (linear interpolation, as the ReAct
+  code, computed in float64). They are exact while the activations hold at most ``MAX_VALUES`` (20M) values; beyond that they are
+  computed on a deterministic systematic subsample: every 2^j-th value in loader order, with the smallest j
+  that keeps at most ``MAX_VALUES`` values.
+* DICE: the per-unit mean of the penultimate features h (the input of ``model.get_classifier()``).
+
+The statistics are cached as JSON files under ``$ASH_CACHE_DIR`` (default ``~/.cache/ash_lightning/calibration``),
+keyed by the caller's ``cache_key`` (``make_cache_key``: backbone, checkpoint path + size + mtime, fit data),
+the placement and ``max_samples``: a repeated run does not touch the fit data. Statistics an entry lacks (e.g. a
+new percentile) are collected and merged in. Writes are atomic (temporary file + ``os.replace``): DDP ranks may
+race.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import operator
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from torch.utils.hooks import RemovableHandle
+
+from ash_lightning.calibrated import (
+    IDStats, StatsRequest, dice_logits, dice_mask, lts, lts_factor, missing_fit_data_message, needs_calibration, vra,
+)
+from ash_lightning.errors import UserError
+from ash_lightning.hooks import LogitShaper, _activation_tensor, _classifier, resolve_hook_point
+from ash_lightning.shaping import Shaper
+
+__all__ = [
+    "CACHE_ENV", "IDStats", "LogitShaper", "MAX_VALUES", "StatsRequest", "cache_dir", "calibrate", "collect_stats",
+    "dice_logits", "dice_mask", "lts", "lts_factor", "make_cache_key", "needs_calibration", "vra",
+]
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "ASH_CACHE_DIR"
+MAX_VALUES = 20_000_000
+_DEFAULT_CACHE_DIR = "~/.cache/ash_lightning/calibration"
+_CACHE_FORMAT = 1  # part of every key: bump it when the statistics' definition changes
+
+
+def cache_dir() -> Path:
+    """``$ASH_CACHE_DIR`` if set, else ``~/.cache/ash_lightning/calibration``."""
+    return Path(os.environ.get(CACHE_ENV) or _DEFAULT_CACHE_DIR).expanduser()
+
+
+def make_cache_key(backbone: str, checkpoint_path: str | os.PathLike[str] | None = None, fit: Any = None,
+                   **extra: Any) -> dict[str, Any]:
+    """A ``cache_key`` for ``calibrate``: the backbone name, the checkpoint (absolute path, size, mtime) and the
+    fit data spec, plus ``extra`` entries (e.g. ``pretrained``, the data transform config); values that are not
+    JSON types count by ``str()``."""
+    checkpoint = None
+    if checkpoint_path:
+        path = Path(checkpoint_path).resolve()
+        stat = path.stat()
+        checkpoint = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"backbone": backbone, "checkpoint": checkpoint, "fit": fit, **extra}
+
+
+def calibrate(shapers: list[Shaper], model: nn.Module, placement: str,
+              loader_factory: Callable[[], DataLoader | None], cache_key: dict[str, Any],
+              max_samples: int | None = None, device: torch.device | None = None) -> list[Shaper]:
+    """``shapers`` with every calibrated one replaced by its version fitted on ID statistics of ``model`` at
+    ``placement`` (the others unchanged). The statistics come from the cache or, on a miss, from one pass over
+    ``loader_factory()`` (its first ``max_samples`` samples if given) on ``device`` (default: the model's)."""
+    pending = [shaper.fn for shaper in shapers if needs_calibration(shaper)]
+    if not pending:
+        return list(shapers)
+    request = functools.reduce(operator.or_, (unfitted.request for unfitted in pending))
+    key = {"key": cache_key, "placement": placement, "max_samples": max_samples, "format": _CACHE_FORMAT}
+    path = cache_dir() / f"{hashlib.sha256(_json(key).encode()).hexdigest()[:32]}.json"
+    stats = _read_cache(path)
+    missing = stats.missing(request)
+    if missing:
+        loader = loader_factory()
+        if loader is None:
+            raise UserError(missing_fit_data_message([unfitted.spec for unfitted in pending]))
+        log.info("calibration: collecting ID statistics %s at placement %r", missing, placement)
+        stats = stats.merged(collect_stats(model, placement, loader, missing, max_samples, device))
+        _write_cache(path, key, stats)
+    else:
+        log.info("calibration: using cached ID statistics %s", path)
+    return [shaper.fn.fit(stats, model) if needs_calibration(shaper) else shaper for shaper in shapers]
+
+
+class _Subsample:
+    """The values added, in order: all of them while at most ``cap``, beyond that every ``stride``-th one
+    (global positions 0, stride, 2·stride, ...), ``stride`` doubling whenever more than ``cap`` are kept."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.stride, self.seen, self.size = cap, 1, 0, 0
+        self.chunks: list[Tensor] = []
+
+    def add(self, values: Tensor) -> None:
+        flat = values.detach().flatten()
+        chunk = flat[(-self.seen) % self.stride :: self.stride].float().cpu()
+        self.chunks.append(chunk)
+        self.seen += flat.numel()
+        self.size += chunk.numel()
+        while self.size > self.cap:
+            self.chunks = [torch.cat(self.chunks)[::2]]
+            self.stride *= 2
+            self.size = self.chunks[0].numel()
+
+    def values(self) -> Tensor:
+        return torch.cat(self.chunks)
+
+
+class _UnitMean:
+    """The running per-unit mean of (B, D) batches, summed in float64."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | float = 0.0
+        self.count = 0
+
+    def add(self, features: Tensor) -> None:
+        self.total = self.total + features.detach().flatten(1).sum(0, dtype=torch.float64)
+        self.count += features.shape[0]
+
+    def mean(self) -> Tensor:
+        return torch.as_tensor(self.total / self.count).float().cpu()
+
+
+@dataclass(frozen=True)
+class _Tap:
+    """Forward (pre-)hook that passes the module's first input or its output to ``sink`` and changes nothing."""
+
+    sink: Callable[[Tensor], None]
+    placement: str
+
+    def input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.sink(args[0])
+
+    def output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.sink(_activation_tensor(output, module, self.placement))
+
+    def attach(self, module: nn.Module, side: str) -> RemovableHandle:
+        """Hook ``module``'s ``side`` ("input" or "output") ahead of its other hooks."""
+        if side == "input":
+            return module.register_forward_pre_hook(self.input, prepend=True)
+        return module.register_forward_hook(self.output, prepend=True)
+
+
+def _images(batch: Any) -> Tensor:
+    """The images of a batch: ``(images, targets, index)`` less the samples with a negative index (corrupt files
+    the data module skipped), ``(images, ...)``, or images alone."""
+    if isinstance(batch, Tensor):
+        return batch
+    images = batch[0]
+    return images[batch[2] >= 0] if len(batch) == 3 else images
+
+
+def collect_stats(model: nn.Module, placement: str, loader: Iterable[Any], request: StatsRequest,
+                  max_samples: int | None = None, device: torch.device | None = None) -> IDStats:
+    """``request``'s ID statistics from one pass of ``model`` (eval mode, inference mode, on ``device``, default
+    the model's) over the first ``max_samples`` samples (default all) of ``loader``; see the module docstring."""
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be a positive number of fit samples or None (all), got {max_samples}.")
+    device = device or next(model.parameters(), torch.empty(0)).device
+    values, unit_mean = _Subsample(MAX_VALUES), _UnitMean()
+    hook_points = []
+    if request.percentiles:
+        hook_points.append((_Tap(values.add, placement), *resolve_hook_point(model, placement)))
+    if request.mean:
+        hook_points.append((_Tap(unit_mean.add, "penultimate"), _classifier(model), "input"))
+    hooks = [tap.attach(module, side) for tap, module, side in hook_points]
+    was_training, seen = model.training, 0
+    try:
+        model.eval()
+        with torch.inference_mode():
+            for batch in loader:
+                images = _images(batch)[: None if max_samples is None else max_samples - seen]
+                if len(images):
+                    model(images.to(device))
+                seen += len(images)
+                if seen == max_samples:
+                    break
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    if not seen:
+        raise UserError("the ID fit data (data.fit) has no samples, so calibrated shapers cannot be fitted. "
+                        "Fix: point data.fit to a non-empty ID data set.")
+    qs = np.array(sorted(request.percentiles), dtype=np.float64)  # an array of q: interpolated in float64
+    found = np.percentile(values.values().numpy(), qs) if len(qs) else []
+    return IDStats({q: float(v) for q, v in zip(qs, found)}, unit_mean.mean() if request.mean else None, seen)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _read_cache(path: Path) -> IDStats:
+    """The statistics cached at ``path``: none if there is no such file (or, with a warning, an unreadable one)."""
+    try:
+        entry = json.loads(path.read_text())
+        mean = None if entry["mean"] is None else torch.tensor(entry["mean"], dtype=torch.float32)
+        return IDStats({float(q): float(v) for q, v in entry["percentiles"]}, mean, int(entry["n_samples"]))
+    except FileNotFoundError:
+        return IDStats()
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        warnings.warn(f"ignoring the unreadable calibration cache {path} ({err!r}); recomputing it.", stacklevel=3)
+        return IDStats()
+
+
+def _write_cache(path: Path, key: dict[str, Any], stats: IDStats) -> None:
+    """Write ``stats`` to ``path`` atomically; warn (and carry on) if the cache folder is not writable."""
+    entry = {"key": key, "n_samples": stats.n_samples, "percentiles": sorted(stats.percentiles.items()),
+             "mean": None if stats.mean is None else stats.mean.tolist()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as file:
+                file.write(_json(entry))
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)  # only left when writing or replacing failed
+    except OSError as err:
+        warnings.warn(f"could not write the calibration cache {path} ({err}); the next run collects the ID "
+                      f"statistics again. Fix: set {CACHE_ENV} to a writable folder.", stacklevel=3)
+
+
+def fit_loader_of(trainer: Any) -> DataLoader | None:
+    """The ID fit dataloader of ``trainer``'s data module (``OODDataModule.fit_dataloader``), or None."""
+    fit_dataloader = getattr(getattr(trainer, "datamodule", None), "fit_dataloader", None)
+    return fit_dataloader() if callable(fit_dataloader) else None
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's state (names, shapes and values): a cache key part for models without a name."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,337 @@
+"""ash_lightning.calibration: ReAct at an ID percentile, DICE, VRA and LTS; the calibration pass and its cache."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import pickle
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import timm
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import ash_lightning.models  # noqa: F401  (registers cifar_resnet20)
+from ash_lightning import calibration
+from ash_lightning.calibration import (
+    LogitShaper, calibrate, collect_stats, dice_logits, dice_mask, lts, lts_factor, make_cache_key,
+    needs_calibration, vra,
+)
+from ash_lightning.errors import UserError
+from ash_lightning.hooks import attach_shaping
+from ash_lightning.shaping import get_shaping
+from ash_lightning.sweep import shaped_logits
+from callbacks.activation_shaping import ActivationShapingCallback
+
+KEY = {"backbone": "net", "checkpoint": None, "fit": "fit.npz"}
+# DICE by hand: mean_ID(h) = [2, 2, 2, 2, 3], contributions W * mean = [[2, -2, 4, 0, 3], [1, 6, -4, 2, -3]]
+W = torch.tensor([[1.0, -1.0, 2.0, 0.0, 1.0], [0.5, 3.0, -2.0, 1.0, -1.0]])
+B = torch.tensor([0.5, -0.5])
+H_FIT = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0], [3.0, 2.0, 1.0, 0.0, 1.0]])
+
+
+class Net(nn.Module):
+    """A timm-like model whose penultimate features are its input: logits = fc(x)."""
+
+    def __init__(self, weight: Tensor = W, bias: Tensor = B) -> None:
+        super().__init__()
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+            self.fc.bias.copy_(bias)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class Fit:
+    """A loader_factory over ``x`` (batches of 3, as ``(images, targets, index)``) counting its calls."""
+
+    def __init__(self, x: Tensor, index: Tensor | None = None) -> None:
+        self.x, self.calls = x, 0
+        self.index = torch.arange(len(x)) if index is None else index
+
+    def __call__(self) -> DataLoader:
+        self.calls += 1
+        return DataLoader(TensorDataset(self.x, torch.zeros(len(self.x)), self.index), batch_size=3)
+
+
+def no_fit_data() -> DataLoader:
+    raise AssertionError("the fit data was read despite a cached entry")
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASH_CACHE_DIR", str(tmp_path / "cache"))
+    with torch.no_grad():
+        yield tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("cifar_resnet20").eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return {"fit": torch.rand(5, 3, 16, 16, generator=generator), "test": torch.rand(2, 3, 16, 16, generator=generator)}
+
+
+def percentile(x: Tensor, q: float) -> float:
+    """The q-th percentile of all values of ``x`` (linear interpolation in float64)."""
+    return float(np.percentile(x.double().numpy(), q))
+
+
+def fit(spec: str, x: Tensor, model: nn.Module | None = None, placement: str = "penultimate"):
+    """``spec`` fitted on ``x`` (cached under a key naming the data)."""
+    key = {**KEY, "fit": hashlib.sha256(x.numpy().tobytes()).hexdigest()}
+    return calibrate([get_shaping(spec)], model or Net(), placement, Fit(x), key)[0]
+
+
+def test_react_percentile_threshold():
+    shaper = fit("react@p90", torch.arange(1.0, 11.0).view(2, 5))
+    assert shaper.spec == "react@p90" and shaper.percentile == 90 and not needs_calibration(shaper)
+    assert shaper.params == pytest.approx((9.1,))  # 1 + 0.9 * (10 - 1), linear interpolation
+    x = torch.rand(11, 5)
+    threshold = percentile(x, 90)
+    shaper = fit("react@p90", x)
+    assert shaper.params == (threshold,)
+    assert torch.equal(shaper(x), x.clamp(max=threshold))
+
+
+def test_collect_stats_options_and_subsample(monkeypatch):
+    x = torch.rand(11, 5)
+    index = torch.arange(11)
+    index[[2, 7]] = -1  # corrupt files the data module skipped
+    stats = collect_stats(Net(), "penultimate", Fit(x, index)(),
+                          calibration.StatsRequest(frozenset({50.0}), mean=True), max_samples=6)
+    kept = x[[0, 1, 3, 4, 5, 6]]
+    assert stats.n_samples == 6 and stats.percentiles == {50.0: percentile(kept, 50)}
+    torch.testing.assert_close(stats.mean, kept.mean(0))
+    subsample = calibration._Subsample(cap=10)
+    for chunk in torch.arange(25.0).split([7, 11, 7]):
+        subsample.add(chunk)
+    assert subsample.stride == 4 and torch.equal(subsample.values(), torch.arange(0.0, 25.0, 4))
+    monkeypatch.setattr(calibration, "MAX_VALUES", 20)  # 55 values -> every 4th
+    stats = collect_stats(Net(), "penultimate", Fit(x)(), calibration.StatsRequest(frozenset({90.0})))
+    assert stats.percentiles[90.0] == percentile(x.flatten()[::4], 90)
+
+
+def test_dice_mask_and_logits_by_hand():
+    mean = H_FIT.mean(0)
+    assert torch.equal(mean, torch.tensor([2.0, 2.0, 2.0, 2.0, 3.0]))
+    top_10 = torch.zeros(2, 5, dtype=torch.bool)
+    top_10[1, 1] = True  # 6: the single top-10% contribution of 10
+    assert torch.equal(dice_mask(W, mean, 90), top_10)
+    top_30 = top_10.clone()
+    top_30[0, 2] = top_30[0, 4] = True  # 6, 4, 3
+    assert torch.equal(dice_mask(W, mean, 70), top_30)
+    ones = torch.ones(1, 5)
+    assert torch.equal(dice_logits(ones, W, B, top_30), torch.tensor([[2 + 1 + 0.5, 3 - 0.5]]))
+    for spec, mask, logits in (("dice@90", top_10, [[0.5, 2.5]]), ("dice@70", top_30, [[3.5, 2.5]])):
+        shaper = fit(spec, H_FIT)
+        assert isinstance(shaper, LogitShaper) and (shaper.spec, shaper.params) == (spec, (float(spec[5:]),))
+        assert torch.equal(shaper.fn.mask, mask)
+        net = Net()
+        with attach_shaping(net, shaper):
+            assert torch.equal(net(ones), torch.tensor(logits))
+        assert torch.equal(net(ones), ones @ W.T + B)
+
+
+def test_vra_by_hand_and_calibrated():
+    x = torch.tensor([[-1.0, 0.5, 1.0, 2.0, 3.0, 4.0]])
+    assert torch.equal(vra(x, 1.0, 3.0), torch.tensor([[0.0, 0.0, 1.0, 2.0, 3.0, 3.0]]))
+    acts = torch.rand(9, 5)
+    shaper = fit("vra@10@90", acts)
+    alpha, beta = percentile(acts, 10), percentile(acts, 90)
+    assert shaper.spec == "vra@10@90" and shaper.params == (alpha, beta)
+    assert torch.equal(shaper(acts), vra(acts, alpha, beta))
+
+
+def test_lts_by_hand():
+    features = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    # k = 4 - round(2) = 2 -> (10 / 7)^2; all zeros -> 1. At 90: k = max(1, 4 - 4) = 1 -> (10 / 4)^2
+    torch.testing.assert_close(lts_factor(features, 50), torch.tensor([(10 / 7) ** 2, 1.0]))
+    torch.testing.assert_close(lts_factor(features, 90), torch.tensor([6.25, 1.0]))
+    logits = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
+    before = features.clone(), logits.clone()
+    shaper = get_shaping("lts@90")
+    assert isinstance(shaper, LogitShaper) and not needs_calibration(shaper)
+    shaped = shaper(features, logits, nn.Identity())
+    torch.testing.assert_close(shaped, torch.tensor([[6.25, -12.5], [3.0, 4.0]]))
+    torch.testing.assert_close(shaped, lts(features, logits, 90))
+    assert torch.equal(features, before[0]) and torch.equal(logits, before[1])  # nothing modified in place
+
+
+def test_cache_skips_the_fit_data(cache):
+    first = Fit(torch.rand(8, 5))
+    specs = [get_shaping(s) for s in ("react@p90", "dice@90", "none")]
+    fitted = calibrate(specs, Net(), "penultimate", first, KEY)
+    assert first.calls == 1 and fitted[2] is specs[2]
+    again = calibrate(specs, Net(), "penultimate", no_fit_data, dict(KEY))
+    assert [s.params for s in again] == [s.params for s in fitted]
+    assert torch.equal(again[1].fn.mask, fitted[1].fn.mask)
+    assert len(os.listdir(cache)) == 1 and str(next(cache.iterdir())).endswith(".json")  # no temporary files left
+    for key, placement in (({**KEY, "fit": "other.npz"}, "penultimate"), (KEY, "fc")):
+        other = Fit(torch.rand(8, 5))
+        calibrate(specs, Net(), placement, other, key)
+        assert other.calls == 1
+    more = Fit(first.x)  # a new percentile is collected and merged into the entry
+    p95 = calibrate([get_shaping("react@p95")], Net(), "penultimate", more, KEY)[0]
+    assert more.calls == 1 and p95.params == (percentile(first.x, 95),)
+    calibrate([get_shaping("react@p95"), *specs], Net(), "penultimate", no_fit_data, KEY)
+    assert calibrate(specs[2:], Net(), "penultimate", no_fit_data, KEY) == specs[2:]  # nothing to calibrate
+
+
+def test_make_cache_key_follows_the_checkpoint(tmp_path):
+    checkpoint = tmp_path / "weights.pt"
+    checkpoint.write_bytes(b"0")
+    key = make_cache_key("cifar_resnet20", checkpoint, {"kind": "npz", "path": "fit.npz"}, pretrained=False)
+    assert key["checkpoint"]["path"] == str(checkpoint.resolve()) and key["pretrained"] is False
+    os.utime(checkpoint, ns=(0, 10**9))
+    assert make_cache_key("cifar_resnet20", checkpoint, {"kind": "npz", "path": "fit.npz"}, pretrained=False) != key
+
+
+def test_uncalibrated_shapers_fail_clearly():
+    net = Net()
+    for spec in ("react@p90", "vra@10@90", "dice@90"):
+        shaper = get_shaping(spec)
+        assert needs_calibration(shaper)
+        with attach_shaping(net, shaper), pytest.raises(ValueError, match=rf"{spec} needs ID statistics: set data.fit"):
+            net(H_FIT)
+    with pytest.raises(UserError, match=r"react@p90, dice@90 need ID statistics: set data\.fit \(ID fit data"):
+        calibrate([get_shaping("react@p90"), get_shaping("dice@90")], net, "penultimate", lambda: None, KEY)
+    with pytest.raises(UserError, match=r"data\.fit\) has no samples"):
+        calibrate([get_shaping("react@p90")], net, "penultimate", Fit(torch.rand(0, 5)), KEY)
+    headless = nn.Sequential(nn.Linear(5, 2))
+    headless.get_classifier = lambda: headless  # a classifier without a (K, D) weight
+    with pytest.raises(ValueError, match=r"dice@90 masks a linear classifier's \(K, D\) weight.*Fix:"):
+        calibrate([get_shaping("dice@90")], headless, "penultimate", Fit(H_FIT), KEY)
+    with pytest.raises(ValueError, match=r"lts@90 .* only works at placement 'penultimate', not 'pre_pool'"):
+        attach_shaping(net, "lts@90", "pre_pool")
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("react@p", "<percentile> must be a number"), ("react@p101", r"<percentile>=101 is outside \[0, 100\]"),
+    ("react@p90@1", r"react@p<percentile> takes 1 argument"), ("vra@10", "vra takes 2 argument"),
+    ("vra@90@10", "<low_percentile> <= <high_percentile>, got 90 > 10"), ("dice@100", r"outside the valid range"),
+    ("lts", "lts takes 1 argument"), ("lts@x", "<percentile> must be a number, got 'x'"),
+])
+def test_bad_specs(spec, reason):
+    with pytest.raises(ValueError, match=rf"Invalid shaping spec '{spec}': .*{reason}.*react@p<percentile>.*dice@"):
+        get_shaping(spec)
+
+
+def test_sweep_equals_each_setting_alone(resnet, images):
+    specs = ["none", "react@1", "react@p90", "vra@10@90", "dice@90", "lts@90", "ash_s@90"]
+    shapers = calibrate([get_shaping(s) for s in specs], resnet, "penultimate", Fit(images["fit"]), KEY)
+    assert [s.spec for s in shapers] == specs and not any(map(needs_calibration, shapers))
+    fit_features = resnet.forward_head(resnet.forward_features(images["fit"]), pre_logits=True)
+    assert shapers[2].params == (percentile(fit_features, 90),)
+    x = images["test"]
+    stacked = shaped_logits(resnet, x, shapers, "penultimate")
+    for shaper, logits in zip(shapers, stacked):
+        with attach_shaping(resnet, shaper):
+            torch.testing.assert_close(logits, resnet(x))
+        assert shaper.spec == "none" or not torch.allclose(logits, stacked[0])
+    features, classifier = resnet.forward_head(resnet.forward_features(x), pre_logits=True), resnet.get_classifier()
+    mask = dice_mask(classifier.weight, fit_features.mean(0), 90)
+    torch.testing.assert_close(stacked[4], dice_logits(features, classifier.weight, classifier.bias, mask))
+    torch.testing.assert_close(stacked[5], lts(features, classifier(features), 90))
+    assert torch.equal(resnet(x), stacked[0])
+
+
+def test_percentiles_of_other_placements(resnet, images):
+    maps = resnet.forward_features(images["fit"])  # layer3's output = global_pool's input
+    expected = (percentile(maps, 90),)
+    assert fit("react@p90", images["fit"], resnet, "pre_pool").params == expected
+    assert fit("react@p90", images["fit"], resnet, "layer3").params == expected
+    shaper = fit("react@p90", images["fit"], resnet, "layer3")
+    with attach_shaping(resnet, shaper, "layer3"):
+        shaped = resnet(images["test"])
+    torch.testing.assert_close(shaped, resnet.forward_head(resnet.forward_features(images["test"]).clamp(max=expected[0])))
+
+
+class Wrapper(pl.LightningModule):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
+@pytest.mark.parametrize("spec", ["lts@90", "dice@90"])
+def test_activation_shaping_callback(resnet, images, spec):
+    wrapper, x = Wrapper(resnet).eval(), images["test"]
+    callback = ActivationShapingCallback(spec)
+    base = wrapper(x)
+    if needs_calibration(callback.shaper):  # what the callback cannot do itself: it has no fit data
+        callback.on_test_start(None, wrapper)
+        with pytest.raises(UserError, match="dice@90 needs ID statistics"):
+            wrapper(x)
+        callback.on_test_end(None, wrapper)
+        callback.shaper = calibrate([callback.shaper], resnet, "penultimate", Fit(images["fit"]), KEY)[0]
+    callback.on_test_start(None, wrapper)
+    shaped = wrapper(x)
+    callback.on_test_end(None, wrapper)
+    assert not torch.allclose(shaped, base)
+    assert torch.equal(wrapper(x), base)
+
+
+def test_shapers_pickle_and_hooked_models_copy():
+    specs = ["react@p90", "vra@10@90", "dice@90", "lts@90"]
+    unfitted = [get_shaping(s) for s in specs]
+    fitted = calibrate(unfitted, Net(), "penultimate", Fit(H_FIT), KEY)
+    net, x = Net(), 5 * torch.rand(3, 5)
+    for before, after in zip(unfitted, fitted):
+        assert needs_calibration(pickle.loads(pickle.dumps(before))) == (before.spec != "lts@90")
+        clone = pickle.loads(pickle.dumps(after))
+        assert (type(clone), clone.spec, clone.params) == (type(after), after.spec, after.params)
+        with attach_shaping(net, after):
+            expected = net(x)
+            twin = copy.deepcopy(net)  # what DDP spawn / checkpointing do to a hooked model
+        with attach_shaping(net, clone):
+            torch.testing.assert_close(net(x), expected)
+        torch.testing.assert_close(twin(x), expected)
+        assert not torch.allclose(expected, net(x))
+
+
+def test_main_py_calibrates_once_then_reads_the_cache(tiny_data: dict, tiny_checkpoint, tmp_path, monkeypatch) -> None:
+    """End to end: calibrated specs in one sweep; the second run never opens the (now deleted) fit data."""
+    import json
+    import shutil
+
+    from tests.conftest import run_main, tiny_config
+
+    fit = tmp_path / "fit.npz"
+    shutil.copy(tiny_data["id"], fit)
+    specs = ["react@1.0", "react@p90", "dice@90", "vra@10@90", "lts@90"]
+    env = {"ASH_CACHE_DIR": str(tmp_path / "cache")}
+    outputs = []
+    for attempt in ("first", "second"):
+        config = tiny_config(tiny_data, tiny_checkpoint, tmp_path / attempt, shaping=specs)
+        config["data"]["fit"] = {"kind": "npz", "path": str(fit)}
+        proc = run_main(config, tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(json.loads((tmp_path / attempt / "run" / "v" / "ood_results.json").read_text()))
+        fit.unlink(missing_ok=True)  # the second run must not need it
+    assert [r["shaping"] for r in outputs[0]["runs"]] == ["react@1", *specs[1:]]  # specs are normalised
+    assert [r["mean"] for r in outputs[0]["runs"]] == [r["mean"] for r in outputs[1]["runs"]]
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    # The calibrated settings differ from the unshaped-threshold ReAct: they really used the statistics.
+    assert len({json.dumps(r["mean"]) for r in outputs[0]["runs"]}) == len(specs)
