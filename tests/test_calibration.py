@@ -5,6 +5,7 @@ import copy
 import hashlib
 import os
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -280,17 +281,27 @@ def test_activation_shaping_callback(resnet, images, spec):
     wrapper, x = Wrapper(resnet).eval(), images["test"]
     callback = ActivationShapingCallback(spec)
     base = wrapper(x)
-    if needs_calibration(callback.shaper):  # what the callback cannot do itself: it has no fit data
-        callback.on_test_start(None, wrapper)
-        with pytest.raises(UserError, match="dice@90 needs ID statistics"):
-            wrapper(x)
-        callback.on_test_end(None, wrapper)
-        callback.shaper = calibrate([callback.shaper], resnet, "penultimate", Fit(images["fit"]), KEY)[0]
-    callback.on_test_start(None, wrapper)
+    fit_data = Fit(images["fit"])
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(fit_dataloader=fit_data, hparams={"fit": "fit images"}))
+    callback.on_test_start(trainer, wrapper)
     shaped = wrapper(x)
-    callback.on_test_end(None, wrapper)
+    callback.on_test_end(trainer, wrapper)
     assert not torch.allclose(shaped, base)
     assert torch.equal(wrapper(x), base)
+    # The callback fits calibrated specs on the data module's fit data, as OODEvalModule does, and caches them.
+    assert fit_data.calls == needs_calibration(callback.shaper)
+    expected = calibrate([get_shaping(spec)], resnet, "penultimate", Fit(images["fit"]), KEY)[0]
+    with attach_shaping(resnet, expected):
+        torch.testing.assert_close(shaped, resnet(x))
+    callback.on_test_start(trainer, wrapper)
+    callback.on_test_end(trainer, wrapper)
+    assert fit_data.calls == needs_calibration(callback.shaper)
+
+
+def test_activation_shaping_callback_without_fit_data(resnet):
+    callback = ActivationShapingCallback("dice@90")
+    with pytest.raises(UserError, match="dice@90 needs ID statistics"):
+        callback.on_test_start(SimpleNamespace(datamodule=None), Wrapper(resnet))
 
 
 def test_shapers_pickle_and_hooked_models_copy():
