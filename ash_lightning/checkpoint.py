@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 
 import torch
@@ -19,20 +18,23 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a bare state_dict, or one nested under ``state_dict``/``model``, from a ``torch.save`` file."""
     path = os.path.expandvars(os.path.expanduser(str(path)))
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path!r}. Fix: point checkpoint_path at an existing "
+        found = "is a folder, not a file" if os.path.isdir(path) else "not found"
+        raise UserError(f"checkpoint {path!r} {found}. Fix: point checkpoint_path at an existing "
                         "file (environment variables such as $DATASETS are expanded).")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise UserError(f"could not read checkpoint {path!r}: {err.__class__.__name__}: {str(err)[:300]}. "
+    except Exception as err:  # noqa: BLE001 (unpickling arbitrary bytes fails with any type: KeyError, EOFError...)
+        reason = str(err).strip().split("\n")[0]
+        reason = reason if len(reason) <= 200 else reason[:200] + "..."
+        raise UserError(f"could not read checkpoint {path!r} ({err.__class__.__name__}: {reason}). "
                         "Fix: it must be a file written by torch.save (a state_dict or a Lightning "
-                        ".ckpt); re-download it if it is truncated.") from err
+                        ".ckpt); re-download it if it is truncated or unreadable.") from err
     for key in _NESTING_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise UserError(f"{path!r} holds no state_dict (found {type(obj).__name__}). Fix: save "
+        raise UserError(f"checkpoint {path!r} holds no state_dict (found {type(obj).__name__}). Fix: save "
                         "model.state_dict(), or a dict with it under 'state_dict' or 'model'.")
     return dict(obj)
 

@@ -154,15 +154,18 @@ def load_scores(path: str) -> tuple[Store, dict[str, Any]]:
 
 
 def results_from_store(store: Store, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Recompute the results of a (possibly partial) store: OOD sets missing from it are left out."""
+    """Recompute the results of a (possibly partial) store: data sets missing from it (a run that stopped before
+    them) are left out and listed under ``missing``."""
     loaders = [info for info in meta["loaders"] if info["name"] in store]
     if not any(info["role"] == "ood" for info in loaders) or not any(info["role"] == "id" for info in loaders):
-        raise UserError("the saved scores hold no complete ID set and OOD set pair; nothing to compute.")
+        raise UserError("the saved scores hold no complete ID set and OOD set pair (the run stopped before its "
+                        "first OOD set was complete); nothing to recompute. Fix: rerun the evaluation.")
     present = {info["name"] for info in loaders}
     groups = {g: [n for n in members if n in present] for g, members in (meta.get("groups") or {}).items()}
     groups = {g: m for g, m in groups.items() if m}
     if any(info["role"] == "val_ood" for info in loaders) != any(info["role"] == "val_id" for info in loaders):
         loaders = [info for info in loaders if not info["role"].startswith("val")]
     results = compute_results(store, loaders, meta["runs"], groups, meta["tpr"], meta["convention"])
-    return {**results, "skipped": meta.get("skipped", {}), "dropped_nonfinite": meta.get("dropped_nonfinite", {}),
+    return {**results, "missing": [info["name"] for info in meta["loaders"] if info["name"] not in store],
+            "skipped": meta.get("skipped", {}), "dropped_nonfinite": meta.get("dropped_nonfinite", {}),
             "config": meta.get("config", {})}

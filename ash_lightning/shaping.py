@@ -332,6 +332,6 @@ def get_shaping(spec: str | Callable[[Tensor], Tensor]) -> Shaper:
 def _invalid_spec(spec: str, reason: str) -> str:
     forms = ", ".join(r.usage for r in _REGISTRY.values())
     return (
-        f"Invalid shaping spec {spec!r}: {reason}. Valid forms: {forms} "
+        f"Invalid shaping spec {spec!r}: {reason.rstrip('.')}. Valid forms: {forms} "
         "(e.g. 'ash_s@90', 'react@1.0', 'react_and_ash@1.0@90')."
     )

@@ -1,12 +1,14 @@
 """``OODMetricsCallback``: OOD metrics over a multi-dataloader test loop, on one device or many.
 
 Dataloader ``id_dataloader_idx`` is the ID set, every other one an OOD set (or, with ``OODDataModule``, the
-roles it declares). Per-sample scores are gathered from all ranks when each dataloader ends, de-duplicated by
-sample index (DistributedSampler pads shards with repeats) and saved to ``scores.npz`` at once, so a failure
-on a later set loses nothing. At the end: metrics per OOD set, their mean and group means, ID accuracy;
-scalars to every logger, histograms and curves to TensorBoard, ``ood_results.json``/``.csv`` and a
-Markdown table. Works with any LightningModule whose ``test_step`` returns logits or a dict holding
-``logits`` and/or ``scores`` (and optionally ``preds``, ``targets``, ``index``).
+roles it declares). Per-sample scores are gathered from all ranks after each dataloader's last batch,
+de-duplicated by sample index (DistributedSampler pads shards with repeats) and saved to ``scores.npz`` at once,
+so a failure or interruption on a later set loses nothing (``main.py report`` recomputes the metrics). A
+sample whose logits or scores are NaN/Inf stops the run (``nonfinite="raise"``) or is dropped and counted
+(``"drop"``). At the end: metrics per OOD set, their mean and group means, ID accuracy; scalars to every
+logger, histograms and curves to TensorBoard, ``ood_results.json``/``.csv`` and a Markdown table. Works with
+any LightningModule whose ``test_step`` returns logits or a dict holding ``logits`` and/or ``scores`` (and
+optionally ``preds``, ``targets``, ``index``).
 """
 from __future__ import annotations
 
@@ -78,15 +80,18 @@ class OODMetricsCallback(pl.Callback):
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Collect the batch; a dataloader's set is finished (saved) after its last batch, or, for loaders of
+        unknown length, when the next dataloader starts."""
         if self._current is not None and dataloader_idx != self._current:
-            self._finish_loader(trainer, self._current)
+            self._finish_unfinished(trainer, self._current)
         self._current = dataloader_idx
         self._batches.setdefault(dataloader_idx, []).append(self._parse(outputs, batch, trainer))
+        if batch_idx + 1 == _num_batches(trainer, dataloader_idx):
+            self._finish_loader(trainer, dataloader_idx)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for idx in range(len(self._loaders)):
-            if self._loaders[idx]["name"] not in self._store:
-                self._finish_loader(trainer, idx)
+            self._finish_unfinished(trainer, idx)
         self.results = results_from_store(self._store, self._meta(trainer, pl_module))
         if trainer.is_global_zero:
             self._report(trainer)
@@ -131,7 +136,10 @@ class OODMetricsCallback(pl.Callback):
         preds = out.get("preds")
         if preds is None and logits is not None and logits.ndim == 2:
             preds = logits.argmax(-1)
-        fields = {"scores": scores}
+        finite = torch.isfinite(scores).all(dim=1)
+        if logits is not None:
+            finite &= torch.isfinite(logits.reshape(len(logits), -1)).all(dim=1)
+        fields = {"scores": scores, "finite": finite}
         if preds is not None:
             fields["preds"] = preds.reshape(len(preds), -1).expand(-1, scores.shape[1])
         seq = batch if isinstance(batch, (list, tuple)) else ()
@@ -148,8 +156,14 @@ class OODMetricsCallback(pl.Callback):
         fields["index"] = index
         return {k: v.detach().to("cpu", non_blocking=False) for k, v in fields.items()}
 
+    def _finish_unfinished(self, trainer: pl.Trainer, idx: int) -> None:
+        """``_finish_loader(idx)`` unless that set is finished already."""
+        if self._loaders[idx]["name"] not in self._store:
+            self._finish_loader(trainer, idx)
+
     def _finish_loader(self, trainer: pl.Trainer, idx: int) -> None:
-        """Gather one dataloader's samples from all ranks, de-duplicate, check finiteness, save to disk."""
+        """Gather one dataloader's samples from all ranks, de-duplicate, drop skipped corrupt files, check
+        finiteness (of the logits and scores), save to disk. A UserError if no sample is left to evaluate."""
         name = self._loaders[idx]["name"]
         batches = self._batches.pop(idx, [])
         fields = {k: torch.cat([b[k] for b in batches]) for k in batches[0]} if batches else None
@@ -168,15 +182,19 @@ class OODMetricsCallback(pl.Callback):
         keys = [k for k in fields if k != "index"]
         index, *values = unique_by_index(fields["index"], *(fields[k] for k in keys))
         fields = {"index": index, **dict(zip(keys, values))}
-        finite = torch.isfinite(fields["scores"]).all(dim=1)
+        finite = fields.pop("finite")
         if not finite.all():
             count = int((~finite).sum())
             if self.nonfinite == "raise":
                 raise UserError(f"{count} of {len(finite)} samples of data set {name!r} have non-finite (NaN/Inf) "
-                                "scores. Fix: check the model and data (e.g. fp16 overflow), or set "
-                                "nonfinite: drop to drop and record them.")
+                                "logits or scores. Fix: check the model and data (e.g. fp16 overflow), or set "
+                                "ood_metrics.nonfinite: drop to drop and record them.")
             self._dropped[name] = count
             fields = {k: v[finite] for k, v in fields.items()}
+        if not len(fields["index"]):
+            raise UserError(f"data set {name!r} has no sample left to evaluate: {len(self._skipped.get(name, []))} "
+                            f"corrupt files skipped, {self._dropped.get(name, 0)} non-finite samples dropped. "
+                            "Fix: check the data set and the model.")
         self._store[name] = {k: v.numpy() for k, v in fields.items()}
         if trainer.is_global_zero:
             save_scores(os.path.join(self._out(), "scores.npz"), self._store, self._meta(trainer, None))
@@ -249,3 +267,9 @@ class OODMetricsCallback(pl.Callback):
                 sweep.savefig(os.path.join(self._out(), "sweep.png"), dpi=120)
                 writer.add_figure("sweep/metrics_vs_percentile", sweep, trainer.global_step)
         writer.flush()
+
+
+def _num_batches(trainer: pl.Trainer, dataloader_idx: int) -> float:
+    """The number of test batches of dataloader ``dataloader_idx`` (inf when unknown)."""
+    counts = trainer.num_test_batches
+    return counts[dataloader_idx] if dataloader_idx < len(counts) else float("inf")

@@ -1,6 +1,8 @@
 """Shared fixtures: small synthetic .npz data sets, a saved random-weight checkpoint, the real-data folder."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -84,3 +86,35 @@ def run_main(config: dict, tmp_path: Path, *extra: str, env: dict | None = None,
     return subprocess.run([sys.executable, str(REPO / "main.py"), command, "--config", str(cfg), *extra],
                           capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **(env or {})},
                           timeout=600)
+
+
+def write_image_folder(folder: Path, n: int, seed: int, truncated: tuple[str, ...] = ()) -> list[Path]:
+    """``n`` decodable 32×32 images in ``folder`` (PNG and JPEG alternately) plus one JPEG cut to a third of its
+    bytes per name in ``truncated``; returns the truncated files' paths."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        image.save(folder / f"img{i:03d}.{'jpg' if i % 2 else 'png'}")
+    bad = []
+    for name in truncated:
+        jpeg = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(jpeg, format="JPEG")
+        (folder / name).write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 3])
+        bad.append(folder / name)
+    return bad
+
+
+def main_in_process(config: dict, tmp_path: Path, *extra: str) -> tuple[int, str, str]:
+    """``ash_lightning.cli.main(["test", "--config", <config>, *extra])`` in this process, which spares the
+    interpreter start-up of ``run_main``: returns (exit status, stdout, stderr)."""
+    from ash_lightning.cli import main
+
+    cfg = tmp_path / f"config_inproc_{abs(hash(str(config))) % 10**8}.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(["test", "--config", str(cfg), *extra])
+    return status, out.getvalue(), err.getvalue()

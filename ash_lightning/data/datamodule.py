@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import timm
@@ -23,6 +23,7 @@ from ash_lightning.errors import UserError
 
 DatasetSpec = str | dict[str, Any]
 ROLES = ("id", "ood", "val_id", "val_ood")
+OnCorrupt = Literal["raise", "skip", "mark"]
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,12 @@ class LoaderInfo:
 
 
 class IndexedDataset(Dataset):
-    """``(transform(image), target, index)``; with ``skip_corrupt`` an undecodable file gives index -(i+1)."""
+    """``(transform(image), target, index)``. An undecodable file raises its ``CorruptImageError`` with
+    ``on_corrupt="raise"``; otherwise it gives a blank image with index -(i+1), after a warning with ``"skip"``
+    and silently with ``"mark"`` (the data module then raises when the batch is evaluated)."""
 
-    def __init__(self, source: Source, transform: Any, skip_corrupt: bool, blank_shape: tuple[int, ...]) -> None:
-        self.source, self.transform, self.skip_corrupt = source, transform, skip_corrupt
+    def __init__(self, source: Source, transform: Any, on_corrupt: OnCorrupt, blank_shape: tuple[int, ...]) -> None:
+        self.source, self.transform, self.on_corrupt = source, transform, on_corrupt
         self.blank_shape = blank_shape
 
     def __len__(self) -> int:
@@ -47,9 +50,10 @@ class IndexedDataset(Dataset):
         try:
             image, target = self.source.dataset[i]
         except CorruptImageError as err:
-            if not self.skip_corrupt:
+            if self.on_corrupt == "raise":
                 raise
-            warnings.warn(f"skipping corrupt image {err.path!r}", stacklevel=2)
+            if self.on_corrupt == "skip":
+                warnings.warn(f"skipping corrupt image {err.path!r}", stacklevel=2)
             return torch.zeros(self.blank_shape), -1, -(i + 1)
         return self.transform(image), target, i
 
@@ -66,6 +70,8 @@ class OODDataModule(pl.LightningDataModule):
         backbone: timm name whose pretrained config gives the transform (linked from the model by the CLI).
         image_size, mean, std, interpolation, crop_pct: override the backbone's data config.
         skip_corrupt: skip undecodable image files with a warning (recorded in the results) instead of failing.
+            Without it the run stops when the batch holding such a file is evaluated, not while it is loaded
+            (loading runs ahead, in workers and by prefetching), so every set before it is complete and saved.
     """
 
     def __init__(self, id: DatasetSpec, ood: dict[str, DatasetSpec], groups: dict[str, list[str]] | None = None,
@@ -115,23 +121,37 @@ class OODDataModule(pl.LightningDataModule):
         for what, info, spec in self._specs:
             self.sources[info.name] = build_source(spec, f"data.{what}")
 
-    def _loader(self, source: Source) -> DataLoader:
+    def _loader(self, source: Source, on_corrupt: OnCorrupt) -> DataLoader:
         cfg = self.data_config()
-        dataset = IndexedDataset(source, create_transform(**cfg, is_training=False), self.hparams.skip_corrupt,
-                                 tuple(cfg["input_size"]))
+        dataset = IndexedDataset(source, create_transform(**cfg, is_training=False),
+                                 "skip" if self.hparams.skip_corrupt else on_corrupt, tuple(cfg["input_size"]))
         return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=False,
                           num_workers=self.hparams.num_workers, pin_memory=self.hparams.pin_memory,
                           persistent_workers=False)
 
     def test_dataloader(self) -> list[DataLoader]:
+        """One loader per data set; attached to a trainer, corrupt files are marked and raised by
+        ``on_before_batch_transfer`` when their batch is evaluated (unless ``skip_corrupt``)."""
         self.setup("test")
-        return [self._loader(self.sources[info.name]) for info in self.loaders]
+        on_corrupt = "raise" if self.trainer is None else "mark"
+        return [self._loader(self.sources[info.name], on_corrupt) for info in self.loaders]
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Unless ``skip_corrupt``, raise the ``CorruptImageError`` of the first file marked corrupt (negative
+        index) in a test batch; a batch without such files passes through unchanged."""
+        index = batch[2]
+        corrupt = index < 0
+        if self.hparams.skip_corrupt or not bool(corrupt.any()):
+            return batch
+        name, i = self.loaders[dataloader_idx].name, -int(index[corrupt][0]) - 1
+        self.sources[name].dataset[i]  # decoding the file again raises its CorruptImageError, with the cause
+        raise CorruptImageError(self.sample_paths(name, [i])[0], "it failed to decode while its batch was loaded")
 
     def fit_dataloader(self) -> DataLoader | None:
         """The ID data that calibrated methods estimate their statistics on (None if not configured)."""
         if self.hparams.fit is None:
             return None
-        return self._loader(build_source(self.hparams.fit, "data.fit"))
+        return self._loader(build_source(self.hparams.fit, "data.fit"), "raise")
 
     def sample_paths(self, name: str, indices: list[int]) -> list[str]:
         """File paths of the given sample indices of data set ``name`` (indices where paths are unknown)."""

@@ -72,15 +72,15 @@ class FileSource(Dataset):
             with Image.open(self.paths[i]) as img:
                 return img.convert("RGB"), self.targets[i]
         except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise CorruptImageError(self.paths[i], err) from err
+            raise CorruptImageError(self.paths[i], f"{err.__class__.__name__}: {err}") from err
 
 
 class CorruptImageError(UserError):
-    """An image file that cannot be decoded."""
+    """An image file that cannot be decoded; ``reason`` says why (the decoder's error)."""
 
-    def __init__(self, path: str, cause: Exception) -> None:
-        super().__init__(f"cannot decode image {path!r} ({cause.__class__.__name__}: {cause}). Fix: remove or "
-                         "replace the file, or set skip_corrupt: true to skip such files with a warning.")
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot decode image {path!r} ({reason}). Fix: remove or replace the file, or set "
+                         "skip_corrupt: true to skip such files with a warning.")
         self.path = path
 
 
@@ -205,7 +205,8 @@ def parse_spec(spec: str | Mapping[str, Any], what: str) -> dict[str, Any]:
     if spec["kind"] not in SOURCES:
         raise UserError(f"{what}: unknown data set kind {spec['kind']!r}. Fix: use one of {sorted(SOURCES)}.")
     if spec["kind"] in _NEEDS_PATH and not spec.get("path"):
-        raise UserError(f"{what}: kind {spec['kind']!r} needs a `path`.")
+        raise UserError(f"{what}: kind {spec['kind']!r} needs a `path` (got {spec.get('path')!r}). Fix: set `path` "
+                        "to the .npz file or image folder, e.g. $DATASETS/mnist_test.npz.")
     return spec
 
 
