@@ -35,7 +35,8 @@ class _CLI:
 
         OODCLI(OODEvalModule, OODDataModule, args=args, save_config_kwargs={"overwrite": True},
                trainer_defaults={"logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-                                            "init_args": {"save_dir": "runs", "name": "ood"}}},
+                                            "init_args": {"save_dir": "runs", "name": "ood",
+                                                          "default_hp_metric": False}}},
                parser_kwargs={"description": "Evaluate activation shaping for OOD detection on any timm backbone.",
                               "exit_on_error": False})
 

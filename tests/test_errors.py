@@ -383,3 +383,17 @@ def test_float16_module_with_batch_of_one_gives_finite_scores(tiny_checkpoint: P
         out = module.test_step((torch.rand(1, 3, 32, 32).half() * 50, torch.tensor([3]), torch.tensor([0])), 0)
     assert out["scores"].shape == (1, 4) and torch.isfinite(out["scores"]).all()
     assert torch.isfinite(out["logits"]).all()
+
+
+def test_select_and_exclude_give_disjoint_fit_and_test_splits(tiny_data: dict) -> None:
+    from ash_lightning.data.sources import build_source
+    from ash_lightning.errors import UserError
+
+    path = str(tiny_data["id"])
+    fit = build_source({"kind": "npz", "path": path, "select": "0::10"}, "data.fit")
+    test = build_source({"kind": "npz", "path": path, "exclude": "0::10"}, "data.id")
+    assert len(fit) == 11 and len(test) == 90 and len(fit) + len(test) == 101
+    fit_pixels = {fit.dataset[i][0].tobytes() for i in range(len(fit))}
+    assert not fit_pixels & {test.dataset[i][0].tobytes() for i in range(len(test))}
+    with pytest.raises(UserError, match="is not a slice"):
+        build_source({"kind": "npz", "path": path, "select": "every tenth"}, "data.fit")

@@ -210,16 +210,42 @@ def parse_spec(spec: str | Mapping[str, Any], what: str) -> dict[str, Any]:
     return spec
 
 
+def _slice(text: str, what: str, key: str) -> slice:
+    """A Python slice written as a string: ``"0::10"`` (every 10th sample), ``":1000"``, ``"1000:"``."""
+    try:
+        parts = [int(p) if p.strip() else None for p in str(text).split(":")]
+        if not 2 <= len(parts) <= 3:
+            raise ValueError(text)
+        return slice(*parts)
+    except ValueError:
+        raise UserError(f"{what}: {key}: {text!r} is not a slice. Fix: write start:stop[:step], "
+                        "e.g. '0::10' for every 10th sample or ':1000' for the first 1000.") from None
+
+
+def _subset(source: Source, keep: list[int]) -> Source:
+    return Source(torch.utils.data.Subset(source.dataset, keep),
+                  None if source.paths is None else [source.paths[i] for i in keep])
+
+
 def build_source(spec: str | Mapping[str, Any], what: str) -> Source:
-    """Build the data set a spec describes; ``limit: N`` keeps a fixed, seeded random subset of N samples."""
+    """Build the data set a spec describes. ``select``/``exclude`` (slice strings such as ``"0::10"``) keep or
+    drop the samples at those positions, so one array can give a fit split and a disjoint test split;
+    then ``limit: N`` keeps a fixed, seeded random subset of N samples."""
     spec = parse_spec(spec, what)
     source = SOURCES[spec["kind"]](spec, what)
+    positions = range(len(source))
+    if "select" in spec:
+        positions = positions[_slice(spec["select"], what, "select")]
+    if "exclude" in spec:
+        dropped = set(positions[_slice(spec["exclude"], what, "exclude")])
+        positions = [i for i in positions if i not in dropped]
+    if len(positions) < len(source):
+        source = _subset(source, list(positions))
     if len(source) == 0:
         raise UserError(f"{what}: the data set at {spec.get('path', spec['kind'])!r} is empty. Fix: check the "
-                        "path; OOD metrics need at least one sample per set.")
+                        "path (and select/exclude); OOD metrics need at least one sample per set.")
     limit = spec.get("limit")
     if limit is not None and int(limit) < len(source):
         keep = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[: int(limit)].sort().values
-        source = Source(torch.utils.data.Subset(source.dataset, keep.tolist()),
-                        None if source.paths is None else [source.paths[i] for i in keep.tolist()])
+        source = _subset(source, keep.tolist())
     return source
