@@ -69,7 +69,7 @@ def make_cache_key(backbone: str, checkpoint_path: str | os.PathLike[str] | None
     JSON types count by ``str()``."""
     checkpoint = None
     if checkpoint_path:
-        path = Path(checkpoint_path).resolve()
+        path = Path(os.path.expandvars(os.path.expanduser(str(checkpoint_path)))).resolve()
         stat = path.stat()
         checkpoint = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return {"backbone": backbone, "checkpoint": checkpoint, "fit": fit, **extra}

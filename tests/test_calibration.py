@@ -346,3 +346,12 @@ def test_main_py_calibrates_once_then_reads_the_cache(tiny_data: dict, tiny_chec
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
     # The calibrated settings differ from the unshaped-threshold ReAct: they really used the statistics.
     assert len({json.dumps(r["mean"]) for r in outputs[0]["runs"]}) == len(specs)
+
+
+def test_cache_key_expands_environment_variables_in_the_checkpoint_path(tiny_checkpoint, monkeypatch) -> None:
+    from ash_lightning.calibration import make_cache_key
+
+    monkeypatch.setenv("CKPT_DIR", str(tiny_checkpoint.parent))
+    key = make_cache_key("cifar_resnet20", f"$CKPT_DIR/{tiny_checkpoint.name}")
+    assert key == make_cache_key("cifar_resnet20", str(tiny_checkpoint))
+    assert key["checkpoint"]["size"] == tiny_checkpoint.stat().st_size
