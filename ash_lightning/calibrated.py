@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ash_lightning.errors import UserError
 from ash_lightning.hooks import LogitShaper, _classifier
 from ash_lightning.shaping import (
-    Shaper, _accumulation_dtype, _BuiltinFactory, _check_percentile, _format_number, _parse_number, _prune,
+    Shaper, _accumulation_dtype, _BuiltinFactory, _check_percentile, _format_number, _parse_number, _prune, keep_count,
     _saturate_, react, register_shaping,
 )
 
@@ -48,16 +48,11 @@ def vra(x: Tensor, alpha: float, beta: float) -> Tensor:
     return x.clamp(max=beta).masked_fill(x < alpha, 0)
 
 
-def _keep_count(n: int, percentile: float) -> int:
-    """k = n - round(n * percentile / 100), at least 1: how many of ``n`` values pruning at ``percentile`` keeps."""
-    return max(1, n - round(n * percentile / 100))
-
-
 def dice_mask(weight: Tensor, mean: Tensor, sparsity: float) -> Tensor:
     """DICE's mask M (bool, shaped like ``weight`` (K, D)): True at the k largest contributions
-    ``weight * mean`` (``mean`` (D,) broadcast over the K rows), k = ``_keep_count(K * D, sparsity)``."""
+    ``weight * mean`` (``mean`` (D,) broadcast over the K rows), k = ``keep_count(K * D, sparsity)``."""
     contributions = (weight * mean).flatten()
-    kept = contributions.topk(_keep_count(contributions.numel(), sparsity)).indices
+    kept = contributions.topk(keep_count(contributions.numel(), sparsity)).indices
     return torch.zeros_like(contributions, dtype=torch.bool).index_fill_(0, kept, True).view_as(weight)
 
 

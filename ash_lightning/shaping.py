@@ -87,6 +87,11 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def keep_count(n: int, percentile: float) -> int:
+    """k = n - round(n * percentile / 100), at least 1: how many of ``n`` values pruning at ``percentile`` keeps."""
+    return max(1, n - round(n * percentile / 100))
+
+
 def _prune(x: Tensor, percentile: float, caller: str) -> tuple[Tensor, Tensor, Tensor]:
     """One top-k per sample: ``(flat, values, indices)`` with ``flat`` = ``x`` reshaped to (B, n)."""
     _check_percentile(percentile, caller)
@@ -98,8 +103,7 @@ def _prune(x: Tensor, percentile: float, caller: str) -> tuple[Tensor, Tensor, T
     _warn_if_negative(x, caller)
     n = math.prod(x.shape[1:])
     flat = x.reshape(x.shape[0], n)
-    k = max(1, n - round(n * percentile / 100))
-    values, indices = flat.topk(k, dim=1, sorted=False)
+    values, indices = flat.topk(keep_count(n, percentile), dim=1, sorted=False)
     return flat, values, indices
 
 
