@@ -39,7 +39,7 @@ def datasets_dir(files: Sequence[str]) -> Path:
     if missing:
         sys.exit(f"error: benchmark data not found: {', '.join(missing)} missing under {root}.\n"
                  "Fix: set DATASETS to the folder holding the .npz files and checkpoints/ "
-                 f"(see its SOURCES.md), e.g. DATASETS=/work/shared/data {' '.join(map(shlex.quote, sys.argv))}")
+                 f"(see its SOURCES.md), e.g. DATASETS=/path/to/data python {' '.join(map(shlex.quote, sys.argv))}")
     os.environ["DATASETS"] = str(root)
     return root
 

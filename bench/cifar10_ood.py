@@ -12,8 +12,8 @@ Reported rows: the first score for every shaping, and the other scores only for 
 
 Run: ``DATASETS=../shared/data .venv/bin/python bench/cifar10_ood.py``.
 Calibrated methods go to their own section, e.g.
-``bench/cifar10_ood.py --section cifar10_ood_calibrated --shapings none react@p90 --react-percentile 0
---fit cifar10_train_kaggle200_png.npz`` (``--fit`` sets ``data.fit``).
+``bench/cifar10_ood.py --section cifar10_ood_calibrated --shapings none react@p90 dice@90 --react-percentile 0
+--fit-every 10`` (fit on every 10th ID image, test on the rest; ``--fit NPZ`` sets ``data.fit`` to another file).
 """
 from __future__ import annotations
 
