@@ -11,6 +11,7 @@ import re
 import sys
 from argparse import ArgumentError
 
+from ash_lightning.allocator import keep_freed_memory_unless_disabled
 from ash_lightning.errors import UserError
 
 DEBUG_ENV = "ASH_DEBUG"
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("usage: main.py report <run directory | scores.npz>")
             report(args[1])
         else:
+            keep_freed_memory_unless_disabled()
             _CLI.run(None if argv is None else args)
     except Exception as err:  # noqa: BLE001 (anything not caused by the user is re-raised below)
         cause = user_error(err)
