@@ -24,7 +24,6 @@ import json
 import logging
 import operator
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from ash_lightning.calibrated import (
     IDStats, StatsRequest, dice_logits, dice_mask, lts, lts_factor, missing_fit_data_message, needs_calibration, vra,
 )
 from ash_lightning.errors import UserError
+from ash_lightning.files import expand_user_vars, write_atomically
 from ash_lightning.hooks import LogitShaper, _activation_tensor, _classifier, resolve_hook_point
 from ash_lightning.shaping import Shaper
 
@@ -69,7 +69,7 @@ def make_cache_key(backbone: str, checkpoint_path: str | os.PathLike[str] | None
     JSON types count by ``str()``."""
     checkpoint = None
     if checkpoint_path:
-        path = Path(os.path.expandvars(os.path.expanduser(str(checkpoint_path)))).resolve()
+        path = Path(expand_user_vars(checkpoint_path)).resolve()
         stat = path.stat()
         checkpoint = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return {"backbone": backbone, "checkpoint": checkpoint, "fit": fit, **extra}
@@ -228,13 +228,7 @@ def _write_cache(path: Path, key: dict[str, Any], stats: IDStats) -> None:
              "mean": None if stats.mean is None else stats.mean.tolist()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as file:
-                file.write(_json(entry))
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)  # only left when writing or replacing failed
+        write_atomically(path, lambda tmp: Path(tmp).write_text(_json(entry)))
     except OSError as err:
         warnings.warn(f"could not write the calibration cache {path} ({err}); the next run collects the ID "
                       f"statistics again. Fix: set {CACHE_ENV} to a writable folder.", stacklevel=3)

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ash_lightning.backbone import create_backbone
 from ash_lightning.data import OODDataModule, build_source
 from ash_lightning.errors import UserError
+from ash_lightning.files import write_atomically
 
 DIR_ENV = "ASH_DEMO_DIR"
 DEFAULT_DIR = Path(".cache") / "demo"
@@ -93,9 +94,7 @@ def _photo_patches(count: int, rng: np.random.Generator) -> np.ndarray:
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     """Write ``arrays`` to ``path`` atomically (a reader never sees a half-written file)."""
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
 
 
 def build_datasets(directory: Path) -> dict[str, Path]:
@@ -203,9 +202,7 @@ def train_backbone(paths: dict[str, Path], eval_data: dict[str, Any], checkpoint
                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                          num_sanity_val_steps=0)
     trainer.fit(module, train, held_out)
-    tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-    torch.save(module.model.state_dict(), tmp)
-    os.replace(tmp, checkpoint)
+    write_atomically(checkpoint, lambda tmp: torch.save(module.model.state_dict(), tmp))
 
 
 def _usable(checkpoint: Path) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ash_lightning.errors import UserError
+from ash_lightning.files import write_atomically
 from ash_lightning.metrics import fpr_key, ood_metrics, summarize
 
 Store = dict[str, dict[str, np.ndarray]]
@@ -128,9 +129,7 @@ def write_results(results: Mapping[str, Any], directory: str) -> tuple[str, str]
 def save_scores(path: str, store: Store, meta: Mapping[str, Any]) -> None:
     """Write the score store and its metadata (runs, loaders, groups, tpr, convention) to ``path`` atomically."""
     arrays = {f"{name}/{key}": value for name, data in store.items() for key, value in data.items()}
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, __meta__=np.array(json.dumps(meta)), **arrays)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: np.savez(tmp, __meta__=np.array(json.dumps(meta)), **arrays), suffix=".npz")
 
 
 def load_scores(path: str) -> tuple[Store, dict[str, Any]]:

@@ -111,13 +111,15 @@ def penultimate_percentile(backbone: str, percentile: float, data: dict[str, Any
     return float(np.percentile(values.numpy(), percentile)), tuple(values.shape)
 
 
-def run_sweep(backbone: str, shapings: list[str], args: argparse.Namespace, out_dir: Path) -> tuple[dict, float, str]:
-    """Write the config, run ``main.py test`` on it; the results, the wall time (s) and the config path."""
+def run_sweep(backbone: str, shapings: list[str], data: dict[str, Any], args: argparse.Namespace, out_dir: Path
+              ) -> tuple[dict, float, str]:
+    """Write the config (``data`` is its data block), run ``main.py test`` on it; the results, the wall time (s)
+    and the config path."""
     config = {
         "seed_everything": 0,
         "model": {"backbone": backbone, "checkpoint_path": f"$DATASETS/{checkpoint_file(backbone)}",
                   "shaping": shapings, "placement": "penultimate", "score": args.scores},
-        "data": data_config(args),
+        "data": data,
         "trainer": {"accelerator": "auto", "devices": 1, "enable_progress_bar": False,
                     "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": str(out_dir.parent.relative_to(REPO)),
@@ -188,9 +190,9 @@ def model_section(backbone: str, results: dict[str, Any], scores: list[str], wal
     ])
 
 
-def header(args: argparse.Namespace, accuracies: dict[str, float]) -> str:
-    """What was measured and on which data; ``accuracies`` are the unshaped ID accuracies per model."""
-    fit = f" `data.fit`: `{data_config(args)['fit']['path']}`." if args.fit else ""
+def header(args: argparse.Namespace, data: dict[str, Any], accuracies: dict[str, float]) -> str:
+    """What was measured and on which ``data`` block; ``accuracies`` are the unshaped ID accuracies per model."""
+    fit = f" `data.fit`: `{data['fit']['path']}`." if args.fit else ""
     if args.fit_every:
         fit = (f" **Fit/test split**: calibrated methods are fitted on every {args.fit_every}th image of the ID "
                f"array (`select: '0::{args.fit_every}'`, stratified since the array is sorted by class) and every "
@@ -239,10 +241,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                           f"{count}×{width} penultimate activations of the {count} lossless "
                           f"CIFAR-10 training PNGs (`{TRAIN_FILE}`), rounded to 2 decimals; no test data was used.")
             print(f"[{backbone}] {react_note}", flush=True)
-        results, wall, config = run_sweep(backbone, shapings, args, out_dir)
+        results, wall, config = run_sweep(backbone, shapings, data, args, out_dir)
         sections.append(model_section(backbone, results, args.scores, wall, config, react_note))
         accuracies[backbone] = baseline_accuracy(results)
-    publish(args.section, "\n\n".join([header(args, accuracies), *sections]),
+    publish(args.section, "\n\n".join([header(args, data, accuracies), *sections]),
             write=not args.no_write and args.limit is None)
 
 

@@ -47,7 +47,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -178,12 +178,8 @@ class ForwardClock:
 class Batches:
     """Steady-state batches of one loop: seconds per image in all and outside the forward pass."""
 
-    per_image: list[float]
-    outside_forward: list[float]
-
-    @classmethod
-    def empty(cls) -> Batches:
-        return cls([], [])
+    per_image: list[float] = field(default_factory=list)
+    outside_forward: list[float] = field(default_factory=list)
 
     def add(self, seconds: float, forward: float, images: int) -> None:
         """Record one batch of ``images`` images that took ``seconds``, ``forward`` of them in the forward."""
@@ -220,7 +216,7 @@ class Stopwatch:
     @property
     def batches(self) -> Batches:
         """The steady-state batches: all but every dataloader's first and last."""
-        batches = Batches.empty()
+        batches = Batches()
         for timed in self._timed.values():
             for seconds, forward, images in timed[:-1]:
                 batches.add(seconds, forward, images)
@@ -308,7 +304,7 @@ class InterleavedPlainLoops(pl.Callback):
                  forward: ForwardClock) -> None:
         self.model, self.datamodule, self.runtime, self.shaping, self.forward = \
             model, datamodule, runtime, shaping, forward
-        self.batches = {loop: Batches.empty() for loop in LOOPS}
+        self.batches = {loop: Batches() for loop in LOOPS}
         self._iterators: dict[str, Iterator] = {}
         self._resumed = 0.0
 
@@ -395,7 +391,7 @@ class Result:
 
     def pooled(self, loop: str) -> Batches:
         """All steady-state batches of the separate passes of ``loop``."""
-        pooled = Batches.empty()
+        pooled = Batches()
         for p in self.passes[loop]:
             pooled.extend(p.batches)
         return pooled
@@ -437,7 +433,7 @@ def bench_setting(setting: Setting, args: argparse.Namespace, runtime: Runtime) 
     x, _, _ = next(iter(datamodule.test_dataloader()[0]))
     with torch.inference_mode(), attach_shaping(model, args.shaping):
         _energy(model, x, runtime)  # warm-up: lazy initialisation, allocator, kernel choice
-    interleaved = {loop: Batches.empty() for loop in LOOPS}
+    interleaved = {loop: Batches() for loop in LOOPS}
     passes: dict[str, list[Pass]] = {loop: [] for loop in LOOPS}
     run = {"ours": lambda: lightning_pass(module, datamodule, runtime, log_dir),
            "plain + hook": lambda: plain_pass(model, datamodule, runtime, args.shaping),

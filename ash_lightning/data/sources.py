@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
 from ash_lightning.errors import UserError
+from ash_lightning.files import expand_user_vars
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -35,7 +36,7 @@ class Source:
 
 def expand_path(path: str | os.PathLike, what: str) -> str:
     """Expand ``~`` and ``$VARS``; a UserError if an unset variable is left or the path does not exist."""
-    expanded = os.path.expandvars(os.path.expanduser(str(path)))
+    expanded = expand_user_vars(path)
     if "$" in expanded:
         raise UserError(f"{what}: path {str(path)!r} uses an unset environment variable ({expanded!r}). "
                         "Fix: export it (e.g. DATASETS=/path/to/data) or give an absolute path.")
@@ -159,7 +160,7 @@ def _folder(spec: Mapping[str, Any], what: str) -> Source:
 
 def _torchvision(cls: type, split_arg: str) -> Callable[[Mapping[str, Any], str], Source]:
     def build(spec: Mapping[str, Any], what: str) -> Source:
-        root = os.path.expandvars(os.path.expanduser(str(spec.get("path", "."))))
+        root = expand_user_vars(spec.get("path", "."))
         split = spec.get("split", "test")
         kwargs = {"split": split} if split_arg == "split" else {"train": split == "train"}
         try:
