@@ -260,7 +260,8 @@ def test_dice_mask_where_n_p_is_not_whole_matches_the_authors(p):
         assert want.sum() == 2
     generator = torch.Generator().manual_seed(int(p * 10))
     weight, mean = torch.randn(7, 11, generator=generator), torch.rand(11, generator=generator, dtype=torch.float64)
-    assert torch.equal(dice_mask(weight, mean, p), torch.from_numpy(dice_mask_reference(weight.numpy(), mean.numpy(), p)))
+    want = dice_mask_reference(weight.numpy(), mean.numpy(), p)
+    assert torch.equal(dice_mask(weight, mean, p), torch.from_numpy(want))
 
 
 def test_lts_with_negative_features_matches_the_authors():
