@@ -3,12 +3,20 @@
 Spec strings, registered when this module (or ``ash_lightning.calibration``) is imported:
 
 * ``react@p90``: ReAct (Sun et al., NeurIPS 2021) with the threshold set to the 90th percentile of the ID
-  activations at the placement, over all units and samples (the paper's rule); ``react@1.0`` keeps a fixed one.
+  activations at the placement, over all units and samples (``np.percentile`` of the flattened activations);
+  ``react@1.0`` keeps a fixed one. Checked against deeplearning-wisc/react ``compute_threshold.py`` and OpenOOD's
+  ``openood/postprocessors/react_postprocessor.py``, which both take the percentile on ID validation data
+  (the paper: "estimated on ID data"); set ``data.fit`` to the ID validation or training set.
 * ``vra@10@90``: VRA (Xu et al., NeurIPS 2023) with alpha, beta = the 10th and 90th percentiles of the ID
-  activations at the placement.
-* ``dice@90``: DICE (Sun & Li, ECCV 2022) with sparsity 90: the classifier keeps the top 10% of its weight
-  contributions W ⊙ mean_ID(h), h the penultimate features.
-* ``lts@90``: LTS logit scaling; needs no ID data.
+  activations at the placement, taken like ReAct's. Checked against OpenOOD's
+  ``openood/postprocessors/vra_postprocessor.py`` (percentiles on its ID validation split); ``data.fit``: the ID
+  validation or training set.
+* ``dice@90``: DICE (Sun & Li, ECCV 2022) with sparsity p = 90: the classifier keeps the weights whose
+  contribution W ⊙ mean_ID(h) (h the penultimate features) is strictly above ``np.percentile`` of all
+  contributions at p. Checked against deeplearning-wisc/dice ``models/route.py`` (``RouteDICE``; the mean from
+  ``precompute.py``) and OpenOOD's ``openood/postprocessors/dice_postprocessor.py``, which both average h over the
+  ID training set; set ``data.fit`` to the ID training set.
+* ``lts@90``: LTS (Djurisic et al.) logit scaling; needs no ID data. Checked against andrijazz/lts ``lts.py``.
 
 DICE and LTS are ``LogitShaper``s (placement ``"penultimate"`` only). ``react@p..``, ``vra`` and ``dice`` come
 from ``get_shaping`` unfitted: their ``params`` are the spec's numbers and using them raises a ValueError until
@@ -23,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,8 +39,8 @@ from torch import Tensor, nn
 from ash_lightning.errors import UserError
 from ash_lightning.hooks import LogitShaper, _classifier
 from ash_lightning.shaping import (
-    Shaper, _accumulation_dtype, _BuiltinFactory, _check_percentile, _format_number, _parse_number, _prune, keep_count,
-    _saturate_, react, register_shaping,
+    Shaper, _accumulation_dtype, _BuiltinFactory, _check_percentile, _format_number, _parse_number, _prune, _saturate_,
+    react, register_shaping,
 )
 
 __all__ = [
@@ -49,11 +58,12 @@ def vra(x: Tensor, alpha: float, beta: float) -> Tensor:
 
 
 def dice_mask(weight: Tensor, mean: Tensor, sparsity: float) -> Tensor:
-    """DICE's mask M (bool, shaped like ``weight`` (K, D)): True at the k largest contributions
-    ``weight * mean`` (``mean`` (D,) broadcast over the K rows), k = ``keep_count(K * D, sparsity)``."""
-    contributions = (weight * mean).flatten()
-    kept = contributions.topk(keep_count(contributions.numel(), sparsity)).indices
-    return torch.zeros_like(contributions, dtype=torch.bool).index_fill_(0, kept, True).view_as(weight)
+    """DICE's mask M (bool, shaped like ``weight`` (K, D)): True where the contribution ``weight * mean`` (``mean``
+    (D,) broadcast over the K rows, in float64) is strictly above ``np.percentile`` of all K·D contributions at
+    ``sparsity`` (linear interpolation), as ``RouteDICE.calculate_mask_weight`` in deeplearning-wisc/dice."""
+    contributions = (weight.detach().double() * mean.detach().double()).cpu().numpy()
+    mask = contributions > np.percentile(contributions, sparsity)
+    return torch.from_numpy(mask).to(weight.device)
 
 
 def dice_logits(features: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor) -> Tensor:
@@ -62,9 +72,10 @@ def dice_logits(features: Tensor, weight: Tensor, bias: Tensor | None, mask: Ten
 
 
 def lts_factor(features: Tensor, percentile: float) -> Tensor:
-    """LTS factor per sample, ``(s1 / s2)²`` with s1 the sum of its features and s2 the sum of its top-k values
-    (k as in ASH); 1 where s2 = 0 (e.g. all-zero features). Computed in float32 or wider."""
-    flat, values, _ = _prune(features, percentile, "lts")
+    """LTS factor per sample, ``(s1 / s2)²`` with s1 the sum of ``relu(features)`` and s2 the sum of its top-k
+    values (k as in ASH, at least 1), as ``lts`` in andrijazz/lts ``lts.py``; 1 where s2 = 0 (no positive feature,
+    where the authors' code divides 0 by 0). Computed in float32 or wider."""
+    flat, values, _ = _prune(F.relu(features), percentile, "lts")
     acc = _accumulation_dtype(features.dtype)
     s1, s2 = flat.sum(1, dtype=acc), values.sum(1, dtype=acc)
     return torch.where(s2 != 0, s1 / s2, 1.0).square()
@@ -94,7 +105,8 @@ class StatsRequest:
 @dataclass(frozen=True, eq=False)
 class IDStats:
     """ID statistics: ``percentiles`` maps q to the q-th percentile of the placement's activations; ``mean`` is
-    the per-unit mean (D,) of the penultimate features (None if not collected); ``n_samples`` the samples seen."""
+    the per-unit mean (D,), float64, of the penultimate features (None if not collected); ``n_samples`` the samples
+    seen."""
 
     percentiles: Mapping[float, float] = field(default_factory=dict)
     mean: Tensor | None = None
@@ -170,7 +182,7 @@ def _fit_dice(stats: IDStats, model: nn.Module, *, spec: str, sparsity: float) -
             f"{None if not isinstance(weight, Tensor) else tuple(weight.shape)}. Fix: use DICE on a model whose "
             "get_classifier() is an nn.Linear on the pooled features."
         )
-    mask = dice_mask(weight.detach(), stats.mean.to(weight), sparsity)
+    mask = dice_mask(weight, stats.mean, sparsity)
     return LogitShaper(_DiceHead(mask), spec, (sparsity,), sparsity)
 
 

@@ -64,12 +64,22 @@ def ood_metrics(
 ) -> dict[str, float]:
     """FPR@``tpr``, AUROC, AUPR-In and AUPR-Out of scores where higher = more in-distribution.
 
-    - ``fpr{tpr}`` ("paper"): fraction of OOD scores >= t, t the largest threshold keeping
-      >= ``tpr`` of ID scores >= t. ("openood"): fraction of ID scores <= t, t the smallest
-      threshold with >= ``tpr`` of OOD scores <= t.
-    - ``auroc`` = P(s_id > s_ood) + 0.5 P(s_id = s_ood).
-    - ``aupr_in`` / ``aupr_out``: average precision (as scikit-learn's ``average_precision_score``,
-      ties grouped) with ID positive on the scores / OOD positive on the negated scores.
+    ``"paper"`` (ID positive, as the ASH, ReAct and Energy papers):
+
+    - ``fpr{tpr}``: fraction of OOD scores >= t, t the largest threshold keeping >= ``tpr`` of ID scores >= t.
+    - ``aupr_in`` / ``aupr_out``: average precision, sum over thresholds of (R_i - R_{i-1}) P_i (scikit-learn's
+      ``average_precision_score``, ties grouped), ID positive on the scores / OOD positive on the negated scores.
+
+    ``"openood"`` (OOD positive): OpenOOD v1.5's ``compute_all_metrics`` (``openood/evaluators/metrics.py``,
+    scikit-learn's curves), ties included:
+
+    - ``fpr{tpr}``: fraction of ID scores <= t, t the smallest threshold with >= ``tpr`` of OOD scores <= t
+      among the thresholds ``roc_curve(drop_intermediate=True)`` keeps (a threshold whose (ID, OOD) count
+      steps before and after are equal is dropped, so ties can move t up).
+    - ``aupr_in`` / ``aupr_out``: trapezoid area under the precision-recall curve from (R=0, P=1),
+      sum of (R_i - R_{i-1}) (P_i + P_{i-1}) / 2 (``auc(recall, precision)``), same positives as above.
+
+    Both: ``auroc`` = P(s_id > s_ood) + 0.5 P(s_id = s_ood) (the ROC trapezoid).
     """
     _check_options(tpr, convention)
     id64 = _as_float64(id_scores, "ID")
@@ -89,25 +99,45 @@ def ood_metrics(
     id_ge = n_id - id_le + id_eq  # number of ID scores >= each distinct score
     ood_ge = n_ood - ood_le + ood_eq
 
+    # Precision at each distinct score s taken as the threshold: ID positive, predicted ID when score >= s;
+    # OOD positive, predicted OOD when score <= s.
+    precision_in = id_ge / (id_ge + ood_ge)
+    precision_out = ood_le / (ood_le + id_le)
     if convention == "paper":
         # id_ge is non-increasing: the last distinct score meeting the TPR is the largest threshold.
         last = np.count_nonzero(id_ge / n_id >= tpr) - 1
         fpr = ood_ge[last] / n_ood
+        aupr_in = float(np.dot(id_eq, precision_in)) / n_id
+        aupr_out = float(np.dot(ood_eq, precision_out)) / n_ood
     else:
-        # ood_le is non-decreasing: the first distinct score meeting the TPR is the smallest threshold.
-        first = group_end.size - np.count_nonzero(ood_le / n_ood >= tpr)
-        fpr = id_le[first] / n_id
+        fpr = _openood_fpr(id_eq, ood_eq, id_le, ood_le, tpr)
+        # Recall grows by id_eq / n_id (ood_eq / n_ood) at each threshold, taken from high to low ID-ness for
+        # ID positive and from low to high for OOD positive; the previous point of the first one is P = 1.
+        aupr_in = float(np.dot(id_eq, precision_in + np.append(precision_in[1:], 1.0))) / (2 * n_id)
+        aupr_out = float(np.dot(ood_eq, precision_out + np.insert(precision_out[:-1], 0, 1.0))) / (2 * n_ood)
 
     # 2 * sum over ID of (#OOD below + 0.5 #OOD tied), exact in int64.
     auroc_twice = int(np.dot(id_eq, 2 * (ood_le - ood_eq) + ood_eq))
-    aupr_in = float(np.dot(id_eq, id_ge / (id_ge + ood_ge))) / n_id
-    aupr_out = float(np.dot(ood_eq, ood_le / (ood_le + id_le))) / n_ood
     return {
         fpr_key(tpr): float(fpr),
         "auroc": auroc_twice / (2 * n_id * n_ood),
         "aupr_in": aupr_in,
         "aupr_out": aupr_out,
     }
+
+
+def _openood_fpr(id_eq: np.ndarray, ood_eq: np.ndarray, id_le: np.ndarray, ood_le: np.ndarray,
+                 tpr: float) -> float:
+    """OpenOOD's ``fpr_list[argmax(tpr_list >= tpr)]`` of ``roc_curve(is_ood, -scores)``, from per-distinct-score
+    counts in ascending score order: the first threshold the curve keeps with OOD recall >= ``tpr``.
+
+    ``drop_intermediate`` keeps the first and last thresholds and those where the curve bends, i.e. where the
+    (ID, OOD) count step into the threshold differs from the step out of it.
+    """
+    kept = np.ones(id_eq.size, dtype=bool)
+    kept[1:-1] = (id_eq[2:] != id_eq[1:-1]) | (ood_eq[2:] != ood_eq[1:-1])
+    first = np.flatnonzero(kept & (ood_le / ood_le[-1] >= tpr))[0]
+    return id_le[first] / id_le[-1]
 
 
 def unique_by_index(index: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:

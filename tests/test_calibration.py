@@ -5,6 +5,7 @@ import copy
 import hashlib
 import os
 import pickle
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -114,6 +115,12 @@ def test_react_percentile_threshold():
     assert torch.equal(shaper(x), x.clamp(max=threshold))
 
 
+def react_threshold_reference(activations: np.ndarray, q: float) -> float:
+    """Transcription of deeplearning-wisc/react compute_threshold.py (and OpenOOD's react_postprocessor.py):
+    ``np.percentile(activation_log.flatten(), q)`` over every fit activation."""
+    return float(np.percentile(activations.flatten(), q))
+
+
 def test_collect_stats_options_and_subsample(monkeypatch):
     x = torch.rand(11, 5)
     index = torch.arange(11)
@@ -122,14 +129,43 @@ def test_collect_stats_options_and_subsample(monkeypatch):
                           calibration.StatsRequest(frozenset({50.0}), mean=True), max_samples=6)
     kept = x[[0, 1, 3, 4, 5, 6]]
     assert stats.n_samples == 6 and stats.percentiles == {50.0: percentile(kept, 50)}
-    torch.testing.assert_close(stats.mean, kept.mean(0))
-    subsample = calibration._Subsample(cap=10)
-    for chunk in torch.arange(25.0).split([7, 11, 7]):
-        subsample.add(chunk)
-    assert subsample.stride == 4 and torch.equal(subsample.values(), torch.arange(0.0, 25.0, 4))
-    monkeypatch.setattr(calibration, "MAX_VALUES", 20)  # 55 values -> every 4th
+    torch.testing.assert_close(stats.mean, kept.double().mean(0))
+    monkeypatch.setattr(calibration, "MAX_VALUES", 55)  # 11 samples x 5 units: still exact
     stats = collect_stats(Net(), "penultimate", Fit(x)(), calibration.StatsRequest(frozenset({90.0})))
-    assert stats.percentiles[90.0] == percentile(x.flatten()[::4], 90)
+    assert stats.percentiles[90.0] == pytest.approx(react_threshold_reference(x.numpy(), 90), rel=1e-12, abs=0)
+
+
+def test_subsample_keeps_whole_random_samples():
+    x = torch.arange(60.0).view(20, 3)  # sample i holds 3i, 3i + 1, 3i + 2
+    exact = calibration._Subsample(cap=60)
+    for chunk in x.split([7, 6, 7]):
+        exact.add(chunk)
+    assert torch.equal(exact.values().sort().values, x.flatten())
+    picks = []
+    for seed in (0, 0, 1):
+        subsample = calibration._Subsample(cap=20, seed=seed)  # 6 samples of 3 values
+        for chunk in x.split([7, 6, 7]):
+            subsample.add(chunk)
+        rows = subsample.values().view(-1, 3)
+        assert rows.shape == (6, 3) and torch.equal(rows[:, 1:] - rows[:, :1], torch.tensor([[1.0, 2.0]]).expand(6, 2))
+        picks.append(sorted(int(first) // 3 for first in rows[:, 0]))
+        assert len(set(picks[-1])) == 6
+    assert picks[0] == picks[1] != picks[2]  # seeded: the same data gives the same subset
+
+
+def test_react_percentile_above_the_cap_sees_every_unit(monkeypatch):
+    """512 units, odd units 4x the scale of even ones, 3x the cap: within 0.5% of the exact percentile."""
+    generator = torch.Generator().manual_seed(14)
+    scale = torch.where(torch.arange(512) % 2 == 1, 4.0, 1.0)
+    x = torch.randn(6000, 512, generator=generator).relu() * scale
+    monkeypatch.setattr(calibration, "MAX_VALUES", 2000 * 512)
+    loader = DataLoader(TensorDataset(x), batch_size=250)
+    request = calibration.StatsRequest(frozenset({90.0, 10.0, 99.0}))
+    stats = collect_stats(Net(torch.ones(2, 512), torch.zeros(2)), "penultimate", loader, request)
+    for q in (90.0, 99.0):
+        exact = react_threshold_reference(x.numpy(), q)
+        assert abs(stats.percentiles[q] / exact - 1) < 0.005, (q, stats.percentiles[q], exact)
+    assert stats.percentiles[10.0] == 0.0 == react_threshold_reference(x.numpy(), 10)
 
 
 def test_dice_mask_and_logits_by_hand():
@@ -176,6 +212,69 @@ def test_lts_by_hand():
     torch.testing.assert_close(shaped, torch.tensor([[6.25, -12.5], [3.0, 4.0]]))
     torch.testing.assert_close(shaped, lts(features, logits, 90))
     assert torch.equal(features, before[0]) and torch.equal(logits, before[1])  # nothing modified in place
+
+
+def dice_mask_reference(weight: np.ndarray, mean: np.ndarray, p: float) -> np.ndarray:
+    """Transcription of deeplearning-wisc/dice models/route.py ``RouteDICE.calculate_mask_weight`` (and OpenOOD's
+    dice_postprocessor.py ``calculate_mask``): keep contributions strictly above their p-th percentile."""
+    contrib = mean[None, :] * weight
+    return contrib > np.percentile(contrib, p)
+
+
+def lts_factor_reference(x: np.ndarray, percentile: float) -> np.ndarray:
+    """Transcription of andrijazz/lts lts.py ``lts``: ReLU, then (s1 / s2)² with s2 the sum of the top k."""
+    x = np.maximum(x, 0)
+    n = x.shape[1]
+    k = n - int(np.round(n * percentile / 100.0))
+    s2 = np.sort(x, axis=1)[:, n - k:].sum(1)
+    return (x.sum(1) / s2) ** 2
+
+
+def test_dice_with_silent_units_matches_the_authors():
+    """20 of 64 units silent on ID data: their zero contributions straddle the 60th percentile, so only the
+    positive contributions are kept (top-k by count would also keep zeros, i.e. weights of silent units)."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(10, 64, generator=generator)
+    fit_features = torch.rand(50, 64, generator=generator) + 0.1
+    fit_features[:, :20] = 0
+    net = Net(weight, torch.zeros(10))
+    shaper = fit("dice@60", fit_features, net)
+    want = dice_mask_reference(weight.numpy(), fit_features.double().mean(0).numpy(), 60)
+    assert torch.equal(shaper.fn.mask, torch.from_numpy(want))
+    assert want.sum() == (weight[:, 20:] > 0).sum() < 640 - round(640 * 0.6)
+    test_features = torch.rand(4, 64, generator=generator)  # the silent units fire on these
+    with attach_shaping(net, shaper):
+        logits = net(test_features)
+    reference = test_features.double() @ (weight.double() * torch.from_numpy(want)).T
+    torch.testing.assert_close(torch.logsumexp(logits.double(), 1), torch.logsumexp(reference, 1))
+
+
+@pytest.mark.parametrize("p", [86.0, 90.0, 33.3, 0.0])
+def test_dice_mask_where_n_p_is_not_whole_matches_the_authors(p):
+    # W * mean from the hand case above: sorted -4 -3 -2 0 1 2 2 3 4 6; at p = 86, 10 * 0.86 = 8.6 is not whole,
+    # the percentile is 3 + 0.74 * (4 - 3) and 4 and 6 are kept (a count of 10 - round(8.6) = 1 would keep 6 only).
+    mean = H_FIT.double().mean(0)
+    want = dice_mask_reference(W.numpy(), mean.numpy(), p)
+    assert torch.equal(dice_mask(W, mean, p), torch.from_numpy(want))
+    if p == 86.0:
+        assert want.sum() == 2
+    generator = torch.Generator().manual_seed(int(p * 10))
+    weight, mean = torch.randn(7, 11, generator=generator), torch.rand(11, generator=generator, dtype=torch.float64)
+    want = dice_mask_reference(weight.numpy(), mean.numpy(), p)
+    assert torch.equal(dice_mask(weight, mean, p), torch.from_numpy(want))
+
+
+def test_lts_with_negative_features_matches_the_authors():
+    generator = torch.Generator().manual_seed(5)
+    features = torch.randn(16, 64, generator=generator)  # e.g. ViT tokens: half negative
+    logits = torch.randn(16, 10, generator=generator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ReLU first: no "non-negative activations" warning
+        for percentile in (65.0, 90.0, 95.0):
+            want = torch.from_numpy(lts_factor_reference(features.numpy(), percentile))
+            torch.testing.assert_close(lts_factor(features, percentile), want, rtol=1e-5, atol=0)
+            torch.testing.assert_close(lts(features, logits, percentile), logits * want[:, None], rtol=1e-5, atol=0)
+            assert not torch.allclose(lts_factor(features, percentile), lts_factor(features.relu() - 1, percentile))
 
 
 def test_cache_skips_the_fit_data(cache):
@@ -250,7 +349,7 @@ def test_sweep_equals_each_setting_alone(resnet, images):
             torch.testing.assert_close(logits, resnet(x))
         assert shaper.spec == "none" or not torch.allclose(logits, stacked[0])
     features, classifier = resnet.forward_head(resnet.forward_features(x), pre_logits=True), resnet.get_classifier()
-    mask = dice_mask(classifier.weight, fit_features.mean(0), 90)
+    mask = dice_mask(classifier.weight, fit_features.double().mean(0), 90)
     torch.testing.assert_close(stacked[4], dice_logits(features, classifier.weight, classifier.bias, mask))
     torch.testing.assert_close(stacked[5], lts(features, classifier(features), 90))
     assert torch.equal(resnet(x), stacked[0])

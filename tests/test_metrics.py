@@ -1,4 +1,4 @@
-"""ood_metrics / OODMetrics / summarize / unique_by_index against scikit-learn and by hand."""
+"""ood_metrics / OODMetrics / summarize / unique_by_index against scikit-learn, OpenOOD's metric code and by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 from torch.utils.data import DistributedSampler
 from torchmetrics.functional.classification import binary_auroc
 
@@ -17,22 +17,44 @@ TOL = 1e-9
 CONVENTIONS = ("paper", "openood")
 
 
-def sklearn_reference(id_scores, ood_scores, tpr: float, convention: str) -> dict[str, float]:
-    """The four metrics from scikit-learn on the same values upcast to float64."""
+def paper_reference(id_scores, ood_scores, tpr: float) -> dict[str, float]:
+    """The four "paper" metrics from scikit-learn (ID positive, average precision) on the values upcast to float64."""
     id64 = np.asarray(id_scores, dtype=np.float64)
     ood64 = np.asarray(ood_scores, dtype=np.float64)
     scores = np.concatenate((id64, ood64))
     is_id = np.concatenate((np.ones(id64.size), np.zeros(ood64.size)))
-    if convention == "paper":  # ID positive on the scores
-        fprs, tprs, _ = roc_curve(is_id, scores, drop_intermediate=False)
-    else:  # OOD positive on the negated scores
-        fprs, tprs, _ = roc_curve(1 - is_id, -scores, drop_intermediate=False)
+    fprs, tprs, _ = roc_curve(is_id, scores, drop_intermediate=False)
     return {
         fpr_key(tpr): float(fprs[np.argmax(tprs >= tpr)]),
         "auroc": float(roc_auc_score(is_id, scores)),
         "aupr_in": float(average_precision_score(is_id, scores)),
         "aupr_out": float(average_precision_score(1 - is_id, -scores)),
     }
+
+
+def openood_reference(id_scores, ood_scores, tpr: float) -> dict[str, float]:
+    """Transcription of OpenOOD v1.5's ``compute_all_metrics`` -> ``auc_and_fpr_recall``
+    (Jingkang50/OpenOOD, openood/evaluators/metrics.py): conf = score, label -1 for OOD."""
+    conf = np.concatenate((np.asarray(id_scores, dtype=np.float64), np.asarray(ood_scores, dtype=np.float64)))
+    label = np.concatenate((np.zeros(len(id_scores)), np.full(len(ood_scores), -1)))
+    ood_indicator = np.zeros_like(label)
+    ood_indicator[label == -1] = 1
+    fpr_list, tpr_list, _ = roc_curve(ood_indicator, -conf)
+    fpr = fpr_list[np.argmax(tpr_list >= tpr)]
+    precision_in, recall_in, _ = precision_recall_curve(1 - ood_indicator, conf)
+    precision_out, recall_out, _ = precision_recall_curve(ood_indicator, -conf)
+    return {
+        fpr_key(tpr): float(fpr),
+        "auroc": float(auc(fpr_list, tpr_list)),
+        "aupr_in": float(auc(recall_in, precision_in)),
+        "aupr_out": float(auc(recall_out, precision_out)),
+    }
+
+
+def reference(id_scores, ood_scores, tpr: float, convention: str) -> dict[str, float]:
+    if convention == "paper":
+        return paper_reference(id_scores, ood_scores, tpr)
+    return openood_reference(id_scores, ood_scores, tpr)
 
 
 def assert_metrics_close(got: dict[str, float], want: dict[str, float]) -> None:
@@ -56,12 +78,12 @@ SIZES = [(1, 1), (1, 40), (40, 1), (20, 400), (400, 20), (300, 300)]
 @pytest.mark.parametrize("offset", [0.0, 25.0, -1000.0])
 @pytest.mark.parametrize("kind", ["normal", "ties"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_matches_sklearn(convention: str, offset: float, kind: str, dtype: type) -> None:
+def test_matches_reference(convention: str, offset: float, kind: str, dtype: type) -> None:
     rng = np.random.default_rng([ord(c) for c in f"{convention}{offset}{kind}{np.dtype(dtype).name}"])
     for n_id, n_ood in SIZES:
         for _ in range(3):
             id_scores, ood_scores = (s.astype(dtype) for s in make_case(rng, kind, n_id, n_ood, offset))
-            want = sklearn_reference(id_scores, ood_scores, 0.95, convention)
+            want = reference(id_scores, ood_scores, 0.95, convention)
             assert_metrics_close(ood_metrics(id_scores, ood_scores, convention=convention), want)
 
 
@@ -72,7 +94,23 @@ def test_other_tpr(convention: str, tpr: float) -> None:
     for kind in ("normal", "ties"):
         id_scores, ood_scores = make_case(rng, kind, 200, 300, 0.0)
         got = ood_metrics(id_scores, ood_scores, tpr=tpr, convention=convention)
-        assert_metrics_close(got, sklearn_reference(id_scores, ood_scores, tpr, convention))
+        assert_metrics_close(got, reference(id_scores, ood_scores, tpr, convention))
+
+
+def test_openood_trapezoid_and_dropped_thresholds() -> None:
+    """Where OpenOOD's curves differ from the paper's definitions, "openood" follows OpenOOD."""
+    # Every threshold holds one ID and one OOD score: roc_curve keeps only the end points, so FPR@95 is 1, not
+    # 19/20, and the PR curve is a line at P = 1/2 from (0, 1): trapezoid area 0.5 + 0.5/40, average precision 0.5.
+    scores = np.arange(20.0)
+    got = ood_metrics(scores, scores, convention="openood")
+    assert got == pytest.approx({"fpr95": 1.0, "auroc": 0.5, "aupr_in": 0.5125, "aupr_out": 0.5125}, abs=TOL)
+    assert ood_metrics(scores, scores)["aupr_in"] == pytest.approx(0.5, abs=TOL)
+    assert_metrics_close(got, openood_reference(scores, scores, 0.95))
+    # Tied, unbalanced, offset: 7 ID and 300 OOD scores on 4 values around -1000.
+    rng = np.random.default_rng(14)
+    id_scores, ood_scores = rng.integers(0, 4, 7) - 1000.0, rng.integers(0, 4, 300) - 1000.0
+    assert_metrics_close(ood_metrics(id_scores, ood_scores, convention="openood"),
+                         openood_reference(id_scores, ood_scores, 0.95))
 
 
 def test_keys_follow_tpr() -> None:
@@ -109,7 +147,7 @@ def test_torch_and_list_inputs(dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(0)
     id_scores = (torch.randn(300, generator=generator) * 4 + 20).to(dtype)
     ood_scores = (torch.randn(500, generator=generator) * 4 + 17).to(dtype)
-    want = sklearn_reference(id_scores.double().numpy(), ood_scores.double().numpy(), 0.95, "paper")
+    want = paper_reference(id_scores.double().numpy(), ood_scores.double().numpy(), 0.95)
     assert_metrics_close(ood_metrics(id_scores, ood_scores), want)
     assert_metrics_close(ood_metrics(id_scores.double().tolist(), ood_scores.double().tolist()), want)
 
