@@ -82,6 +82,10 @@ def test_demo_end_to_end_then_reuses_the_checkpoint(tmp_path: Path, capsys: pyte
     assert demo.main(["--cache-dir", str(cache), "--runs-dir", str(runs), "--epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "epoch 1/1" in out and "| **mean** |" in out and f"--logdir {runs / 'demo'}" in out
+    last = out.rstrip().splitlines()[-5:]  # the closing lines: logs, report, what to try next
+    assert last[0].endswith(f"tensorboard --logdir {runs / 'demo'}")
+    assert last[1].endswith(f"main.py report {runs / 'demo' / 'version_0'}")
+    assert "configs/demo_digits.yaml" in last[2] and "main.py test --config" in last[3] and "README" in last[4]
     results = json.loads((runs / "demo" / "version_0" / "ood_results.json").read_text())
     assert [run["shaping"] for run in results["runs"]] == demo.SHAPING
     assert all(run["score"] == "energy" for run in results["runs"])
