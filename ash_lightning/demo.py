@@ -182,7 +182,7 @@ class DigitsClassifier(pl.LightningModule):
 def _transformed(path: Path, transform: Any) -> TensorDataset:
     """An ``.npz`` set read as the evaluation reads it, every image passed once through ``transform``."""
     source = build_source({"kind": "npz", "path": str(path)}, "demo")
-    images, targets = zip(*(source.dataset[i] for i in range(len(source))))
+    images, targets = zip(*(source.dataset[i] for i in range(len(source))), strict=True)
     return TensorDataset(torch.stack([transform(img) for img in images]), torch.tensor(targets))
 
 

@@ -3,10 +3,11 @@
 Figures are ``matplotlib.figure.Figure`` objects on their own Agg canvas, never pyplot's: importing or using this
 module leaves the user's matplotlib backend and pyplot state as they were. Matplotlib is imported on first use.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 MARKERS = "os^DvP*Xh<>p"
-LINESTYLES = ("-", "--", ":", "-.")
+LINESTYLES: tuple[Literal["-", "--", ":", "-."], ...] = ("-", "--", ":", "-.")
 BASELINE_COLOR = "0.3"
 
 
@@ -59,8 +60,7 @@ def sweep_figure(runs: Sequence[Mapping[str, Any]], tpr: float) -> Figure | None
     percentile when a method was run at several; otherwise one slot per setting. Settings without a percentile
     (``react@1``, ``vra@80@95``) get labelled slots of their own. None when no run is shaped."""
     fkey = fpr_key(tpr)
-    points = [(get_shaping(r["shaping"]), r["score"], 100 * r["mean"][fkey], 100 * r["mean"]["auroc"])
-              for r in runs]
+    points = [(get_shaping(r["shaping"]), r["score"], 100 * r["mean"][fkey], 100 * r["mean"]["auroc"]) for r in runs]
     shaped = [p for p in points if p[0].name != "none"]
     if not shaped:
         return None
@@ -69,24 +69,35 @@ def sweep_figure(runs: Sequence[Mapping[str, Any]], tpr: float) -> Figure | None
     positions, (tick_at, tick_labels), by_percentile = _sweep_axis([shaper for shaper, *_ in shaped])
     fig = agg_figure(11, 4.8)
     titles = (f"mean {fkey.upper()} (%), lower is better", "mean AUROC (%), higher is better")
-    for col, (ax, title) in enumerate(zip(fig.subplots(1, 2), titles)):
+    for col, (ax, title) in enumerate(zip(fig.subplots(1, 2), titles, strict=True)):
         for s, score in enumerate(scores):
             linestyle = LINESTYLES[s % len(LINESTYLES)]
             for shaper, run_score, *values in points:
                 if shaper.name == "none" and run_score == score:
-                    _reference_line(ax, values[col], f"no shaping ({score})" if len(scores) > 1 else "no shaping",
-                                    linestyle)
+                    _reference_line(
+                        ax, values[col], f"no shaping ({score})" if len(scores) > 1 else "no shaping", linestyle
+                    )
             dodge = 0.0 if by_percentile else 0.12 * (s - (len(scores) - 1) / 2)
             for m, method in enumerate(methods):
-                mine = [(shaper, values[col]) for shaper, run_score, *values in shaped
-                        if shaper.name == method and run_score == score]
+                mine = [
+                    (shaper, values[col])
+                    for shaper, run_score, *values in shaped
+                    if shaper.name == method and run_score == score
+                ]
                 color, marker = f"C{m % 10}", MARKERS[m % len(MARKERS)]
                 line = sorted((shaper.percentile, y) for shaper, y in mine if shaper.percentile is not None)
                 if by_percentile and len(line) > 1:
-                    ax.plot(*zip(*line), color=color, linestyle=linestyle, linewidth=1.6)
-                ax.plot([positions[shaper.spec] + dodge for shaper, _ in mine], [y for _, y in mine],
-                        linestyle="none", marker=marker, markersize=8, color=color, markeredgewidth=1.5,
-                        markerfacecolor=color if s == 0 else "white")
+                    ax.plot(*zip(*line, strict=True), color=color, linestyle=linestyle, linewidth=1.6)
+                ax.plot(
+                    [positions[shaper.spec] + dodge for shaper, _ in mine],
+                    [y for _, y in mine],
+                    linestyle="none",
+                    marker=marker,
+                    markersize=8,
+                    color=color,
+                    markeredgewidth=1.5,
+                    markerfacecolor=color if s == 0 else "white",
+                )
         ax.set_xticks(tick_at, tick_labels)
         for label in ax.get_xticklabels():
             if not label.get_text().replace(".", "").isdigit():  # a setting's name, not a percentile
@@ -94,8 +105,13 @@ def sweep_figure(runs: Sequence[Mapping[str, Any]], tpr: float) -> Figure | None
         ax.set(title=title, xlabel="percentile p" if by_percentile else "shaping setting")
         ax.margins(x=0.08, y=0.1)
         ax.grid(alpha=0.3)
-    fig.legend(handles=_sweep_legend(methods, scores), loc="outside lower center",
-               ncol=min(len(methods) + len(scores) + 1, 6), fontsize=9, frameon=False)
+    fig.legend(
+        handles=_sweep_legend(methods, scores),
+        loc="outside lower center",
+        ncol=min(len(methods) + len(scores) + 1, 6),
+        fontsize=9,
+        frameon=False,
+    )
     fig.suptitle("Sweep: mean over the OOD sets per shaping setting")
     return fig
 
@@ -120,11 +136,20 @@ def _sweep_axis(shapers: Sequence[Shaper]) -> tuple[dict[str, float], tuple[list
     return positions, (swept + [positions[spec] for spec in fixed], [f"{p:g}" for p in swept] + fixed), True
 
 
-def _reference_line(ax: Axes, value: float, label: str, linestyle: str) -> None:
+def _reference_line(ax: Axes, value: float, label: str, linestyle: Literal["-", "--", ":", "-."]) -> None:
     """A grey horizontal line at ``value`` labelled at its right end."""
     ax.axhline(value, color=BASELINE_COLOR, linestyle=linestyle, linewidth=1.3, zorder=1)
-    ax.annotate(label, xy=(1, value), xycoords=("axes fraction", "data"), xytext=(-4, 3),
-                textcoords="offset points", ha="right", va="bottom", fontsize=8, color=BASELINE_COLOR)
+    ax.annotate(
+        label,
+        xy=(1, value),
+        xycoords=("axes fraction", "data"),
+        xytext=(-4, 3),
+        textcoords="offset points",
+        ha="right",
+        va="bottom",
+        fontsize=8,
+        color=BASELINE_COLOR,
+    )
 
 
 def _sweep_legend(methods: Sequence[str], scores: Sequence[str]) -> list[Any]:
@@ -132,11 +157,22 @@ def _sweep_legend(methods: Sequence[str], scores: Sequence[str]) -> list[Any]:
     and marker fill), one for the unshaped reference line."""
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=f"C{m % 10}", marker=MARKERS[m % len(MARKERS)], markersize=8, label=method)
-               for m, method in enumerate(methods)]
+    handles = [
+        Line2D([], [], color=f"C{m % 10}", marker=MARKERS[m % len(MARKERS)], markersize=8, label=method)
+        for m, method in enumerate(methods)
+    ]
     if len(scores) > 1:
-        handles += [Line2D([], [], color="black", linestyle=LINESTYLES[s % len(LINESTYLES)], marker="o",
-                           markerfacecolor="black" if s == 0 else "white", label=f"score: {score}")
-                    for s, score in enumerate(scores)]
+        handles += [
+            Line2D(
+                [],
+                [],
+                color="black",
+                linestyle=LINESTYLES[s % len(LINESTYLES)],
+                marker="o",
+                markerfacecolor="black" if s == 0 else "white",
+                label=f"score: {score}",
+            )
+            for s, score in enumerate(scores)
+        ]
     handles.append(Line2D([], [], color=BASELINE_COLOR, linewidth=1.3, label="no shaping (reference)"))
     return handles

@@ -24,13 +24,24 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from _common import (ID_FILE, OOD_FILES, checkpoint_file, command_line, datasets_dir, machine_line,
-                     markdown_table, npz_spec, pct, publish)
 from ash_lightning.allocator import keep_freed_memory
 from ash_lightning.data import OODDataModule
 from ash_lightning.hooks import attach_shaping
 from ash_lightning.module import OODEvalModule
 from callbacks import OODMetricsCallback
+
+from _common import (
+    ID_FILE,
+    OOD_FILES,
+    checkpoint_file,
+    command_line,
+    datasets_dir,
+    machine_line,
+    markdown_table,
+    npz_spec,
+    pct,
+    publish,
+)
 
 LOOPS = ("ours", "plain + hook", "plain")
 TARGET_RATIO = 0.95
@@ -270,7 +281,7 @@ class InterleavedPlainLoops(pl.Callback):
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         now, forward = self.runtime.now(), self.forward.take()
         last = batch_idx + 1 == trainer.num_test_batches[dataloader_idx]
-        steady = 0 < batch_idx and not last
+        steady = batch_idx > 0 and not last
         if steady:
             self.batches["ours"].add(now - self._resumed, forward, len(batch[0]))
         if batch_idx == 0:
@@ -340,7 +351,7 @@ class Result:
         """Per repeat of the separate passes: throughput of ``loop`` / that of ``base``."""
         def rate(p: Pass) -> float:
             return p.end_to_end if end_to_end else p.batches.rate
-        return np.array([rate(a) / rate(b) for a, b in zip(self.passes[loop], self.passes[base])])
+        return np.array([rate(a) / rate(b) for a, b in zip(self.passes[loop], self.passes[base], strict=True)])
 
     def pooled(self, loop: str) -> Batches:
         """All steady-state batches of the separate passes of ``loop``."""
@@ -357,7 +368,7 @@ class Result:
     def seconds_per_batch(self, loop: str, outside: bool) -> float:
         """Median seconds per batch of ``loop`` in the interleaved slots, outside the forward or inside it."""
         b = self.interleaved[loop]
-        values = b.outside_forward if outside else [a - o for a, o in zip(b.per_image, b.outside_forward)]
+        values = b.outside_forward if outside else [a - o for a, o in zip(b.per_image, b.outside_forward, strict=True)]
         return float(np.median(values)) * self.setting.batch_size
 
     @property

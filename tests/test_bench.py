@@ -45,7 +45,7 @@ def test_interleaved_slots_align_and_skip_first_and_last_batches(tiny_setup) -> 
     steady = (7 - 2) + (5 - 2)  # 101 ID and 67 OOD samples in batches of 16: 7 and 5 batches
     assert {loop: len(b.per_image) for loop, b in batches.items()} == dict.fromkeys(throughput.LOOPS, steady)
     for b in batches.values():
-        assert all(0 < outside < total for total, outside in zip(b.per_image, b.outside_forward))
+        assert all(0 < outside < total for total, outside in zip(b.per_image, b.outside_forward, strict=True))
 
 
 def test_separate_passes_count_the_same_steady_batches(tiny_setup) -> None:

@@ -1,5 +1,6 @@
 """The command line as a user meets it: quiet output ending with the results table, --verbose bringing
 Lightning's lines back, the command list, report's usage, and one error line for the training commands."""
+
 from __future__ import annotations
 
 import logging
@@ -15,12 +16,19 @@ from tests.conftest import REPO, tiny_config
 
 def _main(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """``python main.py *args`` with stderr merged into stdout, in the order a terminal shows them."""
-    return subprocess.run([sys.executable, str(REPO / "main.py"), *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / "main.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
-def test_test_run_is_quiet_and_ends_with_the_results_table(tiny_data: dict, tiny_checkpoint: Path,
-                                                           tmp_path: Path) -> None:
+def test_test_run_is_quiet_and_ends_with_the_results_table(
+    tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tiny_data, tiny_checkpoint, tmp_path)))
     quiet = _main("test", "--config", str(config), cwd=tmp_path)

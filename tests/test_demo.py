@@ -59,7 +59,7 @@ def test_id_split_is_disjoint_complete_and_deterministic(built: dict[str, Path],
     assert abs(len(test["y"]) / (len(train["y"]) + len(test["y"])) - demo.HELD_OUT_FRACTION) < 0.01
     again = demo.build_datasets(tmp_path)
     for name, path in built.items():
-        assert all((a == b).all() for a, b in zip(_load(path).values(), _load(again[name]).values()))
+        assert all((a == b).all() for a, b in zip(_load(path).values(), _load(again[name]).values(), strict=True))
 
 
 def test_shipped_config_is_the_generated_one() -> None:

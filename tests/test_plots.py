@@ -1,5 +1,7 @@
 """Figures: the user's matplotlib backend is never switched (torchmetrics imports pyplot, we must not call
-``matplotlib.use``); the sweep figure shows the unshaped baseline and every setting, percentile sweeps and mixed sweeps alike."""
+``matplotlib.use``); the sweep figure shows the unshaped baseline and every setting, percentile sweeps and
+mixed sweeps alike."""
+
 from __future__ import annotations
 
 import subprocess
@@ -37,14 +39,18 @@ print(before, after_import, matplotlib.get_backend())
 
 
 def _reference_levels(ax) -> list[float]:  # noqa: ANN001 (matplotlib Axes)
-    return sorted(line.get_ydata()[0] for line in ax.get_lines() if len(set(line.get_ydata())) == 1
-                  and list(line.get_xdata()) == [0, 1])
+    return sorted(
+        line.get_ydata()[0]
+        for line in ax.get_lines()
+        if len(set(line.get_ydata())) == 1 and list(line.get_xdata()) == [0, 1]
+    )
 
 
 def test_percentile_sweep_has_one_series_per_method_and_the_baseline_per_score() -> None:
     runs = [_run("none", "energy", 0.5, 0.8), _run("none", "msp", 0.6, 0.7), _run("react@1.0", "energy", 0.45, 0.85)]
-    runs += [_run(f"{m}@{p}", score, 0.4, 0.9) for m in ("ash_b", "ash_s") for p in (65, 90)
-             for score in ("energy", "msp")]
+    runs += [
+        _run(f"{m}@{p}", score, 0.4, 0.9) for m in ("ash_b", "ash_s") for p in (65, 90) for score in ("energy", "msp")
+    ]
     fig = sweep_figure(runs, 0.95)
     fpr_ax, auroc_ax = fig.axes
     assert _reference_levels(fpr_ax) == [50, 60] and _reference_levels(auroc_ax) == [70, 80]
@@ -57,12 +63,16 @@ def test_percentile_sweep_has_one_series_per_method_and_the_baseline_per_score()
 
 
 def test_mixed_sweep_gives_each_setting_a_slot_and_none_alone_no_figure() -> None:
-    runs = [_run("none", "energy", 0.5, 0.8), _run("ash_s@90", "energy", 0.3, 0.9), _run("dice@90", "energy", 0.4, 0.85),
-            _run("vra@80@95", "energy", 0.35, 0.88), _run("react@p90", "energy", 0.42, 0.86)]
+    runs = [
+        _run("none", "energy", 0.5, 0.8),
+        _run("ash_s@90", "energy", 0.3, 0.9),
+        _run("dice@90", "energy", 0.4, 0.85),
+        _run("vra@80@95", "energy", 0.35, 0.88),
+        _run("react@p90", "energy", 0.42, 0.86),
+    ]
     fig = sweep_figure(runs, 0.95)
     fpr_ax = fig.axes[0]
-    assert [label.get_text() for label in fpr_ax.get_xticklabels()] == ["ash_s@90", "dice@90", "vra@80@95",
-                                                                        "react@p90"]
+    assert [label.get_text() for label in fpr_ax.get_xticklabels()] == ["ash_s@90", "dice@90", "vra@80@95", "react@p90"]
     assert _reference_levels(fpr_ax) == [50]
     points = sorted(y for line in fpr_ax.get_lines() if line.get_linestyle() == "None" for y in line.get_ydata())
     assert points == [30, 35, 40, 42]
