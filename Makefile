@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test lint demo bench clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,12 @@ $(STAMP): requirements.txt requirements-dev.txt setup.cfg pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff and mypy are configured in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy ash_lightning
 
 demo: $(STAMP)
 	$(PY) -m ash_lightning.demo

@@ -1,20 +1,26 @@
 """Command line: ``python main.py test --config configs/X.yaml`` (a LightningCLI) and ``main.py report RUN``.
 
+Lightning's tips and accelerator lines are filtered out of the output unless ``--verbose`` is given (see
+``quiet_unless_verbose``); ``main.py --help`` lists the commands (``command_help``).
+
 Errors a user can cause (bad path, spec, checkpoint, data, config key or value) end in one message and exit
 status 2, also when a DataLoader worker raised them or another exception wraps them (see ``user_error``); set
 ``ASH_DEBUG=1`` (or pass ``--debug``) to see the full traceback. Anything else propagates with its traceback.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+import warnings
 from argparse import ArgumentError
 
 from ash_lightning.allocator import keep_freed_memory_unless_disabled
 from ash_lightning.errors import UserError
 
 DEBUG_ENV = "ASH_DEBUG"
+VERBOSE_ENV = "ASH_VERBOSE"
 _WORKER_ERROR = re.compile(r"Caught (?P<name>\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
 
 
@@ -53,6 +59,81 @@ def report(path: str) -> None:
     missing = f"\nNot in the saved scores (the run stopped before them): {', '.join(results['missing'])}" \
         if results["missing"] else ""
     print(format_table(results) + f"\n\nRecomputed from saved scores; written to {json_path}{missing}")
+
+
+# Lightning's informational lines that a user of this tool cannot act on: the litlogger/litmodels tips, the
+# accelerator inventory and the seed line. They are logged (rank_zero_info) to these loggers.
+LIGHTNING_CHATTER = re.compile(r"💡 Tip:|(GPU|TPU|HPU|IPU|MPS) available|Seed set to")
+LIGHTNING_INFO_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
+                          "lightning_fabric.utilities.seed", "lightning.fabric.utilities.seed")
+
+
+class _DropChatter(logging.Filter):
+    """Drops the log records whose message matches ``LIGHTNING_CHATTER``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return LIGHTNING_CHATTER.search(record.getMessage()) is None
+
+
+def quiet_unless_verbose(args: list[str]) -> list[str]:
+    """``args`` without ``--verbose``. Without it (nor ``ASH_VERBOSE=1``, which passes it on to DDP workers),
+    Lightning's tips and accelerator lines are filtered out of its loggers, and torch's deprecation of
+    ``LeafSpec`` (raised inside Lightning, not by the user's code) is ignored."""
+    if "--verbose" in args:
+        os.environ[VERBOSE_ENV] = "1"
+        sys.argv = [a for a in sys.argv if a != "--verbose"]  # DDP launchers re-run sys.argv
+        args = [a for a in args if a != "--verbose"]
+    quiet = os.environ.get(VERBOSE_ENV, "") in ("", "0")
+    for name in LIGHTNING_INFO_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, _DropChatter)]:
+            logger.removeFilter(old)
+        if quiet:
+            logger.addFilter(_DropChatter())
+    if quiet:
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    return args
+
+
+COMMANDS_HELP = """usage: main.py <command> [options]    (main.py <command> --help lists a command's options)
+
+Evaluate activation shaping for OOD detection on any timm backbone, with a trained model.
+
+commands:
+  test      OOD metrics per data set of a config: main.py test --config configs/X.yaml
+  predict   per-sample logits and OOD scores of a config's test data, without metrics
+  report    recompute the metrics table from a run directory or scores.npz, without the model
+
+options:
+  -h, --help  show this message and exit
+  --verbose   keep Lightning's tips and accelerator lines in the output
+  --debug     full traceback on errors (same as ASH_DEBUG=1)"""
+
+REPORT_USAGE = """usage: main.py report <run directory | scores.npz>
+
+Recompute and print the metrics table from the scores a `main.py test` run saved (scores.npz in its log
+directory), without the model; also after an interrupted run. Writes ood_results.json/.csv next to them."""
+
+TRAINING_COMMANDS = ("fit", "validate")
+
+
+def command_help(args: list[str]) -> int | None:
+    """Answer ``main.py``, ``main.py --help``, ``main.py report --help`` and the training commands ``fit`` and
+    ``validate`` (one error line, exit 2: this tool evaluates trained models); the exit status, or None for a
+    command line that the commands themselves handle."""
+    if not args or args[0] in ("-h", "--help"):
+        print(COMMANDS_HELP, file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    if args[0] == "report" and any(a in ("-h", "--help") for a in args[1:]):
+        print(REPORT_USAGE)
+        return 0
+    if args[0] in TRAINING_COMMANDS:
+        print(f"error: `main.py {args[0]}` is not available: this tool evaluates trained models (test, predict, "
+              "report). Fix: train your model with Lightning (`Trainer.fit(model, datamodule)` or your own "
+              "LightningCLI), then evaluate its checkpoint with `main.py test --config ... "
+              "--model.checkpoint_path <checkpoint>`.", file=sys.stderr)
+        return 2
+    return None
 
 
 def _user_error_names() -> set[str]:
@@ -98,7 +179,10 @@ def user_error(err: BaseException) -> UserError | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default: ``sys.argv[1:]``); returns the exit status (2 for a user error)."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = quiet_unless_verbose(list(sys.argv[1:] if argv is None else argv))
+    status = command_help(args)
+    if status is not None:
+        return status
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in args
     if "--debug" in args:
         sys.argv = [a for a in sys.argv if a != "--debug"]  # DDP launchers re-run sys.argv

@@ -182,7 +182,7 @@ class DigitsClassifier(pl.LightningModule):
 def _transformed(path: Path, transform: Any) -> TensorDataset:
     """An ``.npz`` set read as the evaluation reads it, every image passed once through ``transform``."""
     source = build_source({"kind": "npz", "path": str(path)}, "demo")
-    images, targets = zip(*(source.dataset[i] for i in range(len(source))))
+    images, targets = zip(*(source.dataset[i] for i in range(len(source))), strict=True)
     return TensorDataset(torch.stack([transform(img) for img in images]), torch.tensor(targets))
 
 
@@ -263,17 +263,34 @@ def run_demo(directory: Path, runs_dir: Path = DEFAULT_RUNS, epochs: int = EPOCH
         print(f"Reusing the cached checkpoint {_shown(checkpoint)} (pass --retrain to train again).")
     config_path = directory / CONFIG
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    print(f"Evaluating {', '.join(SHAPING)} (energy score): python main.py test --config {_shown(config_path)}")
+    print(f"Evaluating {', '.join(SHAPING)} (energy score): {_venv_command('python')} main.py test --config "
+          f"{_shown(config_path)}")
     if _evaluate(config_path) != 0:
         raise UserError("the evaluation stopped; its message is above.")
     log_dir = runs_dir / "demo"
     return DemoRun(log_dir / f"version_{version}" / "ood_results.json", log_dir, trained)
 
 
-def _tensorboard_command(log_dir: Path) -> str:
-    """The command that opens ``log_dir`` in TensorBoard, using this interpreter's environment."""
-    script = Path(sys.executable).parent / "tensorboard"
-    return f"{_shown(script) if script.is_file() else 'tensorboard'} --logdir {_shown(log_dir)}"
+def _venv_command(name: str) -> str:
+    """``name`` as a command of this interpreter's environment (``.venv/bin/tensorboard``), relative to the
+    current directory when below it, so it works pasted into a fresh shell; ``name`` itself outside one."""
+    script = Path(sys.executable).parent / name  # not resolved: a venv's python is a link out of the venv
+    if not script.is_file():
+        return name
+    return os.path.relpath(script) if script.absolute().is_relative_to(Path.cwd()) else str(script.absolute())
+
+
+def next_steps(run: DemoRun) -> str:
+    """The demo's closing lines: how to open its logs and results, and what to try next, as commands that paste."""
+    python = _venv_command("python")
+    return "\n".join([
+        f"Open the logs in TensorBoard: {_venv_command('tensorboard')} --logdir {_shown(run.log_dir)}",
+        f"Recompute the table from the saved scores: {python} main.py report {_shown(run.results_json.parent)}",
+        "Next: your own data and model. Copy configs/demo_digits.yaml, point data.id / data.ood at your data sets "
+        "and model.backbone / model.checkpoint_path at your network, then",
+        f"  {python} main.py test --config <your config>.yaml",
+        "README.md, \"Usage\": the command line, the callbacks in your own Lightning project, the functional API.",
+    ])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,9 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}. Fix: choose writable folders with --cache-dir (or ${DIR_ENV}) and --runs-dir.",
               file=sys.stderr)
         return 2
-    print(f"\nDemo finished in {time.monotonic() - started:.0f} s.\nTensorBoard logs (training and evaluation): "
-          f"{_shown(run.log_dir)}\nResults: {_shown(run.results_json)}\nOpen them with: "
-          f"{_tensorboard_command(run.log_dir)}")
+    print(f"\nDemo finished in {time.monotonic() - started:.0f} s; TensorBoard logs (training and evaluation) in "
+          f"{_shown(run.log_dir)}.\n{next_steps(run)}")
     return 0
 
 

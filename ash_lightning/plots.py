@@ -1,24 +1,44 @@
-"""Matplotlib figures of results: ROC and PR curves per OOD set, and a sweep's metrics against percentile."""
+"""Matplotlib figures of results: ROC and PR curves per OOD set, and a sweep's mean metrics per shaping setting.
+
+Figures are ``matplotlib.figure.Figure`` objects on their own Agg canvas, never pyplot's: importing or using this
+module leaves the user's matplotlib backend and pyplot state as they were. Matplotlib is imported on first use.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+from ash_lightning.metrics import fpr_key
+from ash_lightning.shaping import Shaper, get_shaping
 
-from ash_lightning.metrics import fpr_key  # noqa: E402
-from ash_lightning.shaping import get_shaping  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+MARKERS = "os^DvP*Xh<>p"
+LINESTYLES: tuple[Literal["-", "--", ":", "-."], ...] = ("-", "--", ":", "-.")
+BASELINE_COLOR = "0.3"
+
+
+def agg_figure(width: float, height: float) -> Figure:
+    """A ``width`` x ``height`` inch figure with constrained layout, drawn by Agg whatever pyplot's backend is."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def curves_figure(id_scores: np.ndarray, ood_scores: Mapping[str, np.ndarray], title: str) -> Figure:
     """ROC (ID positive) and precision-recall (ID positive) curves, one line per OOD set."""
-    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(10, 4.2))
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    fig = agg_figure(10, 4.2)
+    roc_ax, pr_ax = fig.subplots(1, 2)
     for name, scores in ood_scores.items():
         labels = np.r_[np.ones(len(id_scores)), np.zeros(len(scores))]
         values = np.r_[id_scores, scores].astype(np.float64)
@@ -31,28 +51,128 @@ def curves_figure(id_scores: np.ndarray, ood_scores: Mapping[str, np.ndarray], t
     pr_ax.set(xlabel="recall (ID)", ylabel="precision (ID)", title="PR, ID positive")
     roc_ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
 def sweep_figure(runs: Sequence[Mapping[str, Any]], tpr: float) -> Figure | None:
-    """Mean FPR and mean AUROC against percentile, one line per (variant, score); None without percentiles."""
+    """Mean FPR@``tpr`` and mean AUROC of every shaped setting, one series (colour and marker) per method and
+    score, the unshaped run of each score (shaping ``none``) as a horizontal reference line. The x axis is the
+    percentile when a method was run at several; otherwise one slot per setting. Settings without a percentile
+    (``react@1``, ``vra@80@95``) get labelled slots of their own. None when no run is shaped."""
     fkey = fpr_key(tpr)
-    lines: dict[str, list[tuple[float, float, float]]] = {}
-    for run in runs:
-        percentile = get_shaping(run["shaping"]).percentile
-        if percentile is not None:
-            label = f"{get_shaping(run['shaping']).name} + {run['score']}"
-            lines.setdefault(label, []).append((percentile, run["mean"][fkey], run["mean"]["auroc"]))
-    if not lines:
+    points = [(get_shaping(r["shaping"]), r["score"], 100 * r["mean"][fkey], 100 * r["mean"]["auroc"]) for r in runs]
+    shaped = [p for p in points if p[0].name != "none"]
+    if not shaped:
         return None
-    fig, (fpr_ax, auroc_ax) = plt.subplots(1, 2, figsize=(10, 4.2))
-    for label, points in sorted(lines.items()):
-        p, fpr, auroc = zip(*sorted(points))
-        fpr_ax.plot(p, 100 * np.array(fpr), marker="o", label=label)
-        auroc_ax.plot(p, 100 * np.array(auroc), marker="o", label=label)
-    fpr_ax.set(xlabel="percentile p", ylabel=f"mean {fkey.upper()} (%) ↓", title=f"mean {fkey.upper()}")
-    auroc_ax.set(xlabel="percentile p", ylabel="mean AUROC (%) ↑", title="mean AUROC")
-    fpr_ax.legend(fontsize=8)
-    fig.tight_layout()
+    methods = list(dict.fromkeys(shaper.name for shaper, *_ in shaped))
+    scores = list(dict.fromkeys(score for _, score, *_ in points))
+    positions, (tick_at, tick_labels), by_percentile = _sweep_axis([shaper for shaper, *_ in shaped])
+    fig = agg_figure(11, 4.8)
+    titles = (f"mean {fkey.upper()} (%), lower is better", "mean AUROC (%), higher is better")
+    for col, (ax, title) in enumerate(zip(fig.subplots(1, 2), titles, strict=True)):
+        for s, score in enumerate(scores):
+            linestyle = LINESTYLES[s % len(LINESTYLES)]
+            for shaper, run_score, *values in points:
+                if shaper.name == "none" and run_score == score:
+                    _reference_line(
+                        ax, values[col], f"no shaping ({score})" if len(scores) > 1 else "no shaping", linestyle
+                    )
+            dodge = 0.0 if by_percentile else 0.12 * (s - (len(scores) - 1) / 2)
+            for m, method in enumerate(methods):
+                mine = [
+                    (shaper, values[col])
+                    for shaper, run_score, *values in shaped
+                    if shaper.name == method and run_score == score
+                ]
+                color, marker = f"C{m % 10}", MARKERS[m % len(MARKERS)]
+                line = sorted((shaper.percentile, y) for shaper, y in mine if shaper.percentile is not None)
+                if by_percentile and len(line) > 1:
+                    ax.plot(*zip(*line, strict=True), color=color, linestyle=linestyle, linewidth=1.6)
+                ax.plot(
+                    [positions[shaper.spec] + dodge for shaper, _ in mine],
+                    [y for _, y in mine],
+                    linestyle="none",
+                    marker=marker,
+                    markersize=8,
+                    color=color,
+                    markeredgewidth=1.5,
+                    markerfacecolor=color if s == 0 else "white",
+                )
+        ax.set_xticks(tick_at, tick_labels)
+        for label in ax.get_xticklabels():
+            if not label.get_text().replace(".", "").isdigit():  # a setting's name, not a percentile
+                label.set(rotation=30, ha="right")
+        ax.set(title=title, xlabel="percentile p" if by_percentile else "shaping setting")
+        ax.margins(x=0.08, y=0.1)
+        ax.grid(alpha=0.3)
+    fig.legend(
+        handles=_sweep_legend(methods, scores),
+        loc="outside lower center",
+        ncol=min(len(methods) + len(scores) + 1, 6),
+        fontsize=9,
+        frameon=False,
+    )
+    fig.suptitle("Sweep: mean over the OOD sets per shaping setting")
     return fig
+
+
+def _sweep_axis(shapers: Sequence[Shaper]) -> tuple[dict[str, float], tuple[list[float], list[str]], bool]:
+    """x position per spec, (tick positions, tick labels), and whether the axis is the percentile: it is when
+    some method was run at two or more, with the settings without one in labelled slots to the right; else the
+    axis has one labelled slot per setting, grouped by method."""
+    percentiles: dict[str, set[float]] = {}
+    for shaper in shapers:
+        if shaper.percentile is not None:
+            percentiles.setdefault(shaper.name, set()).add(shaper.percentile)
+    methods = list(dict.fromkeys(shaper.name for shaper in shapers))
+    specs = list(dict.fromkeys(shaper.spec for shaper in sorted(shapers, key=lambda s: methods.index(s.name))))
+    if not any(len(found) > 1 for found in percentiles.values()):
+        return {spec: float(i) for i, spec in enumerate(specs)}, ([float(i) for i in range(len(specs))], specs), False
+    swept = sorted(set().union(*percentiles.values()))
+    step = max((swept[-1] - swept[0]) / max(len(swept) - 1, 1), 2.0)
+    fixed = [spec for spec in specs if get_shaping(spec).percentile is None]
+    positions = {shaper.spec: shaper.percentile for shaper in shapers if shaper.percentile is not None}
+    positions.update({spec: swept[-1] + step * (i + 1) for i, spec in enumerate(fixed)})
+    return positions, (swept + [positions[spec] for spec in fixed], [f"{p:g}" for p in swept] + fixed), True
+
+
+def _reference_line(ax: Axes, value: float, label: str, linestyle: Literal["-", "--", ":", "-."]) -> None:
+    """A grey horizontal line at ``value`` labelled at its right end."""
+    ax.axhline(value, color=BASELINE_COLOR, linestyle=linestyle, linewidth=1.3, zorder=1)
+    ax.annotate(
+        label,
+        xy=(1, value),
+        xycoords=("axes fraction", "data"),
+        xytext=(-4, 3),
+        textcoords="offset points",
+        ha="right",
+        va="bottom",
+        fontsize=8,
+        color=BASELINE_COLOR,
+    )
+
+
+def _sweep_legend(methods: Sequence[str], scores: Sequence[str]) -> list[Any]:
+    """Legend handles: one per method (colour and marker), one per score when there are several (line style
+    and marker fill), one for the unshaped reference line."""
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color=f"C{m % 10}", marker=MARKERS[m % len(MARKERS)], markersize=8, label=method)
+        for m, method in enumerate(methods)
+    ]
+    if len(scores) > 1:
+        handles += [
+            Line2D(
+                [],
+                [],
+                color="black",
+                linestyle=LINESTYLES[s % len(LINESTYLES)],
+                marker="o",
+                markerfacecolor="black" if s == 0 else "white",
+                label=f"score: {score}",
+            )
+            for s, score in enumerate(scores)
+        ]
+    handles.append(Line2D([], [], color=BASELINE_COLOR, linewidth=1.3, label="no shaping (reference)"))
+    return handles

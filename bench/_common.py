@@ -69,10 +69,13 @@ def machine_line() -> str:
 
 
 def command_line() -> str:
-    """The command that ran this script, with the data folder spelled as ``DATASETS=...``."""
+    """The command that ran this script, with the data folder as ``DATASETS=<path relative to the repository>``
+    when it sits beside the repository (``../shared/data``), else as ``DATASETS=/path/to/data``: no machine's
+    absolute paths in BENCHMARKS.md."""
     script = os.path.relpath(os.path.abspath(sys.argv[0]), REPO)
-    return " ".join(["DATASETS=" + shlex.quote(os.environ.get("DATASETS", str(DEFAULT_DATASETS))),
-                     ".venv/bin/python", script, *map(shlex.quote, sys.argv[1:])])
+    data = Path(os.environ.get("DATASETS") or DEFAULT_DATASETS).expanduser().resolve()
+    shown = os.path.relpath(data, REPO) if data.is_relative_to(REPO.parent) else "/path/to/data"
+    return " ".join(["DATASETS=" + shlex.quote(shown), ".venv/bin/python", script, *map(shlex.quote, sys.argv[1:])])
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:

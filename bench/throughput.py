@@ -1,41 +1,9 @@
-"""Benchmark: images per second of the ``main.py test`` loop against a plain PyTorch loop, and the shaping
-hook's overhead.
+"""Benchmark: images per second of the ``main.py test`` loop (*ours*) against the plain PyTorch loop of ASH's
+``ood_eval.py`` with and without the shaping hook, and the hook's own cost. BENCHMARKS.md ("How the throughput
+section is measured") describes the loops, the interleaving and the figures; ``--help`` lists the options.
 
-*Ours* is what ``main.py test`` runs: ``OODEvalModule`` + ``OODDataModule`` + ``OODMetricsCallback`` through
-``Trainer.test`` (TensorBoard logger, progress bar off), with one shaping setting and the energy score.
-*Plain* is the loop of the original ASH ``ood_eval.py``: ``for x, y in loader: logits = model(x);
-score = logsumexp(logits)``, collecting the scores on the CPU, under ``torch.inference_mode`` like the
-Lightning test loop. *Plain + hook* is that loop with the same shaping attached by ``attach_shaping``. All
-three use the same model object, the same data module (so the same DataLoader settings and transform),
-batch size and shaping.
-
-Steady state: a batch is timed from the end of the previous batch to the end of its own (data loading,
-forward, score, bookkeeping), and the first and last batches of every dataloader are left out (worker
-start-up; in Lightning, which fetches a batch ahead, also the next set's worker start-up and this set's
-``scores.npz`` write). On a shared CPU the time of identical
-batches varies by 5-15% and the machine's speed drifts over seconds, more than the effects measured, so the
-headline figures come from **interleaved** passes: a ``Trainer.test`` run in which, after each Lightning
-batch, a callback runs one batch of *plain + hook* and one of *plain* (alternating which goes first), each
-from its own DataLoader iterator over the same set. The three loops' batches of one slot run within
-seconds of each other; a ratio is taken per slot and the median over all slots is reported with its
-quartiles. Separate whole passes of each loop (in the order ours, plain + hook, plain, reversed every
-other repeat) give the same comparison without nesting, plus end-to-end figures (``Trainer`` construction,
-set-up, metrics, figures and files against the whole plain loop). Hooks on the first conv and the
-classifier split each batch into the forward pass and the rest, which isolates Lightning's own per-batch
-cost. *Hook alone* times the hook's own work (its shaping function) on penultimate features, over the plain
-batch time.
-
-Memory: by default the script first calls ``ash_lightning.allocator.keep_freed_memory()`` (glibc ``mallopt``,
-as ``main.py`` does), for all loops alike.
-With glibc's defaults a CPU forward of ``cifar_resnet56`` at batch 250 took 20,000-180,000 minor page faults
-per batch, switching between those regimes at random as glibc trimmed and re-mapped activation buffers, which
-both slowed every loop and dominated the noise; ``--default-malloc`` measures without it.
-
-Run: ``DATASETS=../shared/data .venv/bin/python bench/throughput.py`` (CPU: ``cifar_resnet56`` on CIFAR-10 /
-Tiny-ImageNet subsets, batch 250; timm ``resnet50``, random weights, on 224 px noise, batch 16).
-GPU variant: ``bench/throughput.py --settings resnet50 --device cuda --bf16 --channels-last`` (batch 256,
-8 data workers, bf16 autocast in all loops, weights in channels_last; written to the ``throughput_cuda``
-section).
+Run: ``DATASETS=../shared/data .venv/bin/python bench/throughput.py``; on a GPU:
+``bench/throughput.py --settings resnet50 --device cuda --bf16 --channels-last``.
 """
 from __future__ import annotations
 
@@ -56,13 +24,24 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from _common import (ID_FILE, OOD_FILES, checkpoint_file, command_line, datasets_dir, machine_line,
-                     markdown_table, npz_spec, pct, publish)
 from ash_lightning.allocator import keep_freed_memory
 from ash_lightning.data import OODDataModule
 from ash_lightning.hooks import attach_shaping
 from ash_lightning.module import OODEvalModule
 from callbacks import OODMetricsCallback
+
+from _common import (
+    ID_FILE,
+    OOD_FILES,
+    checkpoint_file,
+    command_line,
+    datasets_dir,
+    machine_line,
+    markdown_table,
+    npz_spec,
+    pct,
+    publish,
+)
 
 LOOPS = ("ours", "plain + hook", "plain")
 TARGET_RATIO = 0.95
@@ -140,12 +119,8 @@ class Runtime:
 
 
 class ForwardClock:
-    """Seconds spent in the model's forward pass since the last ``take()``; a context manager.
-
-    While active, hooks on the model's first conv (input side) and classifier (output side) time every
-    forward pass, which splits a batch into the forward (with the shaping) and the rest: waiting for data,
-    the loop or framework, the score and bookkeeping.
-    """
+    """While active, hooks on the first conv and the classifier add up the seconds of every forward pass
+    (shaping included); ``take()`` returns them since its previous call."""
 
     def __init__(self, model: nn.Module, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -243,8 +218,7 @@ class Pass:
 
 
 def _trainer(runtime: Runtime, log_dir: str, callbacks: list[pl.Callback]) -> pl.Trainer:
-    """The ``Trainer`` of ``main.py test`` (TensorBoard logger, progress bar off) with ``OODMetricsCallback``
-    followed by ``callbacks``."""
+    """``main.py test``'s ``Trainer`` (TensorBoard, no progress bar): ``OODMetricsCallback``, then ``callbacks``."""
     return pl.Trainer(accelerator="gpu" if runtime.device.type == "cuda" else "cpu", devices=1,
                       precision="bf16-mixed" if runtime.bf16 else "32-true",
                       logger=TensorBoardLogger(log_dir, name="lightning"),
@@ -291,14 +265,9 @@ def plain_pass(model: nn.Module, datamodule: OODDataModule, runtime: Runtime, sh
 
 
 class InterleavedPlainLoops(pl.Callback):
-    """Runs the plain loops batch by batch between the Lightning loop's batches.
-
-    After every Lightning test batch it takes one batch of *plain + hook* and one of *plain* (alternating
-    which goes first), each from its own iterator over the same dataloader, so the three loops' batches of
-    one slot are timed seconds apart. A Lightning batch is timed from the end of the previous slot's plain
-    work to the end of its own ``on_test_batch_end`` (this callback comes last). Every dataloader's first and
-    last slots are left out.
-    """
+    """After each Lightning test batch, one batch of *plain + hook* and one of *plain* (alternating which goes
+    first), each from its own iterator over the same dataloader; every dataloader's first and last slots are
+    left out. A Lightning batch runs from the end of the previous slot's plain work to its own batch end."""
 
     def __init__(self, model: nn.Module, datamodule: OODDataModule, runtime: Runtime, shaping: str,
                  forward: ForwardClock) -> None:
@@ -312,7 +281,7 @@ class InterleavedPlainLoops(pl.Callback):
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         now, forward = self.runtime.now(), self.forward.take()
         last = batch_idx + 1 == trainer.num_test_batches[dataloader_idx]
-        steady = 0 < batch_idx and not last
+        steady = batch_idx > 0 and not last
         if steady:
             self.batches["ours"].add(now - self._resumed, forward, len(batch[0]))
         if batch_idx == 0:
@@ -345,8 +314,7 @@ def interleaved_pass(module: OODEvalModule, datamodule: OODDataModule, runtime: 
 
 def isolated_hook_cost(model: nn.Module, shaping: str, batch_size: int, runtime: Runtime, calls: int = 200
                        ) -> float:
-    """Median seconds of the work the attached hook does per batch (its shaping function) on a batch of
-    non-negative penultimate features (B, C): the hook's own cost, free of the noise of a full forward."""
+    """Median seconds of the hook's own work (its shaping function) on a batch of random penultimate features."""
     features = torch.rand(batch_size, model.num_features, device=runtime.device)
     seconds = []
     with torch.inference_mode(), attach_shaping(model, shaping) as handle:
@@ -355,10 +323,6 @@ def isolated_hook_cost(model: nn.Module, shaping: str, batch_size: int, runtime:
             handle.shaping(features)
             seconds.append(runtime.now() - start)
     return float(np.median(seconds))
-
-
-def _minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _quartiles(values: np.ndarray) -> tuple[float, float]:
@@ -387,7 +351,7 @@ class Result:
         """Per repeat of the separate passes: throughput of ``loop`` / that of ``base``."""
         def rate(p: Pass) -> float:
             return p.end_to_end if end_to_end else p.batches.rate
-        return np.array([rate(a) / rate(b) for a, b in zip(self.passes[loop], self.passes[base])])
+        return np.array([rate(a) / rate(b) for a, b in zip(self.passes[loop], self.passes[base], strict=True)])
 
     def pooled(self, loop: str) -> Batches:
         """All steady-state batches of the separate passes of ``loop``."""
@@ -397,15 +361,14 @@ class Result:
         return pooled
 
     def batch_spread(self) -> float:
-        """Coefficient of variation of the plain loop's seconds per image over the interleaved slots: how much
-        identical work varies in time on this machine."""
+        """Coefficient of variation of the plain loop's seconds per image over the interleaved slots."""
         values = np.array(self.interleaved["plain"].per_image)
         return float(values.std() / values.mean())
 
     def seconds_per_batch(self, loop: str, outside: bool) -> float:
         """Median seconds per batch of ``loop`` in the interleaved slots, outside the forward or inside it."""
         b = self.interleaved[loop]
-        values = b.outside_forward if outside else [a - o for a, o in zip(b.per_image, b.outside_forward)]
+        values = b.outside_forward if outside else [a - o for a, o in zip(b.per_image, b.outside_forward, strict=True)]
         return float(np.median(values)) * self.setting.batch_size
 
     @property
@@ -438,7 +401,7 @@ def bench_setting(setting: Setting, args: argparse.Namespace, runtime: Runtime) 
     run = {"ours": lambda: lightning_pass(module, datamodule, runtime, log_dir),
            "plain + hook": lambda: plain_pass(model, datamodule, runtime, args.shaping),
            "plain": lambda: plain_pass(model, datamodule, runtime, None)}
-    faults = _minor_faults()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with tempfile.TemporaryDirectory() as log_dir:
         for r in range(args.interleaved):
             for loop, batches in interleaved_pass(module, datamodule, runtime, args.shaping, log_dir).items():
@@ -446,7 +409,7 @@ def bench_setting(setting: Setting, args: argparse.Namespace, runtime: Runtime) 
             print(f"  [{setting.name}] interleaved {r + 1}/{args.interleaved}: " + ", ".join(
                 f"{loop} {b.rate:.1f} img/s" for loop, b in interleaved.items()), flush=True)
         batches_run = args.interleaved * len(LOOPS) * 2 * -(-setting.images_per_set // setting.batch_size)
-        faults_per_batch = (_minor_faults() - faults) / batches_run
+        faults_per_batch = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / batches_run
         for r in range(args.repeats):
             for loop in LOOPS if r % 2 == 0 else LOOPS[::-1]:
                 passes[loop].append(run[loop]())
@@ -517,50 +480,29 @@ def report(results: Sequence[Result], args: argparse.Namespace) -> str:
         f"{'bf16 autocast' if args.bf16 else 'float32'}, "
         f"{'channels_last weights' if args.channels_last else 'contiguous weights'}; {args.interleaved} interleaved "
         f"passes, {args.repeats} separate passes per loop. Memory: "
-        + ("glibc malloc told to keep freed memory (`keep_freed_memory`: no heap trimming below 1 GiB free, "
-           "blocks up to 32 MiB from the heap), for all loops alike; " if args.keep_freed_memory else
-           "glibc malloc defaults (`--default-malloc`); ")
+        + ("glibc malloc told to keep freed memory (`keep_freed_memory`), for all loops alike; "
+           if args.keep_freed_memory else "glibc malloc defaults (`--default-malloc`); ")
         + "minor page faults per batch during the interleaved passes: "
-        + ", ".join(f"{r.faults_per_batch:,.0f} ({r.setting.name})" for r in results) + ".",
+        + ", ".join(f"{r.faults_per_batch:,.0f} ({r.setting.name})" for r in results)
+        + f". Batch-to-batch spread of identical work (coefficient of variation of the plain loop): {spread}. "
+        "The loops and figures are described above, in \"How the throughput section is measured\".",
         "",
         *[f"- **{r.setting.name}**: {r.setting.description}; batch {r.setting.batch_size}, "
           f"{r.setting.num_workers} data workers." for r in results],
         "",
-        "*ours*: `OODEvalModule` + `OODDataModule` + `OODMetricsCallback` through `Trainer.test`, as `main.py test` "
-        f"runs it, shaping {shaping}, score energy. *plain*: `for x, y in loader: logits = model(x); "
-        "score = logsumexp(logits)` on the same model, data module, batch size, under `inference_mode`; *plain + "
-        f"hook* is the same loop with `attach_shaping(model, {args.shaping!r})`. A batch is timed from the end of "
-        "the previous one to the end of its own; every dataloader's first and last batches are left out (worker "
-        "start-up; Lightning fetches one batch ahead, so its last batch of a set also starts the next set's "
-        "workers). img/s = 1 / the median seconds per image. The time of identical batches varies here by "
-        f"{spread} (coefficient of variation of the plain loop's batches) and the machine's speed drifts "
-        "between seconds, more than the effect measured, so the headline comes from interleaved passes: in a "
-        "`Trainer.test` run, after each Lightning batch a callback runs one batch of *plain + hook* and one of "
-        "*plain* (alternating which goes first), each from its own DataLoader iterator over the same set. The "
-        "three batches of a slot run seconds apart; ratios are taken per slot, and the table gives their median "
-        "(quartiles in brackets).",
+        f"Interleaved passes, shaping {shaping}, score energy: median of the per-slot ratios (quartiles).",
         "",
         interleaved,
         "",
-        "The same comparison without nesting: separate whole passes of each loop, in the order ours, plain + "
-        "hook, plain and reversed every other repeat. The per-repeat ratio compares passes tens of seconds apart, "
-        "so it carries the drift; *pooled* divides the medians over all batches of all passes; *end-to-end* times "
-        "the whole `Trainer` construction + `Trainer.test` (set-up, worker start-up, metrics, figures, files) "
-        "against the whole plain loop.",
+        "Separate whole passes of each loop (order reversed every other repeat).",
         "",
         separate,
         "",
-        "Where a batch's time goes (medians over the interleaved slots). Hooks on the first conv and the classifier "
-        "time the forward pass; the rest is waiting for data, the loop or framework, the score and bookkeeping. "
-        "*Ours' extra* is (ours − plain + hook) outside the forward over the median plain + hook batch time: "
-        "Lightning's own per-batch cost, measured without the forward's noise; *implied* is 1 / (1 + extra).",
+        "Where a batch's time goes (medians over the interleaved slots).",
         "",
         where,
         "",
-        "Hook overhead. *Hook alone*: the median time of the work the hook adds per batch (its shaping function, "
-        "200 calls) on a batch of random non-negative penultimate features, over the median plain batch time: the "
-        "resolution a 2% target needs. *Loops*: plain ÷ plain + hook − 1 over the interleaved slots, a loop "
-        "measurement whose quartiles show the noise.",
+        "Hook overhead: the hook's own work alone, and the loops' ratio over the interleaved slots.",
         "",
         hooks,
     ])

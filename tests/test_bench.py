@@ -1,7 +1,9 @@
-"""The throughput benchmark's bookkeeping: interleaved slots stay aligned across the three loops, steady state
-leaves out every dataloader's first and last batch, and the script runs end to end (speed is not asserted)."""
+"""The benchmark scripts import (a broken import fails here, it is not skipped), and the throughput benchmark's
+bookkeeping: interleaved slots stay aligned across the three loops, steady state leaves out every dataloader's
+first and last batch, and the script runs end to end (speed is not asserted)."""
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import tempfile
@@ -15,7 +17,15 @@ from ash_lightning.module import OODEvalModule
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-throughput = pytest.importorskip("throughput")
+import throughput  # noqa: E402  (bench/ is not a package: its scripts import each other by file name)
+
+SCRIPTS = sorted(path.stem for path in (REPO / "bench").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bench_script_imports(script: str) -> None:
+    module = importlib.import_module(script)
+    assert script.startswith("_") or callable(getattr(module, "main", None))
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +45,7 @@ def test_interleaved_slots_align_and_skip_first_and_last_batches(tiny_setup) -> 
     steady = (7 - 2) + (5 - 2)  # 101 ID and 67 OOD samples in batches of 16: 7 and 5 batches
     assert {loop: len(b.per_image) for loop, b in batches.items()} == dict.fromkeys(throughput.LOOPS, steady)
     for b in batches.values():
-        assert all(0 < outside < total for total, outside in zip(b.per_image, b.outside_forward))
+        assert all(0 < outside < total for total, outside in zip(b.per_image, b.outside_forward, strict=True))
 
 
 def test_separate_passes_count_the_same_steady_batches(tiny_setup) -> None:

@@ -59,7 +59,7 @@ def test_id_split_is_disjoint_complete_and_deterministic(built: dict[str, Path],
     assert abs(len(test["y"]) / (len(train["y"]) + len(test["y"])) - demo.HELD_OUT_FRACTION) < 0.01
     again = demo.build_datasets(tmp_path)
     for name, path in built.items():
-        assert all((a == b).all() for a, b in zip(_load(path).values(), _load(again[name]).values()))
+        assert all((a == b).all() for a, b in zip(_load(path).values(), _load(again[name]).values(), strict=True))
 
 
 def test_shipped_config_is_the_generated_one() -> None:
@@ -82,6 +82,10 @@ def test_demo_end_to_end_then_reuses_the_checkpoint(tmp_path: Path, capsys: pyte
     assert demo.main(["--cache-dir", str(cache), "--runs-dir", str(runs), "--epochs", "1"]) == 0
     out = capsys.readouterr().out
     assert "epoch 1/1" in out and "| **mean** |" in out and f"--logdir {runs / 'demo'}" in out
+    last = out.rstrip().splitlines()[-5:]  # the closing lines: logs, report, what to try next
+    assert last[0].endswith(f"tensorboard --logdir {runs / 'demo'}")
+    assert last[1].endswith(f"main.py report {runs / 'demo' / 'version_0'}")
+    assert "configs/demo_digits.yaml" in last[2] and "main.py test --config" in last[3] and "README" in last[4]
     results = json.loads((runs / "demo" / "version_0" / "ood_results.json").read_text())
     assert [run["shaping"] for run in results["runs"]] == demo.SHAPING
     assert all(run["score"] == "energy" for run in results["runs"])

@@ -1,0 +1,97 @@
+"""The command line as a user meets it: quiet output ending with the results table, --verbose bringing
+Lightning's lines back, the command list, report's usage, and one error line for the training commands."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, tiny_config
+
+
+def _main(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``python main.py *args`` with stderr merged into stdout, in the order a terminal shows them."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "main.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def test_test_run_is_quiet_and_ends_with_the_results_table(
+    tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_data, tiny_checkpoint, tmp_path)))
+    quiet = _main("test", "--config", str(config), cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stdout[-3000:]
+    lines = [line for line in quiet.stdout.splitlines() if line.strip()]
+    assert not [line for line in lines if "Tip:" in line or "available:" in line or "litlogger" in line]
+    assert lines[-1].startswith("Results: ") and lines[-2].startswith("| **mean** |")
+    assert lines[0].startswith("### ash_s@90 + energy")  # nothing before the table
+
+
+def test_verbose_keeps_lightnings_lines_and_quiet_drops_only_those(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytorch_lightning.utilities.rank_zero import rank_zero_info
+
+    from ash_lightning.cli import VERBOSE_ENV, quiet_unless_verbose
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Collect()
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    logger.addHandler(handler)
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    monkeypatch.setattr(sys, "argv", ["main.py", "test", "--verbose"])
+    try:
+        assert quiet_unless_verbose(["test"]) == ["test"]
+        rank_zero_info("GPU available: False, used: False")
+        rank_zero_info("💡 Tip: try installing litlogger")
+        rank_zero_info("Restoring states from the checkpoint path")
+        assert records == ["Restoring states from the checkpoint path"]
+        assert quiet_unless_verbose(["test", "--verbose"]) == ["test"] and sys.argv == ["main.py", "test"]
+        rank_zero_info("GPU available: False, used: False")
+        assert records[-1] == "GPU available: False, used: False"
+    finally:
+        logger.removeHandler(handler)
+        monkeypatch.delenv(VERBOSE_ENV, raising=False)
+        quiet_unless_verbose([])
+
+
+def test_help_lists_the_commands_one_line_each() -> None:
+    proc = _main("--help")
+    assert proc.returncode == 0
+    commands = [line.split()[0] for line in proc.stdout.split("commands:\n")[1].split("\n\n")[0].splitlines()]
+    assert commands == ["test", "predict", "report"]
+
+
+def test_report_help_prints_its_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    from ash_lightning.cli import main
+
+    assert main(["report", "--help"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: main.py report <run directory | scores.npz>") and not err
+
+
+def test_training_commands_end_in_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from ash_lightning.cli import main
+
+    proc = _main("fit", "--config", "configs/cifar10_resnet20_ash_s.yaml")
+    assert proc.returncode == 2
+    (line,) = proc.stdout.splitlines()
+    assert line.startswith("error: `main.py fit` is not available") and "Trainer.fit" in line
+    assert main(["validate"]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.startswith("error: `main.py validate` is not available") and err.count("\n") == 1
