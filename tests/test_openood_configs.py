@@ -247,6 +247,7 @@ def test_openood_resnet18_32x32_checkpoint_loads_unchanged(backbone: str, num_cl
     assert set(loaded) == set(state) and all(torch.equal(loaded[k], v) for k, v in state.items())
     features = model.forward_features(torch.rand(2, 3, 32, 32))
     assert features.shape == (2, 512, 4, 4) and model.forward_head(features).shape == (2, num_classes)
+    assert timm.create_model(backbone, features_only=True).feature_info.reduction() == [1, 2, 4, 8]
 
 
 def test_openood_resnet18_224x224_is_torchvisions_resnet18(tmp_path: Path) -> None:

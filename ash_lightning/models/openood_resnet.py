@@ -121,7 +121,7 @@ def openood_resnet18_32x32(pretrained: bool = False, **kwargs: object) -> OpenOO
     """OpenOOD v1.5's CIFAR ResNet-18 (11.2M parameters), 32x32 inputs."""
     _no_download("openood_resnet18_32x32", pretrained)
     return build_model_with_cfg(OpenOODResNet18x32, "openood_resnet18_32x32", pretrained,
-                                feature_cfg=dict(flatten_sequential=True), **kwargs)
+                                feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 
 
 @register_model
