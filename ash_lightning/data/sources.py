@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
+from ash_lightning.data.imglist import imglist_source
 from ash_lightning.errors import UserError
 from ash_lightning.files import expand_user_vars
 
@@ -182,6 +183,7 @@ def _noise(kind: str) -> Callable[[Mapping[str, Any], str], Source]:
 SOURCES: dict[str, Callable[[Mapping[str, Any], str], Source]] = {
     "npz": _npz,
     "folder": _folder,
+    "imglist": imglist_source,
     "cifar10": _torchvision(tvd.CIFAR10, "train"),
     "cifar100": _torchvision(tvd.CIFAR100, "train"),
     "svhn": _torchvision(tvd.SVHN, "split"),
