@@ -4,6 +4,8 @@ transcriptions of the authors' code with a tiny model."""
 from __future__ import annotations
 
 import io
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -317,6 +319,15 @@ def test_adaptive_percentiles_follow_the_fit_cdf():
     torch.testing.assert_close(p, torch.tensor([90.0, 88.0, 80.0, 70.0, 70.0]))
 
 
+def test_gradient_detectors_refuse_inference_mode_and_accept_inference_tensors(images):
+    net = _TinyNet()
+    with torch.inference_mode():
+        frozen = images.clone()
+        with pytest.raises(UserError, match=r"odin needs gradients .* Trainer\(inference_mode=False\)"):
+            odin(net, frozen, 1000.0, 0.0014, STD)
+    torch.testing.assert_close(odin(net, frozen, 1000.0, 0.0014, STD), odin(net, images, 1000.0, 0.0014, STD))
+
+
 def test_features_and_logits_reads_the_classifier_input(images):
     net = _TinyNet()
     features, logits = FeaturesAndLogits(net)(images)
@@ -389,3 +400,17 @@ def test_half_precision_features_score_in_float32(fit_data):
     fitted = KNN(5).fit(fit_data["features"].half(), fit_data["logits"].half())
     score = fitted.score(fit_data["test"].half(), fit_data["test_logits"].half())
     assert score.dtype == torch.float32 and torch.isfinite(score).all()
+
+
+def test_cost_benchmark_runs_end_to_end(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    detector_cost = pytest.importorskip("detector_cost")
+    monkeypatch.setattr(sys, "argv", ["detector_cost.py", "--batch-size", "8", "--bank", "500", "--rounds", "1"])
+    threads = torch.get_num_threads()
+    try:
+        detector_cost.main()
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for row in ("| mds |", "| knn@50@0.1 |", "| vim@32 |", "| gradnorm |", "| odin@1000@0.0014 |", "| adascale |"):
+        assert row in out

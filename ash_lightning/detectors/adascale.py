@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ash_lightning.detectors.base import Detector, FittedDetector, compute_dtype
-from ash_lightning.detectors.forward import ForwardWithFeatures
+from ash_lightning.detectors.forward import ForwardWithFeatures, gradient_leaf
 
 __all__ = [
     "AdaScale", "adaptive_percentiles", "adascale_perturbation", "adascale_shift", "adascale_logits",
@@ -56,14 +56,15 @@ def adascale_perturbation(x: Tensor, gradient: Tensor, fraction: float) -> Tenso
 
 def perturbed_pass(forward: ForwardWithFeatures, x: Tensor, fraction: float) -> tuple[Tensor, Tensor, Tensor]:
     """``(h, logits, h')``: the features and logits of ``x`` and the features of its AdaSCALE perturbation, the
-    gradient of the predicted class's logit taken to the input only. All three are detached."""
-    inputs = x.detach().requires_grad_(True)
+    gradient of the predicted class's logit taken to the input only (not under ``torch.inference_mode``). All
+    three are detached."""
+    inputs = gradient_leaf(x, "adascale")
     with torch.enable_grad():
         features, logits = forward(inputs)
         top = logits.gather(1, logits.detach().argmax(1, keepdim=True)).sum()
         (gradient,) = torch.autograd.grad(top, inputs)
     with torch.no_grad():
-        perturbed, _ = forward(adascale_perturbation(x.detach(), gradient, fraction))
+        perturbed, _ = forward(adascale_perturbation(inputs.detach(), gradient, fraction))
     return features.detach(), logits.detach(), perturbed
 
 

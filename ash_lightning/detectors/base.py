@@ -115,9 +115,9 @@ class FeatureDetector(Detector):
     def fit(self, features: Tensor, logits: Tensor, labels: Tensor | None = None, weight: Tensor | None = None,
             bias: Tensor | None = None) -> FittedDetector:
         """Fit on ID data: ``features`` (N, D), ``logits`` (N, K), ``labels`` (N,) class indices, the classifier's
-        ``weight`` (K, D) and ``bias`` (K,) (zeros when None). Statistics stay on the features' device
-        (covariances and projections are estimated in float64); a detector with ``needs_fit = False`` ignores
-        the data (empty tensors will do)."""
+        ``weight`` (K, D) and ``bias`` (K,) (zeros when None). Covariances and projections are estimated in
+        float64; the statistics are stored on the features' device in their float dtype (float32 or wider). A
+        detector with ``needs_fit = False`` ignores the data (empty tensors will do)."""
         _check_matrix(self, "fit features", features)
         _check_matrix(self, "fit logits", logits, features.shape[0])
         if self.needs_labels:
@@ -139,7 +139,10 @@ class FeatureDetector(Detector):
                 bias = weight.new_zeros(weight.shape[0])
         if self.needs_fit and features.shape[0] < 2:
             raise self.invalid(f"needs at least 2 fit samples, got {features.shape[0]}.")
-        return FittedDetector(self, self.fit_stats(features, logits, labels, weight, bias))
+        dtype = compute_dtype(features)
+        stats = self.fit_stats(features, logits, labels, weight, bias)
+        return FittedDetector(self, {key: value.to(dtype) if value.is_floating_point() else value
+                                     for key, value in stats.items()})
 
     @abstractmethod
     def fit_stats(self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ash_lightning.detectors.base import Detector, compute_dtype
+from ash_lightning.detectors.forward import gradient_leaf
 
 __all__ = ["ODIN", "odin"]
 
@@ -34,11 +35,11 @@ def odin(model: Callable[[Tensor], Tensor], x: Tensor, temperature: float, epsil
          std: Sequence[float]) -> Tensor:
     """ODIN score (B,) of the input batch ``x`` (B, C, ...) for ``model`` (input -> logits, in eval mode): see the
     module docstring. ``std`` has one entry per channel C. Gradients flow to the input only, not into the
-    parameters' ``.grad``."""
+    parameters' ``.grad``; it cannot run under ``torch.inference_mode`` (UserError)."""
     if len(std) != x.shape[1]:
         raise ValueError(f"odin: std has {len(std)} entries but the input has {x.shape[1]} channels "
                          f"(shape {tuple(x.shape)}); pass the data transform's per-channel std.")
-    inputs = x.detach().requires_grad_(True)
+    inputs = gradient_leaf(x, "odin")
     with torch.enable_grad():
         logits = model(inputs)
         loss = F.cross_entropy(logits / temperature, logits.detach().argmax(1))
@@ -46,7 +47,7 @@ def odin(model: Callable[[Tensor], Tensor], x: Tensor, temperature: float, epsil
     sign = torch.where(gradient >= 0, 1.0, -1.0).to(x.dtype)
     scale = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, *[1] * (x.ndim - 2))
     with torch.no_grad():
-        logits = model(x.detach() - epsilon * sign / scale)
+        logits = model(inputs.detach() - epsilon * sign / scale)
     return torch.softmax(logits.to(compute_dtype(logits)) / temperature, dim=1).amax(1)
 
 
