@@ -1,0 +1,102 @@
+"""Benchmark: what each detector adds to a ResNet-20 CIFAR-10 evaluation batch, relative to the forward pass.
+
+Model ``cifar_resnet20`` (random weights), a batch of 250 random 32x32 inputs, 2 threads, CPU. Feature-space
+detectors are fitted on the features of 9,000 random inputs (random labels for mds/rmds), then the time of
+``fitted.score(features, logits)`` per batch is divided by the time of the batch's forward pass (target: at
+most 10%). ODIN and AdaSCALE run their own passes (forward + backward to the input + a second forward), so they
+are reported as the multiple of one forward pass they take; GradNorm is in closed form on the features and
+logits, so it is timed like the feature-space detectors. Measurements are interleaved (forward, then every
+detector, per round) and the median over rounds is reported.
+
+Run: ``PYTHONPATH=. python bench/detector_cost.py``
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import timm
+import torch
+
+import ash_lightning.models  # noqa: F401  (registers cifar_resnet20 in timm)
+from ash_lightning.detectors import FeaturesAndLogits, FeatureDetector, FittedDetector, parse_detector
+from _common import machine_line, markdown_table
+
+FEATURE_SPECS = ("mds", "rmds", "knn@50", "knn@50@0.1", "vim@32", "fdbd", "nnguide@10", "nnguide@100", "gradnorm")
+PASS_SPECS = ("odin@1000@0.0014", "adascale")
+TARGET = 0.10
+STD = (0.229, 0.224, 0.225)  # the ImageNet std the CIFAR ResNet checkpoints normalise with
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--bank", type=int, default=9000, help="fit samples (the KNN/NNGuide bank)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=9, help="timed rounds after one warm-up round")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    model = timm.create_model("cifar_resnet20").eval()
+    forward = FeaturesAndLogits(model)
+    classifier = model.get_classifier()
+    weight, bias = classifier.weight.detach(), classifier.bias.detach()
+    with torch.inference_mode():
+        fit = [forward(x) for x in torch.randn(args.bank, 3, 32, 32).split(250)]
+    fit_features, fit_logits = torch.cat([h for h, _ in fit]), torch.cat([logits for _, logits in fit])
+    fit_labels = torch.randint(0, fit_logits.shape[1], (args.bank,))
+
+    fitted: dict[str, FittedDetector] = {}
+    for spec in FEATURE_SPECS:
+        detector = parse_detector(spec)
+        assert isinstance(detector, FeatureDetector)
+        fitted[spec] = detector.fit(fit_features, fit_logits, fit_labels, weight, bias)
+    adascale = parse_detector("adascale")
+    fit_batches = torch.randn(2 * args.batch_size, 3, 32, 32).split(args.batch_size)
+    fitted["adascale"] = adascale.fit(torch.cat([adascale.fit_shifts(forward, x) for x in fit_batches]))
+    odin = parse_detector("odin@1000@0.0014")
+
+    x = torch.randn(args.batch_size, 3, 32, 32)
+    with torch.inference_mode():
+        features, logits = forward(x)
+    timers: dict[str, Callable[[], object]] = {"forward": lambda: forward(x)}
+    for spec in FEATURE_SPECS:
+        timers[spec] = lambda f=fitted[spec]: f.score(features, logits)
+    timers["odin@1000@0.0014"] = lambda: odin.score(model, x, STD)
+    timers["adascale"] = lambda: fitted["adascale"].score(forward, x, weight, bias)
+
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for round_ in range(args.rounds + 1):
+        for name, timer in timers.items():
+            if name in PASS_SPECS:
+                elapsed = _seconds(timer)
+            else:
+                with torch.inference_mode():
+                    elapsed = _seconds(timer)
+            if round_:  # round 0 warms up
+                times[name].append(elapsed)
+    median = {name: statistics.median(values) for name, values in times.items()}
+
+    base = median["forward"]
+    print(machine_line())
+    print(f"cifar_resnet20, batch {args.batch_size}, fit bank {args.bank}, {args.threads} threads, median of "
+          f"{args.rounds} interleaved rounds; forward pass {base * 1e3:.1f} ms per batch\n")
+    rows = [[spec, f"{median[spec] * 1e3:.2f}", f"{median[spec] / base:.1%}",
+             "yes" if median[spec] / base <= TARGET else "NO"] for spec in FEATURE_SPECS]
+    print(markdown_table(["detector", "ms per batch", "÷ forward pass", f"≤ {TARGET:.0%}"], rows, "lrrl"))
+    print()
+    rows = [[spec, f"{median[spec] * 1e3:.1f}", f"{median[spec] / base:.2f}x"] for spec in PASS_SPECS]
+    print(markdown_table(["detector (own passes)", "ms per batch", "multiple of one forward pass"], rows, "lrr"))
+
+
+if __name__ == "__main__":
+    main()
