@@ -3,6 +3,7 @@
 Errors a user can cause (bad path, spec, checkpoint, data, config key or value) end in one message and exit
 status 2, also when a DataLoader worker raised them or another exception wraps them (see ``user_error``); set
 ``ASH_DEBUG=1`` (or pass ``--debug``) to see the full traceback. Anything else propagates with its traceback.
+A run stopped by SIGTERM or Ctrl+C keeps the data sets it finished and exits 143 or 130 (128 + the signal).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import NoReturn
 
 from ash_lightning.allocator import keep_freed_memory_unless_disabled
 from ash_lightning.errors import UserError
+from ash_lightning.files import writable_directory
 
 DEBUG_ENV = "ASH_DEBUG"
 _WORKER_ERROR = re.compile(r"Caught (?P<name>\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
@@ -29,6 +31,7 @@ class _CLI:
         from pytorch_lightning.cli import LightningCLI
 
         from ash_lightning.data import OODDataModule
+        from ash_lightning.interrupt import StopAfterBatchOnCtrlC
         from ash_lightning.module import OODEvalModule
         from ash_lightning.yaml_config import use_strict_yaml
         from callbacks import OODMetricsCallback
@@ -40,15 +43,37 @@ class _CLI:
                 parser.add_lightning_class_args(OODMetricsCallback, "ood_metrics")
                 parser.link_arguments("model.backbone", "data.backbone")
 
+            def before_instantiate_classes(self) -> None:
+                check_accelerator(self.config[self.subcommand].trainer.accelerator)
+
+            def before_test(self) -> None:
+                for logger in self.trainer.loggers:
+                    if getattr(logger, "save_dir", None):
+                        writable_directory(logger.save_dir, "trainer.logger save_dir")
+
             def after_test(self) -> None:
                 check_batches_evaluated(self.trainer.num_test_batches)
 
         OODCLI(OODEvalModule, OODDataModule, args=args, save_config_kwargs={"overwrite": True},
-               trainer_defaults={"logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+               trainer_defaults={"callbacks": [StopAfterBatchOnCtrlC()],
+                                 "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
                                             "init_args": {"save_dir": "runs", "name": "ood",
                                                           "default_hp_metric": False}}},
                parser_kwargs={"description": "Evaluate activation shaping for OOD detection on any timm backbone.",
                               "exit_on_error": False})
+
+
+def check_accelerator(accelerator: object) -> None:
+    """A UserError when ``trainer.accelerator`` names a device kind this machine lacks (``gpu`` means CUDA or MPS)."""
+    from pytorch_lightning.accelerators import AcceleratorRegistry
+
+    if not isinstance(accelerator, str):
+        return
+    kinds = {"gpu": ("cuda", "mps")}.get(accelerator, (accelerator,))
+    if all(k in AcceleratorRegistry for k in kinds) and not any(
+            AcceleratorRegistry[k]["accelerator"].is_available() for k in kinds):
+        raise UserError(f"trainer.accelerator: {accelerator!r}, but this machine has no such device. Fix: set "
+                        "trainer.accelerator: cpu (or auto, which picks a GPU when there is one).")
 
 
 def check_batches_evaluated(num_batches: list[int | float]) -> None:
@@ -141,8 +166,8 @@ def user_error(err: BaseException) -> UserError | None:
             return UserError(f"invalid configuration: {reason}. Fix: correct the key or value in the config file "
                              "or command line; `python main.py test --help` lists every accepted key and its type.")
         if isinstance(cause, MisconfigurationException):
-            return UserError(f"invalid trainer setting: {reason}. Fix: change that trainer option in the config "
-                             "(e.g. trainer.accelerator: cpu on a machine without a GPU).")
+            return UserError(f"invalid trainer setting: {reason}. Fix: change the trainer option it names in the "
+                             "config (`python main.py test --help` lists them).")
     return None
 
 
