@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 class StopAfterBatchOnCtrlC(pl.Callback):
     """While a test runs, the first SIGINT is held until the current batch ends and then raised as
     KeyboardInterrupt; a second one raises at once; DataLoader workers ignore it (the main process stops them).
-    The previous SIGINT handler is restored at teardown."""
+    The previous SIGINT handler is restored when the run ends or fails."""
 
     def __init__(self) -> None:
         self._requested = False
@@ -44,6 +44,12 @@ class StopAfterBatchOnCtrlC(pl.Callback):
             raise KeyboardInterrupt
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()  # Lightning skips ``teardown`` when the run fails
+
+    def _restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None

@@ -78,7 +78,7 @@ class OODEvalModule(pl.LightningModule):
         self.model = create_backbone(backbone, pretrained=pretrained, num_classes=num_classes,
                                      checkpoint_path=checkpoint_path, strict=strict_loading)
         for shaper in self.requested_shapers:  # attached and removed at once: an unfit placement fails here
-            _user_spec(lambda p: attach_shaping(self.model, shaper, p).remove(), placement, "placement")
+            _user_spec(lambda p, s=shaper: attach_shaping(self.model, s, p).remove(), placement, "placement")
         warn_if_random_weights(backbone, pretrained=pretrained, checkpoint_path=checkpoint_path)
         self.placement = placement
         self.runs = [{"shaping": sh.spec, "score": sc.name}

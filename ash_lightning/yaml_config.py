@@ -41,7 +41,7 @@ def check_yaml(text: str, path: str | os.PathLike = "") -> None:
     """A UserError, naming the file, line and column, when ``text`` repeats a key within one mapping or has a
     tab where YAML reads indentation or a token; any other YAML problem is left to the real loader to report."""
     try:
-        yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except _DuplicateKey as dup:
         raise UserError(f"{_where(path, dup.again)}: key {dup.key!r} is given twice in one mapping (first at line "
                         f"{dup.first.line + 1}); YAML would silently keep only the last one. Fix: remove or "

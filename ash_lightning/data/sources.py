@@ -146,8 +146,8 @@ def _labels(targets: np.ndarray | None, count: int, path: str, what: str) -> np.
         hint = " (one-hot? use y.argmax(1))" if targets.ndim == 2 else ""
         raise UserError(f"{what}: labels 'y' in {path!r} have shape {targets.shape}; expected one class index per "
                         f"image, shape ({count},){hint}. Fix: save y as a 1-D integer array.")
-    integral = np.issubdtype(targets.dtype, np.integer) or (
-        np.issubdtype(targets.dtype, np.floating) and np.isfinite(targets).all() and (targets == np.round(targets)).all())
+    whole_floats = np.issubdtype(targets.dtype, np.floating) and bool(np.all(np.mod(targets, 1) == 0))
+    integral = np.issubdtype(targets.dtype, np.integer) or whole_floats
     if not integral:
         raise UserError(f"{what}: labels 'y' in {path!r} are {targets.dtype}, not integer class indices. Fix: map "
                         "them to integers 0..K-1 (e.g. np.unique(y, return_inverse=True)[1]), or drop 'y' for an "
@@ -260,8 +260,8 @@ def _slice(text: str, what: str, key: str) -> slice:
             raise ValueError(text)
         return slice(*parts)
     except ValueError:
-        raise UserError(f"{what}: {key}: {text!r} is not a slice. Fix: write start:stop[:step], "
-                        "with a non-zero step, e.g. '0::10' for every 10th sample or ':1000' for the first 1000.") from None
+        raise UserError(f"{what}: {key}: {text!r} is not a slice. Fix: write start:stop[:step] with a non-zero "
+                        "step, e.g. '0::10' for every 10th sample or ':1000' for the first 1000.") from None
 
 
 def _subset(source: Source, keep: list[int]) -> Source:
