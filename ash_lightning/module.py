@@ -37,12 +37,19 @@ def _user_spec(resolve: Any, spec: str, what: str) -> Any:
         raise UserError(f"model.{what}: {err}") from err
 
 
-def _check_unique(key: str, specs: list[str]) -> None:
-    """A UserError naming the first spec listed twice (each would be evaluated, and reported, twice)."""
-    repeated = next((spec for i, spec in enumerate(specs) if spec in specs[:i]), None)
-    if repeated is not None:
-        raise UserError(f"{key} lists {repeated!r} twice (as written, or as the same setting written two ways); "
-                        f"each entry is evaluated once. Fix: remove the repeat from {key}.")
+def _check_options(shapings: list[str], scores: list[str], calibration_samples: int | None,
+                   num_classes: int | None) -> None:
+    """UserErrors for a shaping or score listed twice (normalised specs: each would be evaluated, and reported,
+    twice) and for counts out of range."""
+    for key, specs in (("model.shaping", shapings), ("model.score", scores)):
+        repeated = next((spec for i, spec in enumerate(specs) if spec in specs[:i]), None)
+        if repeated is not None:
+            raise UserError(f"{key} lists {repeated!r} twice (as written, or as the same setting written two "
+                            f"ways); each entry is evaluated once. Fix: remove the repeat from {key}.")
+    if calibration_samples is not None:
+        check_int("model.calibration_samples", calibration_samples, 1, 10000)
+    if num_classes is not None:
+        check_int("model.num_classes", num_classes, 1, 10)
 
 
 class OODEvalModule(pl.LightningModule):
@@ -71,10 +78,8 @@ class OODEvalModule(pl.LightningModule):
         self.scores = [_user_spec(get_score, s, "score") for s in _as_list(score)]
         if not self.shapers or not self.scores:
             raise UserError("model.shaping and model.score need at least one entry each.")
-        _check_unique("model.shaping", [sh.spec for sh in self.requested_shapers])
-        _check_unique("model.score", [sc.name for sc in self.scores])
-        if calibration_samples is not None:
-            check_int("model.calibration_samples", calibration_samples, 1, 10000)
+        _check_options([sh.spec for sh in self.requested_shapers], [sc.name for sc in self.scores],
+                       calibration_samples, num_classes)
         self.model = create_backbone(backbone, pretrained=pretrained, num_classes=num_classes,
                                      checkpoint_path=checkpoint_path, strict=strict_loading)
         for shaper in self.requested_shapers:  # attached and removed at once: an unfit placement fails here

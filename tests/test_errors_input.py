@@ -79,6 +79,7 @@ OPTION_ERRORS: list[tuple[str, Callable[[dict[str, Path]], dict[str, object]], t
      ("data.interpolation: 'cubic'", "'bicubic'", "Fix:")),
     ("negative_calibration_samples", lambda f: {"model.calibration_samples": -5},
      ("model.calibration_samples: -5", "integer >= 1")),
+    ("num_classes_zero", lambda f: {"model.num_classes": 0}, ("model.num_classes: 0", "integer >= 1")),
     ("tpr_above_one", lambda f: {"ood_metrics.tpr": 1.5}, ("ood_metrics.tpr: 1.5", "(0, 1]", "Fix:")),
     ("tpr_zero", lambda f: {"ood_metrics.tpr": 0.0}, ("ood_metrics.tpr: 0.0", "(0, 1]")),
     ("unknown_convention", lambda f: {"ood_metrics.convention": "sklearn"},
