@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 
 import timm
 from torch import nn
@@ -32,3 +33,16 @@ def create_backbone(name: str, *, pretrained: bool = False, num_classes: int | N
     if checkpoint_path:
         load_checkpoint(model, checkpoint_path, strict=strict)
     return model.eval()
+
+
+class RandomWeightsWarning(UserWarning):
+    """A backbone is evaluated with the random weights it was created with."""
+
+
+def warn_if_random_weights(name: str, *, pretrained: bool, checkpoint_path: str | os.PathLike | None) -> None:
+    """Warn (``RandomWeightsWarning``) when a backbone to be evaluated has neither a checkpoint nor pretrained
+    weights: its random initialisation would otherwise give plausible-looking but meaningless metrics."""
+    if not pretrained and not checkpoint_path:
+        warnings.warn(f"RANDOM WEIGHTS: backbone {name!r} has no checkpoint_path and pretrained: false, so an "
+                      "untrained network is evaluated (the results file says so too). Fix: set "
+                      "model.checkpoint_path or model.pretrained: true.", RandomWeightsWarning, stacklevel=3)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ash_lightning.errors import UserError
-from ash_lightning.files import expand_user_vars
+from ash_lightning.files import expand_set_vars
 
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict", "net")
 _WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "net.", "_orig_mod.")
@@ -17,7 +17,7 @@ _LISTED = 8
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a bare state_dict, or one nested under ``state_dict``/``model``, from a ``torch.save`` file."""
-    path = expand_user_vars(path)
+    path = expand_set_vars(path, "model.checkpoint_path")
     if not os.path.isfile(path):
         found = "is a folder, not a file" if os.path.isdir(path) else "not found"
         raise UserError(f"checkpoint {path!r} {found}. Fix: point checkpoint_path at an existing "

@@ -6,18 +6,23 @@ Lightning's tips and accelerator lines are filtered out of the output unless ``-
 Errors a user can cause (bad path, spec, checkpoint, data, config key or value) end in one message and exit
 status 2, also when a DataLoader worker raised them or another exception wraps them (see ``user_error``); set
 ``ASH_DEBUG=1`` (or pass ``--debug``) to see the full traceback. Anything else propagates with its traceback.
+A run stopped by SIGTERM or Ctrl+C keeps the data sets it finished and exits 143 or 130 (128 + the signal).
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
+import signal
 import sys
 import warnings
 from argparse import ArgumentError
+from typing import NoReturn
 
 from ash_lightning.allocator import keep_freed_memory_unless_disabled
 from ash_lightning.errors import UserError
+from ash_lightning.files import writable_directory
 
 DEBUG_ENV = "ASH_DEBUG"
 VERBOSE_ENV = "ASH_VERBOSE"
@@ -32,28 +37,86 @@ class _CLI:
         from pytorch_lightning.cli import LightningCLI
 
         from ash_lightning.data import OODDataModule
+        from ash_lightning.interrupt import StopAfterBatchOnCtrlC
         from ash_lightning.module import OODEvalModule
+        from ash_lightning.yaml_config import use_strict_yaml
         from callbacks import OODMetricsCallback
+
+        use_strict_yaml()
 
         class OODCLI(LightningCLI):
             def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
                 parser.add_lightning_class_args(OODMetricsCallback, "ood_metrics")
                 parser.link_arguments("model.backbone", "data.backbone")
 
+            def before_instantiate_classes(self) -> None:
+                check_accelerator(self.config[self.subcommand].trainer.accelerator)
+
+            def before_test(self) -> None:
+                for logger in self.trainer.loggers:
+                    if getattr(logger, "save_dir", None):
+                        writable_directory(logger.save_dir, "trainer.logger save_dir")
+
+            def after_test(self) -> None:
+                check_batches_evaluated(self.trainer.num_test_batches)
+
         OODCLI(OODEvalModule, OODDataModule, args=args, save_config_kwargs={"overwrite": True},
-               trainer_defaults={"logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+               trainer_defaults={"callbacks": [StopAfterBatchOnCtrlC()],
+                                 "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
                                             "init_args": {"save_dir": "runs", "name": "ood",
                                                           "default_hp_metric": False}}},
                parser_kwargs={"description": "Evaluate activation shaping for OOD detection on any timm backbone.",
                               "exit_on_error": False})
 
 
-def report(path: str) -> None:
-    """Recompute and print the metrics table from a run directory or scores.npz, without a model."""
+def check_accelerator(accelerator: object) -> None:
+    """A UserError when ``trainer.accelerator`` names a device kind this machine lacks (``gpu`` means CUDA or MPS)."""
+    from pytorch_lightning.accelerators import AcceleratorRegistry
+
+    if not isinstance(accelerator, str):
+        return
+    kinds = {"gpu": ("cuda", "mps")}.get(accelerator, (accelerator,))
+    if all(k in AcceleratorRegistry for k in kinds) and not any(
+            AcceleratorRegistry[k]["accelerator"].is_available() for k in kinds):
+        raise UserError(f"trainer.accelerator: {accelerator!r}, but this machine has no such device. Fix: set "
+                        "trainer.accelerator: cpu (or auto, which picks a GPU when there is one).")
+
+
+def check_batches_evaluated(num_batches: list[int | float]) -> None:
+    """A UserError when the test loop had no batch to evaluate (e.g. ``trainer.limit_test_batches: 0``): Lightning
+    then skips testing silently, with no table, no file and exit status 0."""
+    if not sum(num_batches):
+        raise UserError("no test batch was evaluated, so there are no results (trainer.limit_test_batches is 0, or "
+                        "every data set gives 0 batches). Fix: remove trainer.limit_test_batches or set it to a "
+                        "positive count or fraction.")
+
+
+class _ReportParser(argparse.ArgumentParser):
+    """``main.py report`` arguments; a usage mistake is a UserError (one ``error:`` line, exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message}. Usage: {self.format_usage().strip().removeprefix('usage: ')}")
+
+
+def report(args: list[str]) -> None:
+    """Recompute and print the metrics table from a run directory or scores.npz, without a model; ``--tpr`` and
+    ``--convention`` override the values the run used."""
+    from ash_lightning.metrics import CONVENTIONS
+    from ash_lightning.options import check_choice, check_range
     from ash_lightning.results import format_table, load_scores, results_from_store, write_results
 
-    store, meta = load_scores(path)
-    results = results_from_store(store, meta)
+    parser = _ReportParser(prog="main.py report", add_help=False)
+    parser.add_argument("path", help="a run directory or its scores.npz")
+    parser.add_argument("--tpr", type=float, help="TPR of the FPR metric, in (0, 1]")
+    parser.add_argument("--convention", help=f"one of {CONVENTIONS}")
+    opts = parser.parse_args(args)
+    if opts.tpr is not None:
+        check_range("--tpr", opts.tpr, 0, 1, low_open=True, high_open=False, example=0.95)
+    if opts.convention is not None:
+        check_choice("--convention", opts.convention, CONVENTIONS)
+    store, meta = load_scores(opts.path)
+    results = results_from_store(store, meta, tpr=opts.tpr, convention=opts.convention)
+    path = opts.path
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     json_path, _ = write_results(results, directory)
     missing = f"\nNot in the saved scores (the run stopped before them): {', '.join(results['missing'])}" \
@@ -109,10 +172,14 @@ options:
   --verbose   keep Lightning's tips and accelerator lines in the output
   --debug     full traceback on errors (same as ASH_DEBUG=1)"""
 
-REPORT_USAGE = """usage: main.py report <run directory | scores.npz>
+REPORT_USAGE = """usage: main.py report <run directory | scores.npz> [--tpr TPR] [--convention {paper,openood}]
 
 Recompute and print the metrics table from the scores a `main.py test` run saved (scores.npz in its log
-directory), without the model; also after an interrupted run. Writes ood_results.json/.csv next to them."""
+directory), without the model; also after an interrupted run. Writes ood_results.json/.csv next to them.
+
+options:
+  --tpr TPR          TPR of the FPR metric, in (0, 1] (default: the run's)
+  --convention NAME  paper (ID positive) or openood (OOD positive) (default: the run's)"""
 
 TRAINING_COMMANDS = ("fit", "validate")
 
@@ -156,29 +223,56 @@ def _from_worker(err: BaseException) -> UserError | None:
     return UserError(str(err).rsplit(f"{match['name']}: ", 1)[-1].strip())
 
 
-def user_error(err: BaseException) -> UserError | None:
-    """The error a user can fix behind ``err``: ``err`` itself, one a DataLoader worker raised, or the first one in
-    its cause/context chain; a config parsing error (unknown key, wrong type) or a missing file becomes one
-    naming the fix. None for anything else."""
-    seen: set[int] = set()
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and its cause/context chain, outermost first."""
+    chain: list[BaseException] = []
     cause: BaseException | None = err
-    while cause is not None and id(cause) not in seen:
+    while cause is not None and all(cause is not seen for seen in chain):
+        chain.append(cause)
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+    return chain
+
+
+def user_error(err: BaseException) -> UserError | None:
+    """The error a user can fix behind ``err``: the first UserError in its cause/context chain (also one a
+    DataLoader worker raised); else a config parsing error (unknown key, wrong type) or a Lightning
+    misconfiguration (e.g. ``accelerator: gpu`` without a GPU) becomes one naming the fix. None for anything else,
+    which is a bug to report with its traceback."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    chain = _chain(err)
+    for cause in chain:
         found = _from_worker(cause)
         if found is not None or isinstance(cause, UserError):
             return found or cause
-        if isinstance(cause, FileNotFoundError):
-            return UserError(f"{cause}. Fix: check the path.")
+    for cause in chain:
+        reason = " ".join(str(cause).split()).rstrip(".")
         if isinstance(cause, ArgumentError):
-            reason = " ".join(str(cause).split()).rstrip(".")
             return UserError(f"invalid configuration: {reason}. Fix: correct the key or value in the config file "
                              "or command line; `python main.py test --help` lists every accepted key and its type.")
-        seen.add(id(cause))
-        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+        if isinstance(cause, MisconfigurationException):
+            return UserError(f"invalid trainer setting: {reason}. Fix: change the trainer option it names in the "
+                             "config (`python main.py test --help` lists them).")
+    return None
+
+
+def _stopping_signal(stop: KeyboardInterrupt | SystemExit) -> signal.Signals | None:
+    """The signal behind ``stop``: SIGTERM for Lightning's ``SIGTERMException`` (it stops the loop after the batch
+    in flight), SIGINT for Ctrl+C (a KeyboardInterrupt, or the ``sys.exit(1)`` Lightning raises after handling
+    one); None for any other exit."""
+    if isinstance(stop, KeyboardInterrupt) or isinstance(stop.__context__, KeyboardInterrupt):
+        return signal.SIGINT
+    if "pytorch_lightning" in sys.modules:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(stop, SIGTERMException):
+            return signal.SIGTERM
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI on ``argv`` (default: ``sys.argv[1:]``); returns the exit status (2 for a user error)."""
+    """Run the CLI on ``argv`` (default: ``sys.argv[1:]``); returns the exit status: 2 for a user error, 130 for
+    Ctrl+C (SIGINT) and 143 for SIGTERM, the shells' 128 + signal number, after the finished sets were saved."""
     args = quiet_unless_verbose(list(sys.argv[1:] if argv is None else argv))
     status = command_help(args)
     if status is not None:
@@ -189,12 +283,16 @@ def main(argv: list[str] | None = None) -> int:
         args.remove("--debug")
     try:
         if args[:1] == ["report"]:
-            if len(args) != 2:
-                raise UserError("usage: main.py report <run directory | scores.npz>")
-            report(args[1])
+            report(args[1:])
         else:
             keep_freed_memory_unless_disabled()
             _CLI.run(None if argv is None else args)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        signum = _stopping_signal(stop)
+        if signum is None:
+            raise
+        print(f"error: stopped by {signum.name} before every data set was evaluated", file=sys.stderr)
+        return 128 + signum
     except Exception as err:  # noqa: BLE001 (anything not caused by the user is re-raised below)
         cause = user_error(err)
         if debug or cause is None:

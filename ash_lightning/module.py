@@ -14,9 +14,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from ash_lightning.backbone import create_backbone
+from ash_lightning.backbone import create_backbone, warn_if_random_weights
 from ash_lightning.calibration import calibrate, fit_loader_of, make_cache_key, needs_calibration
 from ash_lightning.errors import UserError
+from ash_lightning.hooks import attach_shaping
+from ash_lightning.options import check_int
 from ash_lightning.scores import get_score
 from ash_lightning.shaping import get_shaping
 from ash_lightning.sweep import runs_backbone_once, shaped_logits
@@ -33,6 +35,21 @@ def _user_spec(resolve: Any, spec: str, what: str) -> Any:
         return resolve(spec)
     except ValueError as err:
         raise UserError(f"model.{what}: {err}") from err
+
+
+def _check_options(shapings: list[str], scores: list[str], calibration_samples: int | None,
+                   num_classes: int | None) -> None:
+    """UserErrors for a shaping or score listed twice (normalised specs: each would be evaluated, and reported,
+    twice) and for counts out of range."""
+    for key, specs in (("model.shaping", shapings), ("model.score", scores)):
+        repeated = next((spec for i, spec in enumerate(specs) if spec in specs[:i]), None)
+        if repeated is not None:
+            raise UserError(f"{key} lists {repeated!r} twice (as written, or as the same setting written two "
+                            f"ways); each entry is evaluated once. Fix: remove the repeat from {key}.")
+    if calibration_samples is not None:
+        check_int("model.calibration_samples", calibration_samples, 1, 10000)
+    if num_classes is not None:
+        check_int("model.num_classes", num_classes, 1, 10)
 
 
 class OODEvalModule(pl.LightningModule):
@@ -61,8 +78,13 @@ class OODEvalModule(pl.LightningModule):
         self.scores = [_user_spec(get_score, s, "score") for s in _as_list(score)]
         if not self.shapers or not self.scores:
             raise UserError("model.shaping and model.score need at least one entry each.")
+        _check_options([sh.spec for sh in self.requested_shapers], [sc.name for sc in self.scores],
+                       calibration_samples, num_classes)
         self.model = create_backbone(backbone, pretrained=pretrained, num_classes=num_classes,
                                      checkpoint_path=checkpoint_path, strict=strict_loading)
+        for shaper in self.requested_shapers:  # attached and removed at once: an unfit placement fails here
+            _user_spec(lambda p, s=shaper: attach_shaping(self.model, s, p).remove(), placement, "placement")
+        warn_if_random_weights(backbone, pretrained=pretrained, checkpoint_path=checkpoint_path)
         self.placement = placement
         self.runs = [{"shaping": sh.spec, "score": sc.name}
                      for sh, sc in itertools.product(self.requested_shapers, self.scores)]

@@ -89,7 +89,8 @@ def format_table(results: Mapping[str, Any]) -> str:
     head = f"| OOD set | {fkey.upper()} ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |\n|---|---:|---:|---:|---:|\n"
     rows = [(name, m) for name, m in best["ood"].items()]
     rows += [(f"*{g}*", m) for g, m in best["groups"].items()] + [("**mean**", best["mean"])]
-    lines = [f"### {best['shaping']} + {best['score']}  (ID accuracy {_pct(best['id_accuracy'])}%, "
+    lines = [f"**Warning: {note}**\n" for note in results.get("warnings", [])]
+    lines += [f"### {best['shaping']} + {best['score']}  (ID accuracy {_pct(best['id_accuracy'])}%, "
              f"convention {results['convention']})", "", head.rstrip("\n")]
     lines += [f"| {n} | {_pct(m[fkey])} | {_pct(m['auroc'])} | {_pct(m['aupr_in'])} | {_pct(m['aupr_out'])} |"
               for n, m in rows]
@@ -132,39 +133,81 @@ def save_scores(path: str, store: Store, meta: Mapping[str, Any]) -> None:
     write_atomically(path, lambda tmp: np.savez(tmp, __meta__=np.array(json.dumps(meta)), **arrays), suffix=".npz")
 
 
+_META_KEYS = ("runs", "loaders", "tpr", "convention")
+_SET_FIELDS = ("scores", "targets", "index")
+
+
 def load_scores(path: str) -> tuple[Store, dict[str, Any]]:
-    """Read ``scores.npz`` (or the one inside a run directory) back into a store and its metadata."""
+    """Read ``scores.npz`` (or the one inside a run directory) back into a store and its metadata; any file that
+    is not a complete one (empty, truncated, failed CRC, another archive) is one UserError naming it."""
     if os.path.isdir(path):
         path = os.path.join(path, "scores.npz")
     if not os.path.isfile(path):
         raise UserError(f"no saved scores at {path!r}. Fix: pass a run directory (it holds scores.npz) or the "
                         "scores.npz file written by OODMetricsCallback.")
     try:
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["__meta__"]))
             store: Store = {}
             for key in data.files:
                 if key != "__meta__":
                     name, _, field = key.rpartition("/")
                     store.setdefault(name, {})[field] = data[key]
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"{path!r} is not a scores.npz written by ash-lightning ({err}).") from err
+        missing = [k for k in _META_KEYS if k not in meta] + [f"{name}/{field}" for name, arrays in store.items()
+                                                               for field in _SET_FIELDS if field not in arrays]
+        if missing:
+            raise KeyError(f"it lacks {', '.join(missing)}")
+    except Exception as err:  # noqa: BLE001 (zipfile, zlib, EOF, JSON and format errors all mean "unreadable")
+        reason = " ".join(str(err).split()) or "no data"
+        raise UserError(f"cannot read {path!r} as a scores.npz written by ash-lightning ({err.__class__.__name__}: "
+                        f"{reason[:200]}). Fix: pass the scores.npz of a run (rerun the evaluation if it was cut "
+                        "short).") from err
     return store, meta
 
 
-def results_from_store(store: Store, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Recompute the results of a (possibly partial) store: data sets missing from it (a run that stopped before
-    them) are left out and listed under ``missing``."""
-    loaders = [info for info in meta["loaders"] if info["name"] in store]
-    if not any(info["role"] == "ood" for info in loaders) or not any(info["role"] == "id" for info in loaders):
+def reportable(names: Sequence[str], loaders: Sequence[Mapping[str, str]]) -> bool:
+    """Whether the finished data sets ``names`` include the ID set and at least one OOD set."""
+    roles = {info["role"] for info in loaders if info["name"] in names}
+    return {"id", "ood"} <= roles
+
+
+def stopped_message(reason: str, names: Sequence[str], loaders: Sequence[Mapping[str, str]], directory: str) -> str:
+    """What a run stopped by ``reason`` kept: the saved sets and the ``report`` command that recomputes their
+    metrics, or, before the first OOD set was finished, that there is nothing to report yet."""
+    scores = os.path.join(directory, "scores.npz")
+    if not reportable(names, loaders):
+        return (f"OOD evaluation stopped by {reason} before its first OOD set was finished "
+                f"(saved: {sorted(names) or 'nothing'}); there are no metrics to recompute. Fix: rerun it.")
+    return (f"OOD evaluation stopped by {reason}; the scores of {sorted(names)} are saved in {scores}. "
+            f"Recompute their metrics with: python main.py report {directory}")
+
+
+def random_weights_note(config: Mapping[str, Any]) -> str | None:
+    """A warning when the run's model had neither ``checkpoint_path`` nor ``pretrained`` weights, else None."""
+    model = config.get("model") or {}
+    if "backbone" not in model or model.get("pretrained") or model.get("checkpoint_path"):
+        return None
+    return (f"RANDOM WEIGHTS: backbone {model['backbone']!r} had no checkpoint_path and pretrained: false, so these "
+            "metrics describe an untrained network.")
+
+
+def results_from_store(store: Store, meta: Mapping[str, Any], tpr: float | None = None,
+                       convention: str | None = None) -> dict[str, Any]:
+    """Recompute the results of a (possibly partial) store, at the saved ``tpr``/``convention`` unless given:
+    data sets missing from it (a run that stopped before them) are left out and listed under ``missing``."""
+    if not reportable(list(store), meta["loaders"]):
         raise UserError("the saved scores hold no complete ID set and OOD set pair (the run stopped before its "
-                        "first OOD set was complete); nothing to recompute. Fix: rerun the evaluation.")
+                        "first OOD set was finished); nothing to recompute. Fix: rerun the evaluation.")
+    loaders = [info for info in meta["loaders"] if info["name"] in store]
     present = {info["name"] for info in loaders}
     groups = {g: [n for n in members if n in present] for g, members in (meta.get("groups") or {}).items()}
     groups = {g: m for g, m in groups.items() if m}
     if any(info["role"] == "val_ood" for info in loaders) != any(info["role"] == "val_id" for info in loaders):
         loaders = [info for info in loaders if not info["role"].startswith("val")]
-    results = compute_results(store, loaders, meta["runs"], groups, meta["tpr"], meta["convention"])
-    return {**results, "missing": [info["name"] for info in meta["loaders"] if info["name"] not in store],
+    results = compute_results(store, loaders, meta["runs"], groups, meta["tpr"] if tpr is None else tpr,
+                              meta["convention"] if convention is None else convention)
+    notes = [note for note in (random_weights_note(meta.get("config", {})),) if note]
+    return {**results, **({"warnings": notes} if notes else {}),
+            "missing": [info["name"] for info in meta["loaders"] if info["name"] not in store],
             "skipped": meta.get("skipped", {}), "dropped_nonfinite": meta.get("dropped_nonfinite", {}),
             "config": meta.get("config", {})}

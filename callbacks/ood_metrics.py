@@ -24,10 +24,13 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from ash_lightning.constant_scores import constant_score_warning
 from ash_lightning.errors import UserError
-from ash_lightning.metrics import unique_by_index
+from ash_lightning.files import writable_directory
+from ash_lightning.metrics import CONVENTIONS, unique_by_index
+from ash_lightning.options import check_choice, check_range
 from ash_lightning.plots import curves_figure, sweep_figure
-from ash_lightning.results import format_table, results_from_store, save_scores, write_results
+from ash_lightning.results import format_table, results_from_store, save_scores, stopped_message, write_results
 from ash_lightning.scores import get_score
 
 NONFINITE_POLICIES = ("raise", "drop")
@@ -55,6 +58,8 @@ class OODMetricsCallback(pl.Callback):
             raise UserError(f"nonfinite={nonfinite!r}; use one of {NONFINITE_POLICIES}.")
         self.id_dataloader_idx, self.ood_names, self.groups = id_dataloader_idx, ood_names, groups
         self.score = get_score(score)
+        check_range("ood_metrics.tpr", tpr, 0, 1, low_open=True, high_open=False, example=0.95)
+        check_choice("ood_metrics.convention", convention, CONVENTIONS)
         self.tpr, self.convention, self.nonfinite = tpr, convention, nonfinite
         self.output_dir, self.log_figures = output_dir, log_figures
         self.results: dict[str, Any] | None = None
@@ -77,6 +82,7 @@ class OODMetricsCallback(pl.Callback):
         self._loaders = self._resolve_loaders(trainer)
         self._runs = self._resolve_runs(trainer, pl_module)
         self._directory = self.output_dir or trainer.log_dir or trainer.default_root_dir  # a collective in DDP
+        writable_directory(self._directory, "ood_metrics.output_dir" if self.output_dir else "the logger's save_dir")
 
     def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -84,8 +90,11 @@ class OODMetricsCallback(pl.Callback):
         unknown length, when the next dataloader starts."""
         if self._current is not None and dataloader_idx != self._current:
             self._finish_unfinished(trainer, self._current)
+        parsed = self._parse(outputs, batch, trainer)
+        if self._current is None and (warning := constant_score_warning(parsed["scores"], self._runs)):
+            warnings.warn(warning, stacklevel=2)
         self._current = dataloader_idx
-        self._batches.setdefault(dataloader_idx, []).append(self._parse(outputs, batch, trainer))
+        self._batches.setdefault(dataloader_idx, []).append(parsed)
         if batch_idx + 1 == _num_batches(trainer, dataloader_idx):
             self._finish_loader(trainer, dataloader_idx)
 
@@ -97,10 +106,9 @@ class OODMetricsCallback(pl.Callback):
             self._report(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.is_global_zero and self._store:
-            print(f"\nOOD evaluation stopped by {exception.__class__.__name__}; the scores of "
-                  f"{sorted(self._store)} are saved in {os.path.join(self._out(), 'scores.npz')}. "
-                  f"Recompute their metrics with: python main.py report {self._out()}")
+        if trainer.is_global_zero and self._loaders:
+            stopped = stopped_message(exception.__class__.__name__, list(self._store), self._loaders, self._directory)
+            print("\n" + stopped)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ Every batch is ``(images, targets, index)``; a negative index marks a corrupt fi
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,10 +21,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from ash_lightning.data.sources import CorruptImageError, Source, build_source
 from ash_lightning.errors import UserError
+from ash_lightning.options import check_choice, check_int, check_range
 
 DatasetSpec = str | dict[str, Any]
 ROLES = ("id", "ood", "val_id", "val_ood")
 OnCorrupt = Literal["raise", "skip", "mark"]
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # timm's eval transform names
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class OODDataModule(pl.LightningDataModule):
                  crop_pct: float | None = None, skip_corrupt: bool = False, pin_memory: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
+        _check_options(self.hparams)
         if not ood:
             raise UserError("data.ood is empty: OOD evaluation needs at least one OOD set. "
                             "Fix: add e.g. ood: {textures: {kind: folder, path: $DATASETS/dtd}}.")
@@ -96,6 +100,7 @@ class OODDataModule(pl.LightningDataModule):
         if val_id is not None:
             specs += [("val_id", LoaderInfo("val_id", "val_id"), val_id)]
             specs += [(f"val_ood.{n}", LoaderInfo(f"val_{n}", "val_ood"), s) for n, s in (val_ood or {}).items()]
+        _check_unique_names(specs)
         self._specs = specs
         self.loaders: list[LoaderInfo] = [info for _, info, _ in specs]
         self.sources: dict[str, Source] = {}
@@ -157,6 +162,32 @@ class OODDataModule(pl.LightningDataModule):
         """File paths of the given sample indices of data set ``name`` (indices where paths are unknown)."""
         paths = self.sources[name].paths
         return [paths[i] if paths is not None else str(i) for i in indices]
+
+
+def _check_options(hp: Mapping[str, Any]) -> None:
+    """Range checks of the numeric and named options (UserError naming the key, value, range and fix)."""
+    check_int("data.batch_size", hp["batch_size"], 1, 64)
+    check_int("data.num_workers", hp["num_workers"], 0, 4)
+    if hp["image_size"] is not None:
+        check_int("data.image_size", hp["image_size"], 1, 224)
+    if hp["crop_pct"] is not None:
+        check_range("data.crop_pct", hp["crop_pct"], 0, 1, low_open=True, high_open=False, example=0.875)
+    if hp["interpolation"] is not None:
+        check_choice("data.interpolation", hp["interpolation"], INTERPOLATIONS)
+    for value in hp["std"] or ():
+        check_range("data.std", value, 0, math.inf, low_open=True, high_open=True, example=0.25)
+
+
+def _check_unique_names(specs: list[tuple[str, LoaderInfo, Any]]) -> None:
+    """Every data set name (the ID set's, the OOD sets', ``val_id`` and ``val_<name>``) must be unique: results,
+    saved scores and groups are keyed by it, so a repeated name would silently replace a set."""
+    seen: dict[str, str] = {}
+    for what, info, _ in specs:
+        if info.name in seen:
+            raise UserError(f"data.{what} and data.{seen[info.name]} are both named {info.name!r}; names must be "
+                            "unique across data.id, data.ood and data.val_* (results and scores are keyed by "
+                            "them). Fix: rename one of them.")
+        seen[info.name] = what
 
 
 def _id_name(spec: DatasetSpec) -> str:

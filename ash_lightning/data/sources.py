@@ -17,9 +17,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
+from ash_lightning.data.images import to_rgb8
 from ash_lightning.data.imglist import imglist_source
 from ash_lightning.errors import UserError
-from ash_lightning.files import expand_user_vars
+from ash_lightning.options import check_int
+from ash_lightning.files import expand_set_vars
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -37,10 +39,7 @@ class Source:
 
 def expand_path(path: str | os.PathLike, what: str) -> str:
     """Expand ``~`` and ``$VARS``; a UserError if an unset variable is left or the path does not exist."""
-    expanded = expand_user_vars(path)
-    if "$" in expanded:
-        raise UserError(f"{what}: path {str(path)!r} uses an unset environment variable ({expanded!r}). "
-                        "Fix: export it (e.g. DATASETS=/path/to/data) or give an absolute path.")
+    expanded = expand_set_vars(path, what)
     if not os.path.exists(expanded):
         raise UserError(f"{what}: path {expanded!r} does not exist. Fix: check the path in the config "
                         "(environment variables such as $DATASETS are expanded).")
@@ -57,7 +56,7 @@ class ArraySource(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.images[i]).convert("RGB"), int(self.targets[i])
+        return to_rgb8(Image.fromarray(self.images[i])), int(self.targets[i])
 
 
 class FileSource(Dataset):
@@ -72,7 +71,7 @@ class FileSource(Dataset):
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         try:
             with Image.open(self.paths[i]) as img:
-                return img.convert("RGB"), self.targets[i]
+                return to_rgb8(img), self.targets[i]
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise CorruptImageError(self.paths[i], f"{err.__class__.__name__}: {err}") from err
 
@@ -114,30 +113,62 @@ class _RGB(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         img, target = self.dataset[i]
-        return img.convert("RGB"), int(target)
+        return to_rgb8(img), int(target)
+
+
+def _read_npz(path: str, key: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The arrays ``key`` and (if present) ``y`` of the archive at ``path``. A UserError when the file is not a
+    readable .npz archive (zero bytes, truncated, failed CRC, a plain .npy, pickled objects) and a different one,
+    listing what it holds, when it is readable but lacks ``key``."""
+    fix = "Fix: write it with numpy.savez(path, x=uint8 images, y=int labels), or re-copy it if it was cut short."
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise UserError(f"{what}: {path!r} is a single .npy array, not a .npz archive. {fix}")
+        with loaded as arrays:
+            if key not in arrays.files:
+                raise UserError(f"{what}: {path!r} has no array {key!r} (it has {sorted(arrays.files)}). "
+                                "Fix: set `key` to one of them.")
+            return arrays[key], (arrays["y"] if "y" in arrays.files else None)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 (zipfile, zlib, EOF and format errors all mean "unreadable archive")
+        reason = " ".join(str(err).split()) or "no data"
+        raise UserError(f"{what}: cannot read {path!r} as a .npz archive ({err.__class__.__name__}: "
+                        f"{reason[:200]}). {fix}") from err
+
+
+def _labels(targets: np.ndarray | None, count: int, path: str, what: str) -> np.ndarray:
+    """The labels ``y`` as int64, one per image (-1 for every image when absent); a UserError naming the fix when
+    they are not one integer class index per image."""
+    if targets is None:
+        return np.full(count, -1, dtype=np.int64)
+    if targets.ndim != 1:
+        hint = " (one-hot? use y.argmax(1))" if targets.ndim == 2 else ""
+        raise UserError(f"{what}: labels 'y' in {path!r} have shape {targets.shape}; expected one class index per "
+                        f"image, shape ({count},){hint}. Fix: save y as a 1-D integer array.")
+    whole_floats = np.issubdtype(targets.dtype, np.floating) and bool(np.all(np.mod(targets, 1) == 0))
+    integral = np.issubdtype(targets.dtype, np.integer) or whole_floats
+    if not integral:
+        raise UserError(f"{what}: labels 'y' in {path!r} are {targets.dtype}, not integer class indices. Fix: map "
+                        "them to integers 0..K-1 (e.g. np.unique(y, return_inverse=True)[1]), or drop 'y' for an "
+                        "unlabelled set.")
+    if len(targets) != count:
+        raise UserError(f"{what}: {path!r} has {count} images but {len(targets)} labels in 'y'. Fix: save one label "
+                        "per image (y of the same length as the images), or drop 'y' for an unlabelled OOD set.")
+    return targets.astype(np.int64)
 
 
 def _npz(spec: Mapping[str, Any], what: str) -> Source:
     path = expand_path(spec["path"], what)
     key = spec.get("key", "x")
-    try:
-        with np.load(path) as arrays:
-            if key not in arrays:
-                raise UserError(f"{what}: {path!r} has no array {key!r} (it has {sorted(arrays.files)}). "
-                                "Fix: set `key` to one of them.")
-            images = arrays[key]
-            targets = arrays["y"] if "y" in arrays else np.full(len(images), -1, dtype=np.int64)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{what}: cannot read {path!r} as a .npz archive ({err}). Fix: write it with "
-                        "numpy.savez(path, x=uint8 images, y=int labels).") from err
+    images, targets = _read_npz(path, key, what)
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
         raise UserError(f"{what}: array {key!r} in {path!r} is {images.dtype} {images.shape}; expected uint8 "
                         "N×H×W×C (C = 1 or 3) or N×H×W. Fix: convert the images to uint8 HWC.")
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
-    if len(targets) != len(images):
-        raise UserError(f"{what}: {path!r} has {len(images)} images but {len(targets)} labels in 'y'.")
-    return Source(ArraySource(images, targets.astype(np.int64)))
+    return Source(ArraySource(images, _labels(targets, len(images), path, what)))
 
 
 def _folder(spec: Mapping[str, Any], what: str) -> Source:
@@ -146,6 +177,11 @@ def _folder(spec: Mapping[str, Any], what: str) -> Source:
         raise UserError(f"{what}: {root!r} is not a folder. Fix: point `path` at a folder of images "
                         "(class sub-folders, or images directly inside it).")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    loose = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if classes and loose:
+        raise UserError(f"{what}: folder {root!r} has class sub-folders ({_listing(classes)}) and {len(loose)} "
+                        f"images directly inside it ({_listing(loose)}); reading only one kind would drop the "
+                        "other. Fix: move the loose images into a class sub-folder, or the sub-folders out.")
     if classes:
         paths, targets = [], []
         for label, cls in enumerate(classes):
@@ -154,14 +190,18 @@ def _folder(spec: Mapping[str, Any], what: str) -> Source:
                 paths += found
                 targets += [label] * len(found)
     else:
-        paths = sorted(os.path.join(root, f) for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS))
+        paths = [os.path.join(root, f) for f in loose]
         targets = [-1] * len(paths)
     return Source(FileSource(paths, targets), paths)
 
 
+def _listing(names: list[str], shown: int = 3) -> str:
+    return ", ".join(map(repr, names[:shown])) + (", ..." if len(names) > shown else "")
+
+
 def _torchvision(cls: type, split_arg: str) -> Callable[[Mapping[str, Any], str], Source]:
     def build(spec: Mapping[str, Any], what: str) -> Source:
-        root = expand_user_vars(spec.get("path", "."))
+        root = expand_set_vars(spec.get("path", "."), what)
         split = spec.get("split", "test")
         kwargs = {"split": split} if split_arg == "split" else {"train": split == "train"}
         try:
@@ -175,8 +215,9 @@ def _torchvision(cls: type, split_arg: str) -> Callable[[Mapping[str, Any], str]
 
 def _noise(kind: str) -> Callable[[Mapping[str, Any], str], Source]:
     def build(spec: Mapping[str, Any], what: str) -> Source:
-        return Source(NoiseSource(kind, int(spec.get("num_samples", 1000)), int(spec.get("size", 32)),
-                                  int(spec.get("seed", 0))))
+        return Source(NoiseSource(kind, check_int(f"{what}.num_samples", spec.get("num_samples", 1000), 1, 1000),
+                                  check_int(f"{what}.size", spec.get("size", 32), 1, 32),
+                                  check_int(f"{what}.seed", spec.get("seed", 0), 0, 0)))
     return build
 
 
@@ -217,12 +258,12 @@ def _slice(text: str, what: str, key: str) -> slice:
     """A Python slice written as a string: ``"0::10"`` (every 10th sample), ``":1000"``, ``"1000:"``."""
     try:
         parts = [int(p) if p.strip() else None for p in str(text).split(":")]
-        if not 2 <= len(parts) <= 3:
+        if not 2 <= len(parts) <= 3 or (len(parts) == 3 and parts[2] == 0):
             raise ValueError(text)
         return slice(*parts)
     except ValueError:
-        raise UserError(f"{what}: {key}: {text!r} is not a slice. Fix: write start:stop[:step], "
-                        "e.g. '0::10' for every 10th sample or ':1000' for the first 1000.") from None
+        raise UserError(f"{what}: {key}: {text!r} is not a slice. Fix: write start:stop[:step] with a non-zero "
+                        "step, e.g. '0::10' for every 10th sample or ':1000' for the first 1000.") from None
 
 
 def _subset(source: Source, keep: list[int]) -> Source:
@@ -248,7 +289,7 @@ def build_source(spec: str | Mapping[str, Any], what: str) -> Source:
         raise UserError(f"{what}: the data set at {spec.get('path', spec['kind'])!r} is empty. Fix: check the "
                         "path (and select/exclude); OOD metrics need at least one sample per set.")
     limit = spec.get("limit")
-    if limit is not None and int(limit) < len(source):
+    if limit is not None and check_int(f"{what}.limit", limit, 1, 1000) < len(source):
         keep = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[: int(limit)].sort().values
         source = _subset(source, keep.tolist())
     return source

@@ -1,0 +1,55 @@
+"""``StopAfterBatchOnCtrlC``: Ctrl+C ends a test run after the batch in flight, the way Lightning handles SIGTERM.
+
+Python raises KeyboardInterrupt wherever the main process happens to be; inside PyTorch's DataLoader (a worker
+iterator being built or torn down) it is swallowed by ``__del__`` with a traceback on stderr, and the run goes on
+to exit 0. Deferring it to the end of the current batch stops the run the same way every time: Lightning calls
+``on_exception`` (the finished sets are saved) and ``main.py`` exits 130. A second Ctrl+C stops at once.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from types import FrameType
+from typing import Any
+
+import pytorch_lightning as pl
+
+
+class StopAfterBatchOnCtrlC(pl.Callback):
+    """While a test runs, the first SIGINT is held until the current batch ends and then raised as
+    KeyboardInterrupt; a second one raises at once; DataLoader workers ignore it (the main process stops them).
+    The previous SIGINT handler is restored when the run ends or fails."""
+
+    def __init__(self) -> None:
+        self._requested = False
+        self._previous: Any = None
+        self._pid = os.getpid()
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker (forked with this handler): the main process decides
+            return
+        if self._requested:
+            raise KeyboardInterrupt
+        self._requested = True
+        print("\nCtrl+C: stopping after the current batch (press it again to stop at once) ...", flush=True)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._requested, self._pid = False, os.getpid()
+        if self._previous is None:
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._requested:
+            raise KeyboardInterrupt
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()  # Lightning skips ``teardown`` when the run fails
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
