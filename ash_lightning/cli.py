@@ -27,7 +27,7 @@ class _CLI:
 
         from ash_lightning.data import OODDataModule
         from ash_lightning.module import OODEvalModule
-        from callbacks import OODMetricsCallback
+        from ash_lightning.callbacks import OODMetricsCallback
 
         class OODCLI(LightningCLI):
             def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)

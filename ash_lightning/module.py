@@ -3,6 +3,9 @@
 ``shaping`` and ``score`` may be lists: a test run evaluates their product (a sweep), with one backbone
 pass per batch where the placement allows it (see ``ash_lightning.sweep``). ``test_step`` returns per-sample
 ``logits``, ``scores``, ``preds``, ``targets`` and ``index``; ``runs`` labels the score columns.
+
+The code lives in ``OODEvalModuleMixin``; ``OODEvalModule`` here is its ``pytorch_lightning`` class and
+``ash_lightning.lightning.OODEvalModule`` its ``lightning.pytorch`` one (see ``ash_lightning.lightning_packages``).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ash_lightning.backbone import create_backbone
-from ash_lightning.calibration import calibrate, fit_loader_of, make_cache_key, needs_calibration
+from ash_lightning.calibration import calibrate_shapers, fit_loader_of, make_cache_key, needs_calibration
 from ash_lightning.errors import UserError
 from ash_lightning.scores import get_score
 from ash_lightning.shaping import get_shaping
@@ -35,25 +38,25 @@ def _user_spec(resolve: Any, spec: str, what: str) -> Any:
         raise UserError(f"model.{what}: {err}") from err
 
 
-class OODEvalModule(pl.LightningModule):
-    """Evaluate ``backbone`` with ``shaping`` at ``placement`` and OOD ``score`` on every test dataloader.
-
-    Args:
-        backbone: a timm model name (``resnet50.tv_in1k``, ``cifar_resnet20``, ...).
-        pretrained: load timm's pretrained weights (needs them downloaded or cached).
-        checkpoint_path: a local state_dict (bare, or under ``state_dict``/``model``; ``module.`` is stripped).
-        strict_loading: every checkpoint key must match the model.
-        num_classes: override the classifier size (default: the model's).
-        shaping: a shaping spec or a list of them (``"ash_s@90"``, ``["none", "ash_b@65"]``).
-        placement: ``"penultimate"``, ``"pre_pool"`` or a dotted module name.
-        score: a score name or a list of them (``"energy"``, ``"msp"``, ...).
-        calibration_samples: at most this many ID fit samples for calibrated methods (default: all of data.fit).
-    """
+class OODEvalModuleMixin:
+    """Evaluate ``backbone`` with ``shaping`` at ``placement`` and OOD ``score`` on every test dataloader: the code
+    of ``OODEvalModule``, for a class that also subclasses a package's ``LightningModule``."""
 
     def __init__(self, backbone: str, pretrained: bool = False, checkpoint_path: str | None = None,
                  strict_loading: bool = True, num_classes: int | None = None,
                  shaping: str | list[str] = "ash_s@90", placement: str = "penultimate",
                  score: str | list[str] = "energy", calibration_samples: int | None = None) -> None:
+        """Args:
+            backbone: a timm model name (``resnet50.tv_in1k``, ``cifar_resnet20``, ...).
+            pretrained: load timm's pretrained weights (needs them downloaded or cached).
+            checkpoint_path: a local state_dict (bare, or under ``state_dict``/``model``; ``module.`` is stripped).
+            strict_loading: every checkpoint key must match the model.
+            num_classes: override the classifier size (default: the model's).
+            shaping: a shaping spec or a list of them (``"ash_s@90"``, ``["none", "ash_b@65"]``).
+            placement: ``"penultimate"``, ``"pre_pool"`` or a dotted module name.
+            score: a score name or a list of them (``"energy"``, ``"msp"``, ...).
+            calibration_samples: at most this many ID fit samples for calibrated methods (default: all of data.fit).
+        """
         super().__init__()
         self.save_hyperparameters()
         self.requested_shapers = [_user_spec(get_shaping, s, "shaping") for s in _as_list(shaping)]
@@ -80,9 +83,9 @@ class OODEvalModule(pl.LightningModule):
             key = make_cache_key(hp.backbone, hp.checkpoint_path, getattr(datamodule, "hparams", {}).get("fit"),
                                  pretrained=hp.pretrained, num_classes=hp.num_classes,
                                  data_config=datamodule.data_config() if hasattr(datamodule, "data_config") else None)
-            self.shapers = calibrate(self.requested_shapers, self.model, self.placement,
-                                     lambda: fit_loader_of(self.trainer), key, max_samples=hp.calibration_samples,
-                                     device=self.device)
+            self.shapers = calibrate_shapers(self.requested_shapers, self.model, self.placement,
+                                            lambda: fit_loader_of(self.trainer), key,
+                                            max_samples=hp.calibration_samples, device=self.device)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         x, targets, index = batch
@@ -96,3 +99,7 @@ class OODEvalModule(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         return self.test_step(batch, batch_idx, dataloader_idx)
+
+
+class OODEvalModule(OODEvalModuleMixin, pl.LightningModule):
+    """``OODEvalModuleMixin`` as a ``pytorch_lightning.LightningModule``."""

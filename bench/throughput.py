@@ -62,7 +62,7 @@ from ash_lightning.allocator import keep_freed_memory
 from ash_lightning.data import OODDataModule
 from ash_lightning.hooks import attach_shaping
 from ash_lightning.module import OODEvalModule
-from callbacks import OODMetricsCallback
+from ash_lightning.callbacks import OODMetricsCallback
 
 LOOPS = ("ours", "plain + hook", "plain")
 TARGET_RATIO = 0.95
