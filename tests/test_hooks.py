@@ -166,6 +166,7 @@ def test_torchvision_penultimate_is_the_input_of_the_last_linear(name):
     torch.manual_seed(0)
     model, x = build().eval(), torch.randn(2, 3, 32, 32)
     classifier = model.get_submodule(classifier_name)
+    nn.init.normal_(classifier.weight)  # torchvision starts some heads at zero (ViT): make the logits tell apart
     assert resolve_hook_point(model, "penultimate") == (classifier, "input")
     features_of = copy.deepcopy(model)  # the same network with its classifier removed outputs the features
     features_of.set_submodule(classifier_name, nn.Identity())
@@ -178,6 +179,7 @@ def test_torchvision_penultimate_is_the_input_of_the_last_linear(name):
             with attach_shaping(model, spec) as handle:
                 shaped = model(x)
         assert handle.module is classifier
-        torch.testing.assert_close(shaped, expected, rtol=1e-5, atol=1e-5)
-        assert spec != "ash_s@90" or not torch.allclose(shaped, classifier(features))
+        scale = float(expected.abs().max())  # random-weight nets differ widely in logit magnitude
+        torch.testing.assert_close(shaped, expected, rtol=1e-5, atol=1e-5 * scale)
+        assert spec != "ash_s@90" or not torch.allclose(shaped, classifier(features), rtol=0, atol=1e-2 * scale)
     assert torch.equal(model(x), classifier(features))
