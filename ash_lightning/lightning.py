@@ -22,8 +22,8 @@ __all__ = ["ActivationShapingCallback", "OODDataModule", "OODEvalModule", "OODMe
 
 
 class OODEvalModule(OODEvalModuleMixin, lp.LightningModule):
-    """``OODEvalModuleMixin`` as a ``lightning.pytorch.LightningModule``."""
+    __doc__ = OODEvalModuleMixin.__doc__  # LightningCLI's help shows the class docstring
 
 
 class OODDataModule(OODDataModuleMixin, lp.LightningDataModule):
-    """``OODDataModuleMixin`` as a ``lightning.pytorch.LightningDataModule``."""
+    __doc__ = OODDataModuleMixin.__doc__

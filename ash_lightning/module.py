@@ -39,24 +39,26 @@ def _user_spec(resolve: Any, spec: str, what: str) -> Any:
 
 
 class OODEvalModuleMixin:
-    """Evaluate ``backbone`` with ``shaping`` at ``placement`` and OOD ``score`` on every test dataloader: the code
-    of ``OODEvalModule``, for a class that also subclasses a package's ``LightningModule``."""
+    """Evaluate ``backbone`` with ``shaping`` at ``placement`` and OOD ``score`` on every test dataloader.
+
+    The code of ``OODEvalModule``, for a class that also subclasses a Lightning package's ``LightningModule``.
+
+    Args:
+        backbone: a timm model name (``resnet50.tv_in1k``, ``cifar_resnet20``, ...).
+        pretrained: load timm's pretrained weights (needs them downloaded or cached).
+        checkpoint_path: a local state_dict (bare, or under ``state_dict``/``model``; ``module.`` is stripped).
+        strict_loading: every checkpoint key must match the model.
+        num_classes: override the classifier size (default: the model's).
+        shaping: a shaping spec or a list of them (``"ash_s@90"``, ``["none", "ash_b@65"]``).
+        placement: ``"penultimate"``, ``"pre_pool"`` or a dotted module name.
+        score: a score name or a list of them (``"energy"``, ``"msp"``, ...).
+        calibration_samples: at most this many ID fit samples for calibrated methods (default: all of data.fit).
+    """
 
     def __init__(self, backbone: str, pretrained: bool = False, checkpoint_path: str | None = None,
                  strict_loading: bool = True, num_classes: int | None = None,
                  shaping: str | list[str] = "ash_s@90", placement: str = "penultimate",
                  score: str | list[str] = "energy", calibration_samples: int | None = None) -> None:
-        """Args:
-            backbone: a timm model name (``resnet50.tv_in1k``, ``cifar_resnet20``, ...).
-            pretrained: load timm's pretrained weights (needs them downloaded or cached).
-            checkpoint_path: a local state_dict (bare, or under ``state_dict``/``model``; ``module.`` is stripped).
-            strict_loading: every checkpoint key must match the model.
-            num_classes: override the classifier size (default: the model's).
-            shaping: a shaping spec or a list of them (``"ash_s@90"``, ``["none", "ash_b@65"]``).
-            placement: ``"penultimate"``, ``"pre_pool"`` or a dotted module name.
-            score: a score name or a list of them (``"energy"``, ``"msp"``, ...).
-            calibration_samples: at most this many ID fit samples for calibrated methods (default: all of data.fit).
-        """
         super().__init__()
         self.save_hyperparameters()
         self.requested_shapers = [_user_spec(get_shaping, s, "shaping") for s in _as_list(shaping)]
@@ -102,4 +104,4 @@ class OODEvalModuleMixin:
 
 
 class OODEvalModule(OODEvalModuleMixin, pl.LightningModule):
-    """``OODEvalModuleMixin`` as a ``pytorch_lightning.LightningModule``."""
+    __doc__ = OODEvalModuleMixin.__doc__  # LightningCLI's help shows the class docstring

@@ -62,8 +62,22 @@ class IndexedDataset(Dataset):
 
 
 class OODDataModuleMixin:
-    """ID and OOD test sets (and optional validation sets) with transforms from the backbone's timm config: the
-    code of ``OODDataModule``, for a class that also subclasses a package's ``LightningDataModule``."""
+    """ID and OOD test sets (and optional validation sets) with transforms from the backbone's timm config.
+
+    The code of ``OODDataModule``, for a class that also subclasses a Lightning package's ``LightningDataModule``.
+
+    Args:
+        id: the ID test set spec, e.g. ``{kind: npz, path: $DATASETS/cifar10_test_jpeg.npz}``.
+        ood: OOD set name -> spec, evaluated in this order.
+        groups: optional group name -> OOD set names (e.g. ``near``/``far``) averaged in the results.
+        val_id, val_ood: optional validation sets; the best setting of a sweep is chosen on them.
+        fit: optional ID data for calibrated methods (ReAct percentile, DICE, VRA).
+        backbone: timm name whose pretrained config gives the transform (linked from the model by the CLI).
+        image_size, mean, std, interpolation, crop_pct: override the backbone's data config.
+        skip_corrupt: skip undecodable image files with a warning (recorded in the results) instead of failing.
+            Without it the run stops when the batch holding such a file is evaluated, not while it is loaded
+            (loading runs ahead, in workers and by prefetching), so every set before it is complete and saved.
+    """
 
     def __init__(self, id: DatasetSpec, ood: dict[str, DatasetSpec], groups: dict[str, list[str]] | None = None,
                  val_id: DatasetSpec | None = None, val_ood: dict[str, DatasetSpec] | None = None,
@@ -71,18 +85,6 @@ class OODDataModuleMixin:
                  num_workers: int = 0, image_size: int | None = None, mean: tuple[float, float, float] | None = None,
                  std: tuple[float, float, float] | None = None, interpolation: str | None = None,
                  crop_pct: float | None = None, skip_corrupt: bool = False, pin_memory: bool = False) -> None:
-        """Args:
-            id: the ID test set spec, e.g. ``{kind: npz, path: $DATASETS/cifar10_test_jpeg.npz}``.
-            ood: OOD set name -> spec, evaluated in this order.
-            groups: optional group name -> OOD set names (e.g. ``near``/``far``) averaged in the results.
-            val_id, val_ood: optional validation sets; the best setting of a sweep is chosen on them.
-            fit: optional ID data for calibrated methods (ReAct percentile, DICE, VRA).
-            backbone: timm name whose pretrained config gives the transform (linked from the model by the CLI).
-            image_size, mean, std, interpolation, crop_pct: override the backbone's data config.
-            skip_corrupt: skip undecodable image files with a warning (recorded in the results) instead of failing.
-                Without it the run stops when the batch holding such a file is evaluated, not while it is loaded
-                (loading runs ahead, in workers and by prefetching), so every set before it is complete and saved.
-        """
         super().__init__()
         self.save_hyperparameters()
         if not ood:
@@ -163,7 +165,7 @@ class OODDataModuleMixin:
 
 
 class OODDataModule(OODDataModuleMixin, pl.LightningDataModule):
-    """``OODDataModuleMixin`` as a ``pytorch_lightning.LightningDataModule``."""
+    __doc__ = OODDataModuleMixin.__doc__  # LightningCLI's help shows the class docstring
 
 
 def _id_name(spec: DatasetSpec) -> str:
