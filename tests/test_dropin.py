@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +20,7 @@ import torch
 import torchvision
 import yaml
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import ash_lightning.models  # noqa: F401  (registers cifar_resnet20)
 from ash_lightning import ash_s
