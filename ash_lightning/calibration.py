@@ -48,8 +48,9 @@ from ash_lightning.hooks import LogitShaper, _activation_tensor, _classifier, re
 from ash_lightning.shaping import Shaper, get_shaping
 
 __all__ = [
-    "CACHE_ENV", "IDStats", "LogitShaper", "MAX_VALUES", "StatsRequest", "cache_dir", "calibrate", "calibrate_shapers",
-    "collect_stats", "dice_logits", "dice_mask", "lts", "lts_factor", "make_cache_key", "needs_calibration", "vra",
+    "CACHE_ENV", "FitData", "IDStats", "LogitShaper", "MAX_VALUES", "StatsRequest", "cache_dir", "calibrate",
+    "calibrate_shapers", "collect_stats", "dice_logits", "dice_mask", "fit_batches", "lts", "lts_factor",
+    "make_cache_key", "needs_calibration", "vra",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,15 @@ def make_cache_key(backbone: str, checkpoint_path: str | os.PathLike[str] | None
     return {"backbone": backbone, "checkpoint": checkpoint, "fit": fit, **extra}
 
 
-def calibrate(model: nn.Module, spec: str | Shaper, loader: Iterable[Any] | Callable[[], Iterable[Any]],
+FitData = Iterable[Any] | Callable[[], Iterable[Any]]
+
+
+def fit_batches(data: FitData) -> Iterable[Any]:
+    """``data`` itself when it is a DataLoader (or any iterable of batches), else ``data()``."""
+    return data if isinstance(data, Iterable) else data()
+
+
+def calibrate(model: nn.Module, spec: str | Shaper, loader: FitData,
               placement: str = "penultimate", max_samples: int | None = None,
               device: torch.device | None = None) -> Shaper:
     """``spec`` (e.g. ``"react@p90"``) fitted on ID statistics of ``model`` at ``placement`` from one pass over
@@ -89,8 +98,7 @@ def calibrate(model: nn.Module, spec: str | Shaper, loader: Iterable[Any] | Call
         shaper = get_shaping(spec)
     except ValueError as err:
         raise UserError(str(err)) from err
-    factory = loader if callable(loader) and not isinstance(loader, Iterable) else lambda: loader
-    return calibrate_shapers([shaper], model, placement, factory, None, max_samples, device)[0]
+    return calibrate_shapers([shaper], model, placement, lambda: fit_batches(loader), None, max_samples, device)[0]
 
 
 def calibrate_shapers(shapers: list[Shaper], model: nn.Module, placement: str,

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
-from ash_lightning.calibration import calibrate_shapers, fit_loader_of, make_cache_key, needs_calibration, \
-    weights_fingerprint
+from ash_lightning.calibration import (
+    FitData, calibrate_shapers, fit_batches, fit_loader_of, make_cache_key, needs_calibration, weights_fingerprint,
+)
 from ash_lightning.errors import UserError
 from ash_lightning.hooks import ShapingHandle, attach_shaping, find_classifier
 from ash_lightning.lightning_packages import CALLBACK_BASES
 from ash_lightning.shaping import get_shaping
-
-FitData = Iterable[Any] | Callable[[], Iterable[Any]]
 
 
 class ActivationShapingCallback(*CALLBACK_BASES):
@@ -51,8 +50,7 @@ class ActivationShapingCallback(*CALLBACK_BASES):
     def _fit_loader(self, trainer: Any) -> Iterable[Any]:
         """The ID fit data: ``fit_dataloader``, else the data module's; a UserError naming both ways if neither."""
         if self.fit_dataloader is not None:
-            given = self.fit_dataloader
-            return given() if callable(given) and not isinstance(given, Iterable) else given
+            return fit_batches(self.fit_dataloader)
         loader = fit_loader_of(trainer)
         if loader is None:
             raise UserError(f"{self.spec} needs ID statistics, and the trainer has no ID fit data for it. Fix: pass "
