@@ -1,7 +1,9 @@
 """Fit the calibrated shapers (``react@p90``, ``vra@10@90``, ``dice@90``) on ID data before testing.
 
-``calibrate`` makes one pass over an ID fit dataloader (eval mode, ``torch.inference_mode``) and collects what
-the shapers ask for (see ``ash_lightning.calibrated``, whose shapers importing this module registers):
+``calibrate(model, spec, loader)`` returns one fitted shaper for ``attach_shaping``; ``calibrate_shapers`` fits
+a list of them, with a cache. Either makes one pass over an ID fit dataloader (eval mode, ``torch.inference_mode``;
+batches read by ``ash_lightning.batches``: tensors, tuples or dicts) and collects what the shapers ask for (see
+``ash_lightning.calibrated``, whose shapers importing this module registers):
 
 * ReAct, VRA: percentiles of the activations at the placement (the tensor the placement shapes, seen before any
   other hook changes it) over all units and samples, by ``np.percentile`` (linear interpolation, as the ReAct
@@ -14,13 +16,13 @@ the shapers ask for (see ``ash_lightning.calibrated``, whose shapers importing t
   percentiles, which lies in [0, 1]; sampling without replacement only tightens it). For 512 units, m = 39,062
   and ε = 0.94 points at δ = 1e-3; that is the worst case (samples entirely below or above), and the fraction
   varies much less between samples in practice.
-* DICE: the per-unit mean of the penultimate features h (the input of ``model.get_classifier()``).
+* DICE: the per-unit mean of the penultimate features h (the input of the classifier).
 
-The statistics are cached as JSON files under ``$ASH_CACHE_DIR`` (default ``~/.cache/ash_lightning/calibration``),
-keyed by the caller's ``cache_key`` (``make_cache_key``: backbone, checkpoint path + size + mtime, fit data),
-the placement and ``max_samples``: a repeated run does not touch the fit data. Statistics an entry lacks (e.g. a
-new percentile) are collected and merged in. Writes are atomic (temporary file + ``os.replace``): DDP ranks may
-race.
+``calibrate_shapers`` caches the statistics as JSON files under ``$ASH_CACHE_DIR`` (default
+``~/.cache/ash_lightning/calibration``), keyed by the caller's ``cache_key`` (``make_cache_key``: backbone,
+checkpoint path + size + mtime, fit data; no cache without a key), the placement and ``max_samples``: a repeated
+run does not touch the fit data. Statistics an entry lacks (e.g. a new percentile) are collected and merged in.
+Writes are atomic (temporary file + ``os.replace``): DDP ranks may race.
 """
 from __future__ import annotations
 
@@ -42,17 +44,19 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
+from ash_lightning.batches import batch_part, describe_batch, expected_layout
 from ash_lightning.calibrated import (
     IDStats, StatsRequest, dice_logits, dice_mask, lts, lts_factor, missing_fit_data_message, needs_calibration, vra,
 )
 from ash_lightning.errors import UserError
 from ash_lightning.files import expand_user_vars, write_atomically
 from ash_lightning.hooks import LogitShaper, _activation_tensor, _classifier, resolve_hook_point
-from ash_lightning.shaping import Shaper
+from ash_lightning.shaping import Shaper, get_shaping
 
 __all__ = [
-    "CACHE_ENV", "IDStats", "LogitShaper", "MAX_VALUES", "StatsRequest", "cache_dir", "calibrate", "collect_stats",
-    "dice_logits", "dice_mask", "lts", "lts_factor", "make_cache_key", "needs_calibration", "vra",
+    "CACHE_ENV", "FitData", "IDStats", "LogitShaper", "MAX_VALUES", "StatsRequest", "cache_dir", "calibrate",
+    "calibrate_shapers", "collect_stats", "dice_logits", "dice_mask", "fit_batches", "lts", "lts_factor",
+    "make_cache_key", "needs_calibration", "vra",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,19 +85,42 @@ def make_cache_key(backbone: str, checkpoint_path: str | os.PathLike[str] | None
     return {"backbone": backbone, "checkpoint": checkpoint, "fit": fit, **extra}
 
 
-def calibrate(shapers: list[Shaper], model: nn.Module, placement: str,
-              loader_factory: Callable[[], DataLoader | None], cache_key: dict[str, Any],
-              max_samples: int | None = None, device: torch.device | None = None) -> list[Shaper]:
+FitData = Iterable[Any] | Callable[[], Iterable[Any]]
+
+
+def fit_batches(data: FitData) -> Iterable[Any]:
+    """``data`` itself when it is a DataLoader (or any iterable of batches), else ``data()``."""
+    return data if isinstance(data, Iterable) else data()
+
+
+def calibrate(model: nn.Module, spec: str | Shaper, loader: FitData,
+              placement: str = "penultimate", max_samples: int | None = None,
+              device: torch.device | None = None) -> Shaper:
+    """``spec`` (e.g. ``"react@p90"``) fitted on ID statistics of ``model`` at ``placement`` from one pass over
+    ``loader`` (a DataLoader or any iterable of batches, or a callable returning one; at most ``max_samples``
+    samples), ready for ``attach_shaping(model, shaper, placement)``. A spec without calibration is returned as
+    is. Nothing is cached."""
+    try:
+        shaper = get_shaping(spec)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    return calibrate_shapers([shaper], model, placement, lambda: fit_batches(loader), None, max_samples, device)[0]
+
+
+def calibrate_shapers(shapers: list[Shaper], model: nn.Module, placement: str,
+                      loader_factory: Callable[[], Iterable[Any] | None], cache_key: dict[str, Any] | None,
+                      max_samples: int | None = None, device: torch.device | None = None) -> list[Shaper]:
     """``shapers`` with every calibrated one replaced by its version fitted on ID statistics of ``model`` at
     ``placement`` (the others unchanged). The statistics come from the cache or, on a miss, from one pass over
-    ``loader_factory()`` (its first ``max_samples`` samples if given) on ``device`` (default: the model's)."""
+    ``loader_factory()`` (its first ``max_samples`` samples if given) on ``device`` (default: the model's).
+    Without ``cache_key`` (data of unknown identity) nothing is read from or written to the cache."""
     pending = [shaper.fn for shaper in shapers if needs_calibration(shaper)]
     if not pending:
         return list(shapers)
     request = functools.reduce(operator.or_, (unfitted.request for unfitted in pending))
     key = {"key": cache_key, "placement": placement, "max_samples": max_samples, "format": _CACHE_FORMAT}
-    path = cache_dir() / f"{hashlib.sha256(_json(key).encode()).hexdigest()[:32]}.json"
-    stats = _read_cache(path)
+    path = cache_dir() / f"{hashlib.sha256(_json(key).encode()).hexdigest()[:32]}.json" if cache_key else None
+    stats = _read_cache(path) if path else IDStats()
     missing = stats.missing(request)
     if missing:
         loader = loader_factory()
@@ -101,7 +128,8 @@ def calibrate(shapers: list[Shaper], model: nn.Module, placement: str,
             raise UserError(missing_fit_data_message([unfitted.spec for unfitted in pending]))
         log.info("calibration: collecting ID statistics %s at placement %r", missing, placement)
         stats = stats.merged(collect_stats(model, placement, loader, missing, max_samples, device))
-        _write_cache(path, key, stats)
+        if path:
+            _write_cache(path, key, stats)
     else:
         log.info("calibration: using cached ID statistics %s", path)
     return [shaper.fn.fit(stats, model) if needs_calibration(shaper) else shaper for shaper in shapers]
@@ -180,12 +208,13 @@ class _Tap:
 
 
 def _images(batch: Any) -> Tensor:
-    """The images of a batch: ``(images, targets, index)`` less the samples with a negative index (corrupt files
-    the data module skipped), ``(images, ...)``, or images alone."""
-    if isinstance(batch, Tensor):
-        return batch
-    images = batch[0]
-    return images[batch[2] >= 0] if len(batch) == 3 else images
+    """The images of a batch (``ash_lightning.batches``), less the samples with a negative index (corrupt files
+    the data module skipped)."""
+    images, index = batch_part(batch, "images"), batch_part(batch, "index")
+    if images is None:
+        raise UserError(f"cannot find the images in a batch of the ID fit data ({describe_batch(batch)}). "
+                        f"Fix: yield them as {expected_layout('images')}.")
+    return images[index >= 0] if index is not None and index.shape == images.shape[:1] else images
 
 
 def collect_stats(model: nn.Module, placement: str, loader: Iterable[Any], request: StatsRequest,
@@ -218,8 +247,8 @@ def collect_stats(model: nn.Module, placement: str, loader: Iterable[Any], reque
             hook.remove()
         model.train(was_training)
     if not seen:
-        raise UserError("the ID fit data (data.fit) has no samples, so calibrated shapers cannot be fitted. "
-                        "Fix: point data.fit to a non-empty ID data set.")
+        raise UserError("the ID fit data (data.fit, or the fit_dataloader given) has no samples, so calibrated "
+                        "shapers cannot be fitted. Fix: give a non-empty ID data set.")
     qs = np.array(sorted(request.percentiles), dtype=np.float64)  # an array of q: interpolated in float64
     found = np.percentile(values.values().numpy(), qs) if len(qs) else []
     return IDStats({q: float(v) for q, v in zip(qs, found)}, unit_mean.mean() if request.mean else None, seen)

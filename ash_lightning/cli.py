@@ -39,8 +39,8 @@ class _CLI:
         from ash_lightning.data import OODDataModule
         from ash_lightning.interrupt import StopAfterBatchOnCtrlC
         from ash_lightning.module import OODEvalModule
+        from ash_lightning.callbacks import OODMetricsCallback
         from ash_lightning.yaml_config import use_strict_yaml
-        from callbacks import OODMetricsCallback
 
         use_strict_yaml()
 

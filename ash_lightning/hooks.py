@@ -2,14 +2,16 @@
 
 Placements (where the activations are shaped):
 
-* ``"penultimate"``: the pooled features fed to the classifier, i.e. the input of
-  ``model.get_classifier()`` (every timm model has one).
+* ``"penultimate"``: the pooled features fed to the classifier, i.e. the input of the classifier: timm's
+  ``model.get_classifier()``, or for networks without one the last ``nn.Linear`` in ``model.modules()``
+  order (torchvision: ResNet ``fc``, DenseNet ``classifier``, MobileNet/EfficientNet/ConvNeXt/VGG
+  ``classifier[-1]``, ViT ``heads.head``).
 * ``"pre_pool"``: the feature map entering global pooling, i.e. the input of ``model.global_pool``,
   ``model.head.global_pool`` (timm) or ``model.avgpool`` (torchvision).
 * any dotted module name (``"layer4"``, ``"head.fc"``): that module's output.
 
 A ``LogitShaper`` (DICE, LTS) shapes the classifier's output instead of activations: it is hooked onto
-``model.get_classifier()``, gets the classifier's input (the penultimate features h) and output (the logits)
+the classifier, gets the classifier's input (the penultimate features h) and output (the logits)
 and returns new logits. Only placement ``"penultimate"`` is valid for it.
 """
 
@@ -23,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .shaping import Shaper, get_shaping
 
-__all__ = ["LogitShaper", "ShapingHandle", "attach_shaping", "resolve_hook_point"]
+__all__ = ["LogitShaper", "ShapingHandle", "attach_shaping", "find_classifier", "resolve_hook_point"]
 
 _POOL_NAMES = ("global_pool", "head.global_pool", "avgpool")
 
@@ -33,19 +35,43 @@ def _last_children(model: nn.Module, count: int = 4) -> str:
     return ", ".join(repr(name) for name, _ in list(model.named_children())[-count:])
 
 
-def _classifier(model: nn.Module) -> nn.Module:
+def _feature_candidates(model: nn.Module, count: int = 4) -> str:
+    """Names of the outermost global pooling and flattening modules (their output could be the feature vector),
+    else of the last top-level children, for error messages."""
+    names: list[str] = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if ("Adaptive" in kind or "Global" in kind or kind == "Flatten") and \
+                not any(name.startswith(f"{outer}.") for outer in names):
+            names.append(name)
+    return ", ".join(map(repr, names[-count:])) or _last_children(model, count)
+
+
+def find_classifier(model: nn.Module) -> nn.Module | None:
+    """``model``'s classifier: timm's ``get_classifier()`` if the model has that method (None when it returns no
+    module or ``nn.Identity``), else the last ``nn.Linear`` among its submodules (None without one)."""
     get_classifier = getattr(model, "get_classifier", None)
-    if not callable(get_classifier):
-        problem = "has no get_classifier()"
-    else:
+    if callable(get_classifier):
         classifier = get_classifier()
-        if isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Identity):
-            return classifier
-        problem = f"has no classifier (get_classifier() returned {type(classifier).__name__}, e.g. num_classes=0)"
+        return classifier if isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Identity) else None
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear) and module is not model]
+    return linears[-1] if linears else None
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    classifier = find_classifier(model)
+    if classifier is not None:
+        return classifier
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        problem = (f"has no classifier (get_classifier() returned {type(get_classifier()).__name__}, "
+                   "e.g. num_classes=0)")
+    else:
+        problem = "has neither get_classifier() (timm) nor an nn.Linear layer"
     raise ValueError(
         f"placement 'penultimate' needs the classifier module, but {type(model).__name__} {problem}. "
         "Pass the name of the module whose output is the pooled feature vector instead, "
-        f"e.g. one of {_last_children(model)}."
+        f"e.g. one of {_feature_candidates(model)}."
     )
 
 

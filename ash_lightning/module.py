@@ -3,6 +3,9 @@
 ``shaping`` and ``score`` may be lists: a test run evaluates their product (a sweep), with one backbone
 pass per batch where the placement allows it (see ``ash_lightning.sweep``). ``test_step`` returns per-sample
 ``logits``, ``scores``, ``preds``, ``targets`` and ``index``; ``runs`` labels the score columns.
+
+The code lives in ``OODEvalModuleMixin``; ``OODEvalModule`` here is its ``pytorch_lightning`` class and
+``ash_lightning.lightning.OODEvalModule`` its ``lightning.pytorch`` one (see ``ash_lightning.lightning_packages``).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ash_lightning.backbone import create_backbone, warn_if_random_weights
-from ash_lightning.calibration import calibrate, fit_loader_of, make_cache_key, needs_calibration
+from ash_lightning.calibration import calibrate_shapers, fit_loader_of, make_cache_key, needs_calibration
 from ash_lightning.errors import UserError
 from ash_lightning.hooks import attach_shaping
 from ash_lightning.options import check_int
@@ -52,8 +55,10 @@ def _check_options(shapings: list[str], scores: list[str], calibration_samples: 
         check_int("model.num_classes", num_classes, 1, 10)
 
 
-class OODEvalModule(pl.LightningModule):
+class OODEvalModuleMixin:
     """Evaluate ``backbone`` with ``shaping`` at ``placement`` and OOD ``score`` on every test dataloader.
+
+    The code of ``OODEvalModule``, for a class that also subclasses a Lightning package's ``LightningModule``.
 
     Args:
         backbone: a timm model name (``resnet50.tv_in1k``, ``cifar_resnet20``, ...).
@@ -102,9 +107,9 @@ class OODEvalModule(pl.LightningModule):
             key = make_cache_key(hp.backbone, hp.checkpoint_path, getattr(datamodule, "hparams", {}).get("fit"),
                                  pretrained=hp.pretrained, num_classes=hp.num_classes,
                                  data_config=datamodule.data_config() if hasattr(datamodule, "data_config") else None)
-            self.shapers = calibrate(self.requested_shapers, self.model, self.placement,
-                                     lambda: fit_loader_of(self.trainer), key, max_samples=hp.calibration_samples,
-                                     device=self.device)
+            self.shapers = calibrate_shapers(self.requested_shapers, self.model, self.placement,
+                                            lambda: fit_loader_of(self.trainer), key,
+                                            max_samples=hp.calibration_samples, device=self.device)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         x, targets, index = batch
@@ -118,3 +123,7 @@ class OODEvalModule(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         return self.test_step(batch, batch_idx, dataloader_idx)
+
+
+class OODEvalModule(OODEvalModuleMixin, pl.LightningModule):
+    __doc__ = OODEvalModuleMixin.__doc__  # LightningCLI's help shows the class docstring

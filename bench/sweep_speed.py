@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 
 from ash_lightning.data import OODDataModule
 from ash_lightning.module import OODEvalModule
-from callbacks import OODMetricsCallback
+from ash_lightning.callbacks import OODMetricsCallback
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = [f"{variant}@{p}" for variant in ("ash_p", "ash_b", "ash_s", "scale") for p in (65, 75, 85, 90)]

@@ -19,14 +19,14 @@ from torch.utils.data import DataLoader, TensorDataset
 import ash_lightning.models  # noqa: F401  (registers cifar_resnet20)
 from ash_lightning import calibration
 from ash_lightning.calibration import (
-    LogitShaper, calibrate, collect_stats, dice_logits, dice_mask, lts, lts_factor, make_cache_key,
+    LogitShaper, calibrate_shapers, collect_stats, dice_logits, dice_mask, lts, lts_factor, make_cache_key,
     needs_calibration, vra,
 )
 from ash_lightning.errors import UserError
 from ash_lightning.hooks import attach_shaping
 from ash_lightning.shaping import get_shaping
 from ash_lightning.sweep import shaped_logits
-from callbacks.activation_shaping import ActivationShapingCallback
+from ash_lightning.callbacks import ActivationShapingCallback
 
 KEY = {"backbone": "net", "checkpoint": None, "fit": "fit.npz"}
 # DICE by hand: mean_ID(h) = [2, 2, 2, 2, 3], contributions W * mean = [[2, -2, 4, 0, 3], [1, 6, -4, 2, -3]]
@@ -101,7 +101,7 @@ def percentile(x: Tensor, q: float) -> float:
 def fit(spec: str, x: Tensor, model: nn.Module | None = None, placement: str = "penultimate"):
     """``spec`` fitted on ``x`` (cached under a key naming the data)."""
     key = {**KEY, "fit": hashlib.sha256(x.numpy().tobytes()).hexdigest()}
-    return calibrate([get_shaping(spec)], model or Net(), placement, Fit(x), key)[0]
+    return calibrate_shapers([get_shaping(spec)], model or Net(), placement, Fit(x), key)[0]
 
 
 def test_react_percentile_threshold():
@@ -280,21 +280,21 @@ def test_lts_with_negative_features_matches_the_authors():
 def test_cache_skips_the_fit_data(cache):
     first = Fit(torch.rand(8, 5))
     specs = [get_shaping(s) for s in ("react@p90", "dice@90", "none")]
-    fitted = calibrate(specs, Net(), "penultimate", first, KEY)
+    fitted = calibrate_shapers(specs, Net(), "penultimate", first, KEY)
     assert first.calls == 1 and fitted[2] is specs[2]
-    again = calibrate(specs, Net(), "penultimate", no_fit_data, dict(KEY))
+    again = calibrate_shapers(specs, Net(), "penultimate", no_fit_data, dict(KEY))
     assert [s.params for s in again] == [s.params for s in fitted]
     assert torch.equal(again[1].fn.mask, fitted[1].fn.mask)
     assert len(os.listdir(cache)) == 1 and str(next(cache.iterdir())).endswith(".json")  # no temporary files left
     for key, placement in (({**KEY, "fit": "other.npz"}, "penultimate"), (KEY, "fc")):
         other = Fit(torch.rand(8, 5))
-        calibrate(specs, Net(), placement, other, key)
+        calibrate_shapers(specs, Net(), placement, other, key)
         assert other.calls == 1
     more = Fit(first.x)  # a new percentile is collected and merged into the entry
-    p95 = calibrate([get_shaping("react@p95")], Net(), "penultimate", more, KEY)[0]
+    p95 = calibrate_shapers([get_shaping("react@p95")], Net(), "penultimate", more, KEY)[0]
     assert more.calls == 1 and p95.params == (percentile(first.x, 95),)
-    calibrate([get_shaping("react@p95"), *specs], Net(), "penultimate", no_fit_data, KEY)
-    assert calibrate(specs[2:], Net(), "penultimate", no_fit_data, KEY) == specs[2:]  # nothing to calibrate
+    calibrate_shapers([get_shaping("react@p95"), *specs], Net(), "penultimate", no_fit_data, KEY)
+    assert calibrate_shapers(specs[2:], Net(), "penultimate", no_fit_data, KEY) == specs[2:]  # nothing to calibrate
 
 
 def test_make_cache_key_follows_the_checkpoint(tmp_path):
@@ -314,13 +314,13 @@ def test_uncalibrated_shapers_fail_clearly():
         with attach_shaping(net, shaper), pytest.raises(ValueError, match=rf"{spec} needs ID statistics: set data.fit"):
             net(H_FIT)
     with pytest.raises(UserError, match=r"react@p90, dice@90 need ID statistics: set data\.fit \(ID fit data"):
-        calibrate([get_shaping("react@p90"), get_shaping("dice@90")], net, "penultimate", lambda: None, KEY)
-    with pytest.raises(UserError, match=r"data\.fit\) has no samples"):
-        calibrate([get_shaping("react@p90")], net, "penultimate", Fit(torch.rand(0, 5)), KEY)
+        calibrate_shapers([get_shaping("react@p90"), get_shaping("dice@90")], net, "penultimate", lambda: None, KEY)
+    with pytest.raises(UserError, match=r"ID fit data \(data\.fit, or the fit_dataloader given\) has no samples"):
+        calibrate_shapers([get_shaping("react@p90")], net, "penultimate", Fit(torch.rand(0, 5)), KEY)
     headless = nn.Sequential(nn.Linear(5, 2))
     headless.get_classifier = lambda: headless  # a classifier without a (K, D) weight
     with pytest.raises(ValueError, match=r"dice@90 masks a linear classifier's \(K, D\) weight.*Fix:"):
-        calibrate([get_shaping("dice@90")], headless, "penultimate", Fit(H_FIT), KEY)
+        calibrate_shapers([get_shaping("dice@90")], headless, "penultimate", Fit(H_FIT), KEY)
     with pytest.raises(ValueError, match=r"lts@90 .* only works at placement 'penultimate', not 'pre_pool'"):
         attach_shaping(net, "lts@90", "pre_pool")
 
@@ -338,7 +338,7 @@ def test_bad_specs(spec, reason):
 
 def test_sweep_equals_each_setting_alone(resnet, images):
     specs = ["none", "react@1", "react@p90", "vra@10@90", "dice@90", "lts@90", "ash_s@90"]
-    shapers = calibrate([get_shaping(s) for s in specs], resnet, "penultimate", Fit(images["fit"]), KEY)
+    shapers = calibrate_shapers([get_shaping(s) for s in specs], resnet, "penultimate", Fit(images["fit"]), KEY)
     assert [s.spec for s in shapers] == specs and not any(map(needs_calibration, shapers))
     fit_features = resnet.forward_head(resnet.forward_features(images["fit"]), pre_logits=True)
     assert shapers[2].params == (percentile(fit_features, 90),)
@@ -389,7 +389,7 @@ def test_activation_shaping_callback(resnet, images, spec):
     assert torch.equal(wrapper(x), base)
     # The callback fits calibrated specs on the data module's fit data, as OODEvalModule does, and caches them.
     assert fit_data.calls == needs_calibration(callback.shaper)
-    expected = calibrate([get_shaping(spec)], resnet, "penultimate", Fit(images["fit"]), KEY)[0]
+    expected = calibrate_shapers([get_shaping(spec)], resnet, "penultimate", Fit(images["fit"]), KEY)[0]
     with attach_shaping(resnet, expected):
         torch.testing.assert_close(shaped, resnet(x))
     callback.on_test_start(trainer, wrapper)
@@ -406,7 +406,7 @@ def test_activation_shaping_callback_without_fit_data(resnet):
 def test_shapers_pickle_and_hooked_models_copy():
     specs = ["react@p90", "vra@10@90", "dice@90", "lts@90"]
     unfitted = [get_shaping(s) for s in specs]
-    fitted = calibrate(unfitted, Net(), "penultimate", Fit(H_FIT), KEY)
+    fitted = calibrate_shapers(unfitted, Net(), "penultimate", Fit(H_FIT), KEY)
     net, x = Net(), 5 * torch.rand(3, 5)
     for before, after in zip(unfitted, fitted):
         assert needs_calibration(pickle.loads(pickle.dumps(before))) == (before.spec != "lts@90")

@@ -26,7 +26,7 @@ from ash_lightning.module import OODEvalModule
 from ash_lightning.results import load_scores
 from ash_lightning.scores import get_score
 from ash_lightning.shaping import get_shaping
-from callbacks import OODMetricsCallback
+from ash_lightning.callbacks import OODMetricsCallback
 from tests.conftest import REPO, main_in_process, run_main, tiny_config, write_image_folder, write_npz
 
 TRACEBACK = "Traceback (most recent call last)"

@@ -1,4 +1,4 @@
-"""ash_lightning.hooks: shaping through forward hooks on timm models equals shaping by hand."""
+"""ash_lightning.hooks: shaping through forward hooks on timm and torchvision models equals shaping by hand."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 from torch import nn
+from torchvision import models as tv
 
 from ash_lightning import shaping
 from ash_lightning.hooks import ShapingHandle, attach_shaping, resolve_hook_point
@@ -127,8 +128,12 @@ def test_bad_placements(models):
     headless = timm.create_model("resnet18", pretrained=False, num_classes=0)
     with pytest.raises(ValueError, match=r"'penultimate'.*ResNet has no classifier.*Identity.*'global_pool'"):
         attach_shaping(headless, "ash_s@90")
-    with pytest.raises(ValueError, match=r"'penultimate'.*Sequential has no get_classifier\(\).*'1'"):
-        resolve_hook_point(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), "penultimate")
+    squeezenet = tv.squeezenet1_1(num_classes=10)  # its classifier is a convolution: no nn.Linear
+    with pytest.raises(ValueError, match=r"'penultimate'.*SqueezeNet has neither get_classifier\(\) \(timm\) nor an "
+                                         r"nn\.Linear.*one of 'classifier\.3'"):
+        attach_shaping(squeezenet, "ash_s@90")
+    with pytest.raises(ValueError, match=r"'penultimate'.*Sequential has neither.*one of '0', '1'"):
+        resolve_hook_point(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()), "penultimate")
     with pytest.raises(ValueError, match="Invalid shaping spec 'ash_x'"):
         attach_shaping(resnet, "ash_x")
     assert not resnet.fc._forward_pre_hooks  # nothing left attached by the failures
@@ -140,3 +145,41 @@ def test_module_with_tuple_output():
     with attach_shaping(lstm, "ash_p@50", "rnn"):
         with pytest.raises(ValueError, match=r"'rnn' \(LSTM\) outputs a tuple"):
             lstm(torch.rand(2, 3, 4))
+
+
+TORCHVISION = {  # name -> (builder with random weights, the classifier that "penultimate" must resolve to)
+    "resnet18": (lambda: tv.resnet18(num_classes=10), "fc"),
+    "densenet": (lambda: tv.DenseNet(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16,
+                                     num_classes=10), "classifier"),
+    "mobilenet_v3_small": (lambda: tv.mobilenet_v3_small(num_classes=10), "classifier.3"),
+    "efficientnet_b0": (lambda: tv.efficientnet_b0(num_classes=10), "classifier.1"),
+    "convnext_tiny": (lambda: tv.convnext_tiny(num_classes=10), "classifier.2"),
+    "vgg11": (lambda: tv.vgg11(num_classes=10), "classifier.6"),
+    "vit": (lambda: tv.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                                         mlp_dim=64, num_classes=10), "heads.head"),
+}
+
+
+@pytest.mark.parametrize("name", list(TORCHVISION))
+def test_torchvision_penultimate_is_the_input_of_the_last_linear(name):
+    build, classifier_name = TORCHVISION[name]
+    torch.manual_seed(0)
+    model, x = build().eval(), torch.randn(2, 3, 32, 32)
+    classifier = model.get_submodule(classifier_name)
+    nn.init.normal_(classifier.weight)  # torchvision starts some heads at zero (ViT): make the logits tell apart
+    assert resolve_hook_point(model, "penultimate") == (classifier, "input")
+    features_of = copy.deepcopy(model)  # the same network with its classifier removed outputs the features
+    features_of.set_submodule(classifier_name, nn.Identity())
+    features = features_of(x)
+    assert features.shape == (2, classifier.in_features)
+    for spec in ("ash_s@90", "react@0.1", "scale@85"):
+        expected = classifier(shape_quietly(spec, features))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with attach_shaping(model, spec) as handle:
+                shaped = model(x)
+        assert handle.module is classifier
+        scale = float(expected.abs().max())  # random-weight nets differ widely in logit magnitude
+        torch.testing.assert_close(shaped, expected, rtol=1e-5, atol=1e-5 * scale)
+        assert spec != "ash_s@90" or not torch.allclose(shaped, classifier(features), rtol=0, atol=1e-2 * scale)
+    assert torch.equal(model(x), classifier(features))

@@ -21,7 +21,7 @@ def test_importing_and_plotting_leave_the_matplotlib_backend_alone(tmp_path: Pat
 import os, sys
 import matplotlib
 before = matplotlib.get_backend()
-import ash_lightning, ash_lightning.cli, callbacks
+import ash_lightning, ash_lightning.cli, ash_lightning.callbacks
 after_import = matplotlib.get_backend()
 from ash_lightning.plots import curves_figure, sweep_figure
 import numpy as np

@@ -3,6 +3,9 @@
 Dataloader 0 is the ID set, then one dataloader per OOD set in the given order, then (optionally) the
 ID-validation set and the OOD-validation sets used to select a setting without touching the test sets.
 Every batch is ``(images, targets, index)``; a negative index marks a corrupt file that was skipped.
+
+The code lives in ``OODDataModuleMixin``; ``OODDataModule`` here is its ``pytorch_lightning`` class and
+``ash_lightning.lightning.OODDataModule`` its ``lightning.pytorch`` one (see ``ash_lightning.lightning_packages``).
 """
 from __future__ import annotations
 
@@ -61,8 +64,10 @@ class IndexedDataset(Dataset):
         return self.transform(image), target, i
 
 
-class OODDataModule(pl.LightningDataModule):
+class OODDataModuleMixin:
     """ID and OOD test sets (and optional validation sets) with transforms from the backbone's timm config.
+
+    The code of ``OODDataModule``, for a class that also subclasses a Lightning package's ``LightningDataModule``.
 
     Args:
         id: the ID test set spec, e.g. ``{kind: npz, path: $DATASETS/cifar10_test_jpeg.npz}``.
@@ -188,6 +193,10 @@ def _check_unique_names(specs: list[tuple[str, LoaderInfo, Any]]) -> None:
                             "unique across data.id, data.ood and data.val_* (results and scores are keyed by "
                             "them). Fix: rename one of them.")
         seen[info.name] = what
+
+
+class OODDataModule(OODDataModuleMixin, pl.LightningDataModule):
+    __doc__ = OODDataModuleMixin.__doc__  # LightningCLI's help shows the class docstring
 
 
 def _id_name(spec: DatasetSpec) -> str:

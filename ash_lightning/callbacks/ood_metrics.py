@@ -6,9 +6,15 @@ de-duplicated by sample index (DistributedSampler pads shards with repeats) and 
 so a failure or interruption on a later set loses nothing (``main.py report`` recomputes the metrics). A
 sample whose logits or scores are NaN/Inf stops the run (``nonfinite="raise"``) or is dropped and counted
 (``"drop"``). At the end: metrics per OOD set, their mean and group means, ID accuracy; scalars to every
-logger, histograms and curves to TensorBoard, ``ood_results.json``/``.csv`` and a Markdown table. Works with
-any LightningModule whose ``test_step`` returns logits or a dict holding ``logits`` and/or ``scores`` (and
-optionally ``preds``, ``targets``, ``index``).
+logger, histograms and figures to TensorBoard (either Lightning package's logger), ``ood_results.json``/``.csv``,
+``curves.png`` (and ``sweep.png`` for sweeps) and a Markdown table. Files go to ``output_dir``, else the logger's
+log directory, else (no logger) ``trainer.default_root_dir``, whose path is printed.
+
+Works with any LightningModule whose ``test_step`` returns logits or a dict holding ``logits`` and/or ``scores``
+(and optionally ``preds``, ``targets``, ``index``). Labels and sample indices are otherwise read from the batch
+(``ash_lightning.batches``: ``(x, y, index)`` tuples or dicts with keys such as ``image``/``label``); when the ID
+set's labels cannot be read, a warning says so once and ``id_accuracy`` is None. Scores returned by ``test_step``
+are labelled "scores from test_step" unless the module declares ``runs``.
 """
 from __future__ import annotations
 
@@ -17,16 +23,17 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from ash_lightning.batches import batch_part, describe_batch, expected_layout
 from ash_lightning.constant_scores import constant_score_warning
 from ash_lightning.errors import UserError
 from ash_lightning.files import writable_directory
+from ash_lightning.lightning_packages import CALLBACK_BASES, tensorboard_writer
 from ash_lightning.metrics import CONVENTIONS, unique_by_index
 from ash_lightning.options import check_choice, check_range
 from ash_lightning.plots import curves_figure, sweep_figure
@@ -34,9 +41,11 @@ from ash_lightning.results import format_table, results_from_store, save_scores,
 from ash_lightning.scores import get_score
 
 NONFINITE_POLICIES = ("raise", "drop")
+STEP_SCORES = "scores from test_step"
+Trainer = LightningModule = Any  # of either Lightning package (see ash_lightning.lightning_packages)
 
 
-class OODMetricsCallback(pl.Callback):
+class OODMetricsCallback(*CALLBACK_BASES):
     """Accumulate scores per test dataloader and report FPR@TPR, AUROC, AUPR-In/Out per OOD set.
 
     Args:
@@ -47,7 +56,8 @@ class OODMetricsCallback(pl.Callback):
         tpr: the TPR of the FPR metric (0.95 -> ``fpr95``); convention: ``"paper"`` or ``"openood"``.
         nonfinite: ``"raise"`` stops on NaN/Inf scores naming the set and count; ``"drop"`` drops those
             samples and records them in the results.
-        output_dir: where files go (default: the logger's log directory).
+        output_dir: where files go (default: the logger's log directory, else ``trainer.default_root_dir``).
+        log_figures: write ``curves.png`` (and ``sweep.png``) and add them to TensorBoard.
     """
 
     def __init__(self, id_dataloader_idx: int = 0, ood_names: list[str] | None = None,
@@ -73,18 +83,20 @@ class OODMetricsCallback(pl.Callback):
         self._current: int | None = None
         self._loaders: list[dict[str, str]] = []
         self._runs: list[dict[str, str]] = []
-        self._warned_no_index = False
+        self._warned_no_index = self._warned_no_labels = self._module_runs = False
         self._directory = ""
 
     # ------------------------------------------------------------------ hooks
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset()
         self._loaders = self._resolve_loaders(trainer)
         self._runs = self._resolve_runs(trainer, pl_module)
-        self._directory = self.output_dir or trainer.log_dir or trainer.default_root_dir  # a collective in DDP
+        self._directory = os.path.abspath(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # collective
         writable_directory(self._directory, "ood_metrics.output_dir" if self.output_dir else "the logger's save_dir")
+        if not trainer.loggers and not self.output_dir and trainer.is_global_zero:
+            print(f"OODMetricsCallback: no logger, so the results go to trainer.default_root_dir: {self._directory}")
 
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         """Collect the batch; a dataloader's set is finished (saved) after its last batch, or, for loaders of
         unknown length, when the next dataloader starts."""
@@ -98,14 +110,14 @@ class OODMetricsCallback(pl.Callback):
         if batch_idx + 1 == _num_batches(trainer, dataloader_idx):
             self._finish_loader(trainer, dataloader_idx)
 
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for idx in range(len(self._loaders)):
             self._finish_unfinished(trainer, idx)
         self.results = results_from_store(self._store, self._meta(trainer, pl_module))
         if trainer.is_global_zero:
             self._report(trainer)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if trainer.is_global_zero and self._loaders:
             stopped = stopped_message(exception.__class__.__name__, list(self._store), self._loaders, self._directory)
             print("\n" + stopped)
@@ -114,7 +126,7 @@ class OODMetricsCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"results": self.results}
 
-    def _resolve_loaders(self, trainer: pl.Trainer) -> list[dict[str, str]]:
+    def _resolve_loaders(self, trainer: Trainer) -> list[dict[str, str]]:
         declared = getattr(trainer.datamodule, "loaders", None)
         if declared:
             return [{"name": info.name, "role": info.role} for info in declared]
@@ -125,14 +137,15 @@ class OODMetricsCallback(pl.Callback):
         return [{"name": "id", "role": "id"} if i == self.id_dataloader_idx else
                 {"name": others.pop(0), "role": "ood"} for i in range(count)]
 
-    def _resolve_runs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict[str, str]]:
+    def _resolve_runs(self, trainer: Trainer, pl_module: LightningModule) -> list[dict[str, str]]:
         runs = getattr(pl_module, "runs", None)
+        self._module_runs = bool(runs)
         if runs:
             return [dict(r) for r in runs]
         specs = [cb.spec for cb in trainer.callbacks if hasattr(cb, "spec") and hasattr(cb, "placement")]
         return [{"shaping": specs[0] if specs else "none", "score": self.score.name}]
 
-    def _parse(self, outputs: Any, batch: Any, trainer: pl.Trainer) -> dict[str, Tensor]:
+    def _parse(self, outputs: Any, batch: Any, trainer: Trainer) -> dict[str, Tensor]:
         out = {"logits": outputs} if isinstance(outputs, Tensor) else dict(outputs or {})
         logits, scores = out.get("logits"), out.get("scores")
         if logits is None and scores is None:
@@ -140,6 +153,8 @@ class OODMetricsCallback(pl.Callback):
                             "'logits' and/or 'scores'. Fix: `return self(x)` at the end of test_step.")
         if scores is None:
             scores = self.score(logits)
+        elif not self._module_runs:
+            self._runs = [{**run, "score": STEP_SCORES} for run in self._runs]
         scores = scores.reshape(len(scores), -1)
         preds = out.get("preds")
         if preds is None and logits is not None and logits.ndim == 2:
@@ -150,10 +165,11 @@ class OODMetricsCallback(pl.Callback):
         fields = {"scores": scores, "finite": finite}
         if preds is not None:
             fields["preds"] = preds.reshape(len(preds), -1).expand(-1, scores.shape[1])
-        seq = batch if isinstance(batch, (list, tuple)) else ()
-        targets = out.get("targets", seq[1] if len(seq) > 1 and isinstance(seq[1], Tensor) else None)
+        targets = out["targets"] if out.get("targets") is not None else batch_part(batch, "labels")
+        if targets is None:
+            self._warn_no_labels(batch)
         fields["targets"] = targets if targets is not None else torch.full((len(scores),), -1)
-        index = out.get("index", seq[2] if len(seq) > 2 and isinstance(seq[2], Tensor) else None)
+        index = out["index"] if out.get("index") is not None else batch_part(batch, "index")
         if index is None:
             if trainer.world_size > 1 and not self._warned_no_index:
                 warnings.warn("batches carry no sample index, so samples that DistributedSampler repeats to pad "
@@ -164,12 +180,21 @@ class OODMetricsCallback(pl.Callback):
         fields["index"] = index
         return {k: v.detach().to("cpu", non_blocking=False) for k, v in fields.items()}
 
-    def _finish_unfinished(self, trainer: pl.Trainer, idx: int) -> None:
+    def _warn_no_labels(self, batch: Any) -> None:
+        """Warn once when a batch of the ID set carries no labels that can be read."""
+        if self._warned_no_labels or self._loaders[self._current]["role"] != "id":
+            return
+        warnings.warn(f"OODMetricsCallback cannot read labels from the ID set's batches ({describe_batch(batch)}), "
+                      "so id_accuracy is not computed. Fix: return 'targets' from test_step, or give the labels "
+                      f"as {expected_layout('labels')}.", stacklevel=2)
+        self._warned_no_labels = True
+
+    def _finish_unfinished(self, trainer: Trainer, idx: int) -> None:
         """``_finish_loader(idx)`` unless that set is finished already."""
         if self._loaders[idx]["name"] not in self._store:
             self._finish_loader(trainer, idx)
 
-    def _finish_loader(self, trainer: pl.Trainer, idx: int) -> None:
+    def _finish_loader(self, trainer: Trainer, idx: int) -> None:
         """Gather one dataloader's samples from all ranks, de-duplicate, drop skipped corrupt files, check
         finiteness (of the logits and scores), save to disk. A UserError if no sample is left to evaluate."""
         name = self._loaders[idx]["name"]
@@ -222,7 +247,7 @@ class OODMetricsCallback(pl.Callback):
         os.makedirs(self._directory, exist_ok=True)
         return self._directory
 
-    def _meta(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None) -> dict[str, Any]:
+    def _meta(self, trainer: Trainer, pl_module: LightningModule | None) -> dict[str, Any]:
         datamodule = trainer.datamodule
         groups = self.groups if self.groups is not None else getattr(datamodule, "groups", None)
         config = {"trainer": {"world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
@@ -235,7 +260,7 @@ class OODMetricsCallback(pl.Callback):
                 "convention": self.convention, "skipped": self._skipped, "dropped_nonfinite": self._dropped,
                 "config": config}
 
-    def _report(self, trainer: pl.Trainer) -> None:
+    def _report(self, trainer: Trainer) -> None:
         results = self.results
         directory = self._out()
         json_path, csv_path = write_results(results, directory)
@@ -243,7 +268,7 @@ class OODMetricsCallback(pl.Callback):
         print("\n" + format_table(results) + f"\n\nResults: {json_path}, {csv_path}; scores: "
               f"{os.path.join(directory, 'scores.npz')}")
 
-    def _log(self, trainer: pl.Trainer, results: Mapping[str, Any]) -> None:
+    def _log(self, trainer: Trainer, results: Mapping[str, Any]) -> None:
         single = len(results["runs"]) == 1
         scalars = {}
         for run in results["runs"]:
@@ -254,30 +279,34 @@ class OODMetricsCallback(pl.Callback):
                 scalars[f"{prefix}id/accuracy"] = run["id_accuracy"]
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
-        tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not tensorboards:
-            return
-        writer = tensorboards[0].experiment
+        writer = tensorboard_writer(trainer.loggers)
         id_name = results["id"]
-        for r, run in enumerate(results["runs"]):
-            prefix = "" if single else f"{run['shaping']}|{run['score']}/"
-            for name in [id_name, *results["ood_sets"]]:
-                writer.add_histogram(f"{prefix}scores/{name}", self._store[name]["scores"][:, r], trainer.global_step)
+        if writer is not None:
+            for r, run in enumerate(results["runs"]):
+                prefix = "" if single else f"{run['shaping']}|{run['score']}/"
+                for name in [id_name, *results["ood_sets"]]:
+                    writer.add_histogram(f"{prefix}scores/{name}", self._store[name]["scores"][:, r],
+                                         trainer.global_step)
         if self.log_figures:
             best = results["ranking"][0]
             run = results["runs"][best]
-            fig = curves_figure(self._store[id_name]["scores"][:, best],
-                                {n: self._store[n]["scores"][:, best] for n in results["ood_sets"]},
-                                f"{run['shaping']} + {run['score']}")
-            writer.add_figure("curves/roc_pr", fig, trainer.global_step)
+            curves = curves_figure(self._store[id_name]["scores"][:, best],
+                                   {n: self._store[n]["scores"][:, best] for n in results["ood_sets"]},
+                                   f"{run['shaping']} + {run['score']}")
             sweep = sweep_figure(results["runs"], results["tpr"]) if not single else None
-            if sweep is not None:
-                sweep.savefig(os.path.join(self._out(), "sweep.png"), dpi=120)
-                writer.add_figure("sweep/metrics_vs_percentile", sweep, trainer.global_step)
-        writer.flush()
+            figures = {"curves/roc_pr": ("curves.png", curves), "sweep/metrics_vs_percentile": ("sweep.png", sweep)}
+            for tag, (filename, fig) in figures.items():
+                if fig is None:
+                    continue
+                fig.savefig(os.path.join(self._out(), filename), dpi=120)
+                if writer is not None:
+                    writer.add_figure(tag, fig, trainer.global_step)
+                plt.close(fig)
+        if writer is not None:
+            writer.flush()
 
 
-def _num_batches(trainer: pl.Trainer, dataloader_idx: int) -> float:
+def _num_batches(trainer: Trainer, dataloader_idx: int) -> float:
     """The number of test batches of dataloader ``dataloader_idx`` (inf when unknown)."""
     counts = trainer.num_test_batches
     return counts[dataloader_idx] if dataloader_idx < len(counts) else float("inf")

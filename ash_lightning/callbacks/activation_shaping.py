@@ -1,0 +1,79 @@
+"""``ActivationShapingCallback``: shape any LightningModule's activations while it tests or predicts."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from ash_lightning.calibration import (
+    FitData, calibrate_shapers, fit_batches, fit_loader_of, make_cache_key, needs_calibration, weights_fingerprint,
+)
+from ash_lightning.errors import UserError
+from ash_lightning.hooks import ShapingHandle, attach_shaping, find_classifier
+from ash_lightning.lightning_packages import CALLBACK_BASES
+from ash_lightning.shaping import get_shaping
+
+
+class ActivationShapingCallback(*CALLBACK_BASES):
+    """Attach ``spec`` (e.g. ``"ash_s@90"``) at ``placement`` when testing/predicting starts, remove it at the end.
+
+    ``module`` names the network inside the LightningModule (e.g. ``"model"``). By default it is the first child
+    (attribute) of the LightningModule that is an ``nn.Module`` with a classifier (timm's ``get_classifier()``,
+    or an ``nn.Linear`` inside it: torchvision models), else the LightningModule itself.
+
+    Calibrated specs (``react@p90``, ``dice@90``, ``vra@10@90``, ``lts@90``) are fitted first on ID data:
+    ``fit_dataloader`` (a DataLoader, or a callable returning one), else the data module's ``fit_dataloader()``
+    (``OODDataModule`` with ``data.fit``, whose statistics are cached by the network's weights).
+    """
+
+    def __init__(self, spec: str, placement: str = "penultimate", module: str | None = None,
+                 fit_dataloader: FitData | None = None) -> None:
+        try:
+            self.shaper = get_shaping(spec)
+        except ValueError as err:
+            raise UserError(str(err)) from err
+        self.spec, self.placement, self.module = self.shaper.spec, placement, module
+        self.fit_dataloader = fit_dataloader
+        self._handle: ShapingHandle | None = None
+
+    def _network(self, pl_module: nn.Module) -> nn.Module:
+        if self.module is not None:
+            try:
+                return pl_module.get_submodule(self.module)
+            except AttributeError as err:
+                children = [n for n, _ in pl_module.named_children()]
+                raise UserError(f"ActivationShapingCallback: {type(pl_module).__name__} has no submodule "
+                                f"{self.module!r}; its children are {children}.") from err
+        return next((child for child in pl_module.children() if find_classifier(child) is not None), pl_module)
+
+    def _fit_loader(self, trainer: Any) -> Iterable[Any]:
+        """The ID fit data: ``fit_dataloader``, else the data module's; a UserError naming both ways if neither."""
+        if self.fit_dataloader is not None:
+            return fit_batches(self.fit_dataloader)
+        loader = fit_loader_of(trainer)
+        if loader is None:
+            raise UserError(f"{self.spec} needs ID statistics, and the trainer has no ID fit data for it. Fix: pass "
+                            f"ActivationShapingCallback({self.spec!r}, fit_dataloader=<an ID DataLoader, or a "
+                            "callable returning one>), or fit it yourself with ash_lightning.calibration.calibrate("
+                            f"model, {self.spec!r}, loader) and attach the result with attach_shaping.")
+        return loader
+
+    def _attach(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._detach()
+        network, shaper = self._network(pl_module), self.shaper
+        if needs_calibration(shaper):
+            fit = getattr(trainer.datamodule, "hparams", {}).get("fit") if self.fit_dataloader is None else None
+            key = make_cache_key(type(network).__name__, fit=fit, weights=weights_fingerprint(network)) \
+                if fit is not None else None
+            (shaper,) = calibrate_shapers([shaper], network, self.placement, lambda: self._fit_loader(trainer), key,
+                                          device=pl_module.device)
+        self._handle = attach_shaping(network, shaper, self.placement)
+
+    def _detach(self, *_: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    on_test_start = on_predict_start = _attach
+    on_test_end = on_predict_end = on_exception = _detach

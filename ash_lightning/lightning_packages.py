@@ -1,0 +1,48 @@
+"""Either Lightning package: ``pytorch_lightning`` or ``lightning.pytorch`` (from ``pip install lightning``).
+
+The two packages ship the same code under two names, and each Trainer and LightningCLI checks classes with
+``isinstance``/``issubclass`` against its own package. ash-lightning meets both this way:
+
+* Callbacks subclass the ``Callback`` of every installed package (``CALLBACK_BASES``), so either Trainer and
+  either LightningCLI accepts them. They touch the trainer only through attributes both packages share.
+* The LightningModule and the data module cannot: lightning's Trainer rejects a module that subclasses both
+  packages' ``LightningModule`` ("Both configure_model and configure_sharded_model are overridden"). Their code
+  is written once, as a mixin without a Lightning base (``OODEvalModuleMixin``, ``OODDataModuleMixin``), and each
+  package gets its class from it: ``ash_lightning.module.OODEvalModule`` and
+  ``ash_lightning.data.OODDataModule`` for ``pytorch_lightning``, ``ash_lightning.lightning.OODEvalModule`` and
+  ``ash_lightning.lightning.OODDataModule`` for ``lightning.pytorch``.
+* Loggers are recognised by what they hold, not by their class: a TensorBoard logger is one whose
+  ``experiment`` writes histograms and figures (a ``SummaryWriter``), whichever package made it.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from typing import Any
+
+PACKAGES = ("pytorch_lightning", "lightning.pytorch")
+
+
+def installed_packages() -> tuple[Any, ...]:
+    """The Lightning packages importable here, in ``PACKAGES`` order."""
+    found = []
+    for name in PACKAGES:
+        try:
+            found.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    if not found:
+        raise ImportError("ash-lightning needs a Lightning package. Fix: pip install pytorch-lightning (or lightning).")
+    return tuple(found)
+
+
+CALLBACK_BASES: tuple[type, ...] = tuple(package.Callback for package in installed_packages())
+
+
+def tensorboard_writer(loggers: Iterable[Any]) -> Any | None:
+    """The ``SummaryWriter`` of the first logger that has one (a TensorBoardLogger of either package), or None."""
+    for logger in loggers:
+        experiment = getattr(logger, "experiment", None)
+        if callable(getattr(experiment, "add_histogram", None)) and callable(getattr(experiment, "add_figure", None)):
+            return experiment
+    return None
