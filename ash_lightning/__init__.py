@@ -2,17 +2,47 @@
 
 The functional API mirrors the original ASH code: ``from ash_lightning import ash_b, get_score``.
 """
+
 from ash_lightning.hooks import ShapingHandle, attach_shaping, resolve_hook_point
 from ash_lightning.metrics import OODMetrics, ood_metrics, summarize, unique_by_index
 from ash_lightning.scores import energy, gen, get_score, max_logit, msp, neg_entropy
 from ash_lightning.shaping import (
-    Shaper, ash_b, ash_p, ash_rand, ash_s, get_shaping, react, react_and_ash, register_shaping, scale,
+    Shaper,
+    ash_b,
+    ash_p,
+    ash_rand,
+    ash_s,
+    get_shaping,
+    react,
+    react_and_ash,
+    register_shaping,
+    scale,
 )
 import ash_lightning.calibration  # noqa: F401  (registers react@p<q>, dice, vra, lts)
 
 __version__ = "0.1.0"
 __all__ = [
-    "OODMetrics", "Shaper", "ShapingHandle", "ash_b", "ash_p", "ash_rand", "ash_s", "attach_shaping", "energy", "gen",
-    "get_score", "get_shaping", "max_logit", "msp", "neg_entropy", "ood_metrics", "react", "react_and_ash",
-    "register_shaping", "resolve_hook_point", "scale", "summarize", "unique_by_index",
+    "OODMetrics",
+    "Shaper",
+    "ShapingHandle",
+    "ash_b",
+    "ash_p",
+    "ash_rand",
+    "ash_s",
+    "attach_shaping",
+    "energy",
+    "gen",
+    "get_score",
+    "get_shaping",
+    "max_logit",
+    "msp",
+    "neg_entropy",
+    "ood_metrics",
+    "react",
+    "react_and_ash",
+    "register_shaping",
+    "resolve_hook_point",
+    "scale",
+    "summarize",
+    "unique_by_index",
 ]

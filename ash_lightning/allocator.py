@@ -5,6 +5,7 @@ trimmed or unmapped them since the previous batch (20,000-180,000 minor page fau
 ``cifar_resnet56`` at batch 250; see BENCHMARKS.md). ``main.py`` calls ``keep_freed_memory`` before it builds
 anything unless ``ASH_KEEP_FREED_MEMORY=0``. The process then keeps its peak heap until it exits.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -3,6 +3,7 @@
 A batch is a tensor (images alone), a tuple or list ``(images, labels, index)`` (trailing parts optional) or a
 dict naming each part by one of the common keys in ``KEYS``. A part a batch does not hold as a tensor is None.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -43,5 +44,4 @@ def describe_batch(batch: Any) -> str:
 
 def expected_layout(part: Part) -> str:
     """How a batch can hold ``part``, for messages."""
-    return (f"item {POSITIONS[part]} of a tuple (images, labels, index) or a dict key "
-            f"{'/'.join(KEYS[part])}")
+    return f"item {POSITIONS[part]} of a tuple (images, labels, index) or a dict key {'/'.join(KEYS[part])}"

@@ -24,6 +24,7 @@ from ``get_shaping`` unfitted: their ``params`` are the spec's numbers and using
 (``react@p90`` stays ``react@p90``) and records the fitted values in ``params``: the threshold for ReAct,
 (alpha, beta) for VRA, the sparsity for DICE (its mask is ``fn.mask``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,13 +40,28 @@ from torch import Tensor, nn
 from ash_lightning.errors import UserError
 from ash_lightning.hooks import LogitShaper, _classifier
 from ash_lightning.shaping import (
-    Shaper, _accumulation_dtype, _BuiltinFactory, _check_percentile, _format_number, _parse_number, _prune, _saturate_,
-    react, register_shaping,
+    Shaper,
+    _accumulation_dtype,
+    _BuiltinFactory,
+    _check_percentile,
+    _format_number,
+    _parse_number,
+    _prune,
+    _saturate_,
+    react,
+    register_shaping,
 )
 
 __all__ = [
-    "IDStats", "StatsRequest", "dice_logits", "dice_mask", "lts", "lts_factor", "missing_fit_data_message",
-    "needs_calibration", "vra",
+    "IDStats",
+    "StatsRequest",
+    "dice_logits",
+    "dice_mask",
+    "lts",
+    "lts_factor",
+    "missing_fit_data_message",
+    "needs_calibration",
+    "vra",
 ]
 
 
@@ -124,9 +140,11 @@ class IDStats:
 
 def missing_fit_data_message(specs: list[str]) -> str:
     """The error for calibrated shapers without ID fit data."""
-    return (f"{', '.join(specs)} need{'s' if len(specs) == 1 else ''} ID statistics: set data.fit (ID fit data, "
-            "e.g. the ID training set: data.fit: {kind: npz, path: ...}) so that they are estimated before "
-            "testing, or use a setting without calibration (e.g. react@1.0 instead of react@p90).")
+    return (
+        f"{', '.join(specs)} need{'s' if len(specs) == 1 else ''} ID statistics: set data.fit (ID fit data, "
+        "e.g. the ID training set: data.fit: {kind: npz, path: ...}) so that they are estimated before "
+        "testing, or use a setting without calibration (e.g. react@1.0 instead of react@p90)."
+    )
 
 
 @dataclass(frozen=True)
@@ -198,8 +216,14 @@ def _check_id_percentile(q: float, name: str) -> None:
         raise ValueError(f"<{name}>={_format_number(q)} is outside [0, 100]; pass a percentile, e.g. 90")
 
 
-def _calibrated(cls: type[Shaper], spec: str, params: tuple[float, ...], request: StatsRequest,
-                fit: Callable[[IDStats, nn.Module], Shaper], percentile: float | None = None) -> Shaper:
+def _calibrated(
+    cls: type[Shaper],
+    spec: str,
+    params: tuple[float, ...],
+    request: StatsRequest,
+    fit: Callable[[IDStats, nn.Module], Shaper],
+    percentile: float | None = None,
+) -> Shaper:
     return cls(_Unfitted(spec, request, fit), spec, params, percentile)
 
 
@@ -213,8 +237,9 @@ def _react_factory(*args: str) -> Shaper:
     (q,) = _expect("react@p<percentile>", (args[0][1:], *args[1:]), ("percentile",))
     _check_id_percentile(q, "percentile")
     spec = f"react@p{_format_number(q)}"
-    return _calibrated(Shaper, spec, (q,), StatsRequest(frozenset({q})),
-                       functools.partial(_fit_react, spec=spec, q=q), q)
+    return _calibrated(
+        Shaper, spec, (q,), StatsRequest(frozenset({q})), functools.partial(_fit_react, spec=spec, q=q), q
+    )
 
 
 def _vra_factory(*args: str) -> Shaper:
@@ -222,26 +247,42 @@ def _vra_factory(*args: str) -> Shaper:
     _check_id_percentile(low, "low_percentile")
     _check_id_percentile(high, "high_percentile")
     if low > high:
-        raise ValueError(f"vra needs <low_percentile> <= <high_percentile>, got {_format_number(low)} > "
-                         f"{_format_number(high)}")
+        raise ValueError(
+            f"vra needs <low_percentile> <= <high_percentile>, got {_format_number(low)} > {_format_number(high)}"
+        )
     spec = f"vra@{_format_number(low)}@{_format_number(high)}"
-    return _calibrated(Shaper, spec, (low, high), StatsRequest(frozenset({low, high})),
-                       functools.partial(_fit_vra, spec=spec, low=low, high=high))
+    return _calibrated(
+        Shaper,
+        spec,
+        (low, high),
+        StatsRequest(frozenset({low, high})),
+        functools.partial(_fit_vra, spec=spec, low=low, high=high),
+    )
 
 
 def _dice_factory(*args: str) -> Shaper:
     (sparsity,) = _expect("dice", args, ("sparsity",))
     _check_percentile(sparsity, "dice")
     spec = f"dice@{_format_number(sparsity)}"
-    return _calibrated(LogitShaper, spec, (sparsity,), StatsRequest(mean=True),
-                       functools.partial(_fit_dice, spec=spec, sparsity=sparsity), sparsity)
+    return _calibrated(
+        LogitShaper,
+        spec,
+        (sparsity,),
+        StatsRequest(mean=True),
+        functools.partial(_fit_dice, spec=spec, sparsity=sparsity),
+        sparsity,
+    )
 
 
 def _lts_factory(*args: str) -> LogitShaper:
     (percentile,) = _expect("lts", args, ("percentile",))
     _check_percentile(percentile, "lts")
-    return LogitShaper(functools.partial(_lts_head, percentile=percentile), f"lts@{_format_number(percentile)}",
-                       (percentile,), percentile)
+    return LogitShaper(
+        functools.partial(_lts_head, percentile=percentile),
+        f"lts@{_format_number(percentile)}",
+        (percentile,),
+        percentile,
+    )
 
 
 register_shaping("react", _react_factory, "react@<threshold>|react@p<percentile>", replace=True)

@@ -24,6 +24,7 @@ checkpoint path + size + mtime, fit data; no cache without a key), the placement
 run does not touch the fit data. Statistics an entry lacks (e.g. a new percentile) are collected and merged in.
 Writes are atomic (temporary file + ``os.replace``): DDP ranks may race.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,7 +47,15 @@ from torch.utils.hooks import RemovableHandle
 
 from ash_lightning.batches import batch_part, describe_batch, expected_layout
 from ash_lightning.calibrated import (
-    IDStats, StatsRequest, dice_logits, dice_mask, lts, lts_factor, missing_fit_data_message, needs_calibration, vra,
+    IDStats,
+    StatsRequest,
+    dice_logits,
+    dice_mask,
+    lts,
+    lts_factor,
+    missing_fit_data_message,
+    needs_calibration,
+    vra,
 )
 from ash_lightning.errors import UserError
 from ash_lightning.files import expand_user_vars, write_atomically
@@ -54,9 +63,24 @@ from ash_lightning.hooks import LogitShaper, _activation_tensor, _classifier, re
 from ash_lightning.shaping import Shaper, get_shaping
 
 __all__ = [
-    "CACHE_ENV", "FitData", "IDStats", "LogitShaper", "MAX_VALUES", "StatsRequest", "cache_dir", "calibrate",
-    "calibrate_shapers", "collect_stats", "dice_logits", "dice_mask", "fit_batches", "lts", "lts_factor",
-    "make_cache_key", "needs_calibration", "vra",
+    "CACHE_ENV",
+    "FitData",
+    "IDStats",
+    "LogitShaper",
+    "MAX_VALUES",
+    "StatsRequest",
+    "cache_dir",
+    "calibrate",
+    "calibrate_shapers",
+    "collect_stats",
+    "dice_logits",
+    "dice_mask",
+    "fit_batches",
+    "lts",
+    "lts_factor",
+    "make_cache_key",
+    "needs_calibration",
+    "vra",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,8 +96,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or _DEFAULT_CACHE_DIR).expanduser()
 
 
-def make_cache_key(backbone: str, checkpoint_path: str | os.PathLike[str] | None = None, fit: Any = None,
-                   **extra: Any) -> dict[str, Any]:
+def make_cache_key(
+    backbone: str, checkpoint_path: str | os.PathLike[str] | None = None, fit: Any = None, **extra: Any
+) -> dict[str, Any]:
     """A ``cache_key`` for ``calibrate``: the backbone name, the checkpoint (absolute path, size, mtime) and the
     fit data spec, plus ``extra`` entries (e.g. ``pretrained``, the data transform config); values that are not
     JSON types count by ``str()``."""
@@ -93,9 +118,14 @@ def fit_batches(data: FitData) -> Iterable[Any]:
     return data if isinstance(data, Iterable) else data()
 
 
-def calibrate(model: nn.Module, spec: str | Shaper, loader: FitData,
-              placement: str = "penultimate", max_samples: int | None = None,
-              device: torch.device | None = None) -> Shaper:
+def calibrate(
+    model: nn.Module,
+    spec: str | Shaper,
+    loader: FitData,
+    placement: str = "penultimate",
+    max_samples: int | None = None,
+    device: torch.device | None = None,
+) -> Shaper:
     """``spec`` (e.g. ``"react@p90"``) fitted on ID statistics of ``model`` at ``placement`` from one pass over
     ``loader`` (a DataLoader or any iterable of batches, or a callable returning one; at most ``max_samples``
     samples), ready for ``attach_shaping(model, shaper, placement)``. A spec without calibration is returned as
@@ -107,9 +137,15 @@ def calibrate(model: nn.Module, spec: str | Shaper, loader: FitData,
     return calibrate_shapers([shaper], model, placement, lambda: fit_batches(loader), None, max_samples, device)[0]
 
 
-def calibrate_shapers(shapers: list[Shaper], model: nn.Module, placement: str,
-                      loader_factory: Callable[[], Iterable[Any] | None], cache_key: dict[str, Any] | None,
-                      max_samples: int | None = None, device: torch.device | None = None) -> list[Shaper]:
+def calibrate_shapers(
+    shapers: list[Shaper],
+    model: nn.Module,
+    placement: str,
+    loader_factory: Callable[[], Iterable[Any] | None],
+    cache_key: dict[str, Any] | None,
+    max_samples: int | None = None,
+    device: torch.device | None = None,
+) -> list[Shaper]:
     """``shapers`` with every calibrated one replaced by its version fitted on ID statistics of ``model`` at
     ``placement`` (the others unchanged). The statistics come from the cache or, on a miss, from one pass over
     ``loader_factory()`` (its first ``max_samples`` samples if given) on ``device`` (default: the model's).
@@ -212,13 +248,21 @@ def _images(batch: Any) -> Tensor:
     the data module skipped)."""
     images, index = batch_part(batch, "images"), batch_part(batch, "index")
     if images is None:
-        raise UserError(f"cannot find the images in a batch of the ID fit data ({describe_batch(batch)}). "
-                        f"Fix: yield them as {expected_layout('images')}.")
+        raise UserError(
+            f"cannot find the images in a batch of the ID fit data ({describe_batch(batch)}). "
+            f"Fix: yield them as {expected_layout('images')}."
+        )
     return images[index >= 0] if index is not None and index.shape == images.shape[:1] else images
 
 
-def collect_stats(model: nn.Module, placement: str, loader: Iterable[Any], request: StatsRequest,
-                  max_samples: int | None = None, device: torch.device | None = None) -> IDStats:
+def collect_stats(
+    model: nn.Module,
+    placement: str,
+    loader: Iterable[Any],
+    request: StatsRequest,
+    max_samples: int | None = None,
+    device: torch.device | None = None,
+) -> IDStats:
     """``request``'s ID statistics from one pass of ``model`` (eval mode, inference mode, on ``device``, default
     the model's) over the first ``max_samples`` samples (default all) of ``loader``; see the module docstring."""
     if max_samples is not None and max_samples < 1:
@@ -247,8 +291,10 @@ def collect_stats(model: nn.Module, placement: str, loader: Iterable[Any], reque
             hook.remove()
         model.train(was_training)
     if not seen:
-        raise UserError("the ID fit data (data.fit, or the fit_dataloader given) has no samples, so calibrated "
-                        "shapers cannot be fitted. Fix: give a non-empty ID data set.")
+        raise UserError(
+            "the ID fit data (data.fit, or the fit_dataloader given) has no samples, so calibrated "
+            "shapers cannot be fitted. Fix: give a non-empty ID data set."
+        )
     qs = np.array(sorted(request.percentiles), dtype=np.float64)  # an array of q: interpolated in float64
     found = np.percentile(values.values().numpy(), qs) if len(qs) else []
     return IDStats({q: float(v) for q, v in zip(qs, found)}, unit_mean.mean() if request.mean else None, seen)
@@ -273,14 +319,21 @@ def _read_cache(path: Path) -> IDStats:
 
 def _write_cache(path: Path, key: dict[str, Any], stats: IDStats) -> None:
     """Write ``stats`` to ``path`` atomically; warn (and carry on) if the cache folder is not writable."""
-    entry = {"key": key, "n_samples": stats.n_samples, "percentiles": sorted(stats.percentiles.items()),
-             "mean": None if stats.mean is None else stats.mean.tolist()}
+    entry = {
+        "key": key,
+        "n_samples": stats.n_samples,
+        "percentiles": sorted(stats.percentiles.items()),
+        "mean": None if stats.mean is None else stats.mean.tolist(),
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda tmp: Path(tmp).write_text(_json(entry)))
     except OSError as err:
-        warnings.warn(f"could not write the calibration cache {path} ({err}); the next run collects the ID "
-                      f"statistics again. Fix: set {CACHE_ENV} to a writable folder.", stacklevel=3)
+        warnings.warn(
+            f"could not write the calibration cache {path} ({err}); the next run collects the ID "
+            f"statistics again. Fix: set {CACHE_ENV} to a writable folder.",
+            stacklevel=3,
+        )
 
 
 def fit_loader_of(trainer: Any) -> DataLoader | None:

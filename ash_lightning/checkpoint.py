@@ -1,4 +1,5 @@
 """Loading a local checkpoint into a backbone, with errors that say what does not fit and how to fix it."""
+
 from __future__ import annotations
 
 import os
@@ -20,23 +21,29 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     path = expand_set_vars(path, "model.checkpoint_path")
     if not os.path.isfile(path):
         found = "is a folder, not a file" if os.path.isdir(path) else "not found"
-        raise UserError(f"checkpoint {path!r} {found}. Fix: point checkpoint_path at an existing "
-                        "file (environment variables such as $DATASETS are expanded).")
+        raise UserError(
+            f"checkpoint {path!r} {found}. Fix: point checkpoint_path at an existing "
+            "file (environment variables such as $DATASETS are expanded)."
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (unpickling arbitrary bytes fails with any type: KeyError, EOFError...)
         reason = str(err).strip().split("\n")[0]
         reason = reason if len(reason) <= 200 else reason[:200] + "..."
-        raise UserError(f"could not read checkpoint {path!r} ({err.__class__.__name__}: {reason}). "
-                        "Fix: it must be a file written by torch.save (a state_dict or a Lightning "
-                        ".ckpt); re-download it if it is truncated or unreadable.") from err
+        raise UserError(
+            f"could not read checkpoint {path!r} ({err.__class__.__name__}: {reason}). "
+            "Fix: it must be a file written by torch.save (a state_dict or a Lightning "
+            ".ckpt); re-download it if it is truncated or unreadable."
+        ) from err
     for key in _NESTING_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise UserError(f"checkpoint {path!r} holds no state_dict (found {type(obj).__name__}). Fix: save "
-                        "model.state_dict(), or a dict with it under 'state_dict' or 'model'.")
+        raise UserError(
+            f"checkpoint {path!r} holds no state_dict (found {type(obj).__name__}). Fix: save "
+            "model.state_dict(), or a dict with it under 'state_dict' or 'model'."
+        )
     return dict(obj)
 
 
@@ -45,7 +52,7 @@ def strip_wrapper_prefix(state_dict: Mapping[str, Tensor], expected: set[str]) -
     sd = dict(state_dict)
     for prefix in _WRAPPER_PREFIXES:
         if not expected.intersection(sd) and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -60,14 +67,26 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
     sd = strip_wrapper_prefix(read_state_dict(path), set(own))
     missing = sorted(k for k in set(own) - set(sd) if not k.endswith("num_batches_tracked"))  # BN defaults it
     unexpected = sorted(set(sd) - set(own))
-    mismatched = sorted(f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                        for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
+    mismatched = sorted(
+        f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(sd) & set(own)
+        if sd[k].shape != own[k].shape
+    )
     if mismatched or (strict and (missing or unexpected)):
-        problems = [f"{label} ({len(keys)}): {_listing(keys)}" for label, keys in
-                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-                    if keys]
-        raise UserError(f"checkpoint {str(path)!r} does not fit {model.__class__.__name__}: "
-                        + "; ".join(problems) + ". Fix: check `backbone` and `num_classes` against the "
-                        "checkpoint, or set strict_loading: false to load the keys that fit.")
+        problems = [
+            f"{label} ({len(keys)}): {_listing(keys)}"
+            for label, keys in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", mismatched),
+            )
+            if keys
+        ]
+        raise UserError(
+            f"checkpoint {str(path)!r} does not fit {model.__class__.__name__}: "
+            + "; ".join(problems)
+            + ". Fix: check `backbone` and `num_classes` against the "
+            "checkpoint, or set strict_loading: false to load the keys that fit."
+        )
     model.load_state_dict(sd, strict=strict)
     return model

@@ -8,6 +8,7 @@ status 2, also when a DataLoader worker raised them or another exception wraps t
 ``ASH_DEBUG=1`` (or pass ``--debug``) to see the full traceback. Anything else propagates with its traceback.
 A run stopped by SIGTERM or Ctrl+C keeps the data sets it finished and exits 143 or 130 (128 + the signal).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,13 +61,23 @@ class _CLI:
             def after_test(self) -> None:
                 check_batches_evaluated(self.trainer.num_test_batches)
 
-        OODCLI(OODEvalModule, OODDataModule, args=args, save_config_kwargs={"overwrite": True},
-               trainer_defaults={"callbacks": [StopAfterBatchOnCtrlC()],
-                                 "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-                                            "init_args": {"save_dir": "runs", "name": "ood",
-                                                          "default_hp_metric": False}}},
-               parser_kwargs={"description": "Evaluate activation shaping for OOD detection on any timm backbone.",
-                              "exit_on_error": False})
+        OODCLI(
+            OODEvalModule,
+            OODDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "callbacks": [StopAfterBatchOnCtrlC()],
+                "logger": {
+                    "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "ood", "default_hp_metric": False},
+                },
+            },
+            parser_kwargs={
+                "description": "Evaluate activation shaping for OOD detection on any timm backbone.",
+                "exit_on_error": False,
+            },
+        )
 
 
 def check_accelerator(accelerator: object) -> None:
@@ -77,18 +88,23 @@ def check_accelerator(accelerator: object) -> None:
         return
     kinds = {"gpu": ("cuda", "mps")}.get(accelerator, (accelerator,))
     if all(k in AcceleratorRegistry for k in kinds) and not any(
-            AcceleratorRegistry[k]["accelerator"].is_available() for k in kinds):
-        raise UserError(f"trainer.accelerator: {accelerator!r}, but this machine has no such device. Fix: set "
-                        "trainer.accelerator: cpu (or auto, which picks a GPU when there is one).")
+        AcceleratorRegistry[k]["accelerator"].is_available() for k in kinds
+    ):
+        raise UserError(
+            f"trainer.accelerator: {accelerator!r}, but this machine has no such device. Fix: set "
+            "trainer.accelerator: cpu (or auto, which picks a GPU when there is one)."
+        )
 
 
 def check_batches_evaluated(num_batches: list[int | float]) -> None:
     """A UserError when the test loop had no batch to evaluate (e.g. ``trainer.limit_test_batches: 0``): Lightning
     then skips testing silently, with no table, no file and exit status 0."""
     if not sum(num_batches):
-        raise UserError("no test batch was evaluated, so there are no results (trainer.limit_test_batches is 0, or "
-                        "every data set gives 0 batches). Fix: remove trainer.limit_test_batches or set it to a "
-                        "positive count or fraction.")
+        raise UserError(
+            "no test batch was evaluated, so there are no results (trainer.limit_test_batches is 0, or "
+            "every data set gives 0 batches). Fix: remove trainer.limit_test_batches or set it to a "
+            "positive count or fraction."
+        )
 
 
 class _ReportParser(argparse.ArgumentParser):
@@ -119,16 +135,23 @@ def report(args: list[str]) -> None:
     path = opts.path
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     json_path, _ = write_results(results, directory)
-    missing = f"\nNot in the saved scores (the run stopped before them): {', '.join(results['missing'])}" \
-        if results["missing"] else ""
+    missing = (
+        f"\nNot in the saved scores (the run stopped before them): {', '.join(results['missing'])}"
+        if results["missing"]
+        else ""
+    )
     print(format_table(results) + f"\n\nRecomputed from saved scores; written to {json_path}{missing}")
 
 
 # Lightning's informational lines that a user of this tool cannot act on: the litlogger/litmodels tips, the
 # accelerator inventory and the seed line. They are logged (rank_zero_info) to these loggers.
 LIGHTNING_CHATTER = re.compile(r"💡 Tip:|(GPU|TPU|HPU|IPU|MPS) available|Seed set to")
-LIGHTNING_INFO_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
-                          "lightning_fabric.utilities.seed", "lightning.fabric.utilities.seed")
+LIGHTNING_INFO_LOGGERS = (
+    "pytorch_lightning.utilities.rank_zero",
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning_fabric.utilities.seed",
+    "lightning.fabric.utilities.seed",
+)
 
 
 class _DropChatter(logging.Filter):
@@ -195,10 +218,13 @@ def command_help(args: list[str]) -> int | None:
         print(REPORT_USAGE)
         return 0
     if args[0] in TRAINING_COMMANDS:
-        print(f"error: `main.py {args[0]}` is not available: this tool evaluates trained models (test, predict, "
-              "report). Fix: train your model with Lightning (`Trainer.fit(model, datamodule)` or your own "
-              "LightningCLI), then evaluate its checkpoint with `main.py test --config ... "
-              "--model.checkpoint_path <checkpoint>`.", file=sys.stderr)
+        print(
+            f"error: `main.py {args[0]}` is not available: this tool evaluates trained models (test, predict, "
+            "report). Fix: train your model with Lightning (`Trainer.fit(model, datamodule)` or your own "
+            "LightningCLI), then evaluate its checkpoint with `main.py test --config ... "
+            "--model.checkpoint_path <checkpoint>`.",
+            file=sys.stderr,
+        )
         return 2
     return None
 
@@ -248,11 +274,15 @@ def user_error(err: BaseException) -> UserError | None:
     for cause in chain:
         reason = " ".join(str(cause).split()).rstrip(".")
         if isinstance(cause, ArgumentError):
-            return UserError(f"invalid configuration: {reason}. Fix: correct the key or value in the config file "
-                             "or command line; `python main.py test --help` lists every accepted key and its type.")
+            return UserError(
+                f"invalid configuration: {reason}. Fix: correct the key or value in the config file "
+                "or command line; `python main.py test --help` lists every accepted key and its type."
+            )
         if isinstance(cause, MisconfigurationException):
-            return UserError(f"invalid trainer setting: {reason}. Fix: change the trainer option it names in the "
-                             "config (`python main.py test --help` lists them).")
+            return UserError(
+                f"invalid trainer setting: {reason}. Fix: change the trainer option it names in the "
+                "config (`python main.py test --help` lists them)."
+            )
     return None
 
 

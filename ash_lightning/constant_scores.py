@@ -1,4 +1,5 @@
 """A check for score columns that cannot rank anything: every sample of a batch got the same score."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -16,11 +17,15 @@ def constant_score_warning(scores: Tensor, runs: Sequence[Mapping[str, str]]) ->
     if len(scores) < 2:
         return None
     constant = (scores == scores[:1]).all(dim=0) & torch.isfinite(scores[0])
-    names = [f"{runs[r]['shaping']} + {runs[r]['score']}" if r < len(runs) else f"run {r}"
-             for r in torch.nonzero(constant).flatten().tolist()]
+    names = [
+        f"{runs[r]['shaping']} + {runs[r]['score']}" if r < len(runs) else f"run {r}"
+        for r in torch.nonzero(constant).flatten().tolist()
+    ]
     if not names:
         return None
-    return (f"every sample of the first batch has the same score under {', '.join(names)}: such a score cannot "
-            "separate ID from OOD data (AUROC 0.5). Likely cause: the shaping removes every activation (e.g. "
-            "react@t with t <= 0, or a percentile that keeps nothing), or the backbone gives the same logits for "
-            "every input (untrained or wrong checkpoint). Fix: check model.shaping and the weights.")
+    return (
+        f"every sample of the first batch has the same score under {', '.join(names)}: such a score cannot "
+        "separate ID from OOD data (AUROC 0.5). Likely cause: the shaping removes every activation (e.g. "
+        "react@t with t <= 0, or a percentile that keeps nothing), or the backbone gives the same logits for "
+        "every input (untrained or wrong checkpoint). Fix: check model.shaping and the weights."
+    )

@@ -8,6 +8,7 @@
 3. Runs ``main.py test`` on a generated config (a copy ships as ``configs/demo_digits.yaml``): energy,
    ASH-S, ASH-B and SCALE in one sweep, logged to TensorBoard under ``runs/demo``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,12 @@ PHOTO_PATCHES = 300
 NOISE_SAMPLES = 300
 CHECKPOINT = f"digits_0_4_{BACKBONE}.pt"
 CONFIG = "demo_digits.yaml"
-FILES = {"train": "digits_0_4_train.npz", "test": "digits_0_4_test.npz", "digits_5_9": "digits_5_9.npz",
-         "photos": "photos.npz"}
+FILES = {
+    "train": "digits_0_4_train.npz",
+    "test": "digits_0_4_test.npz",
+    "digits_5_9": "digits_5_9.npz",
+    "photos": "photos.npz",
+}
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,7 @@ def _photo_patches(count: int, rng: np.random.Generator) -> np.ndarray:
         side = int(rng.integers(IMAGE_SIZE, 3 * IMAGE_SIZE + 1))
         top = int(rng.integers(0, photo.shape[0] - side + 1))
         left = int(rng.integers(0, photo.shape[1] - side + 1))
-        patches.append(_resize(photo[top:top + side, left:left + side]))
+        patches.append(_resize(photo[top : top + side, left : left + side]))
     return np.stack(patches)
 
 
@@ -108,8 +113,7 @@ def build_datasets(directory: Path) -> dict[str, Path]:
     images = np.stack([_resize((img * (255 / 16)).round().astype(np.uint8)) for img in digits.images])
     labels = digits.target.astype(np.int64)
     in_dist = np.flatnonzero(np.isin(labels, ID_CLASSES))
-    train, test = train_test_split(in_dist, test_size=HELD_OUT_FRACTION, random_state=SEED,
-                                   stratify=labels[in_dist])
+    train, test = train_test_split(in_dist, test_size=HELD_OUT_FRACTION, random_state=SEED, stratify=labels[in_dist])
     near = np.flatnonzero(~np.isin(labels, ID_CLASSES))
     paths = {name: directory / file for name, file in FILES.items()}
     for name, index in (("train", np.sort(train)), ("test", np.sort(test)), ("digits_5_9", near)):
@@ -128,19 +132,31 @@ def demo_config(data_dir: str, runs_dir: str = str(DEFAULT_RUNS), version: int |
         logger_args["version"] = version
     return {
         "seed_everything": SEED,
-        "model": {"backbone": BACKBONE, "checkpoint_path": f"{data_dir}/{CHECKPOINT}", "num_classes": len(ID_CLASSES),
-                  "shaping": list(SHAPING), "placement": "penultimate", "score": "energy"},
+        "model": {
+            "backbone": BACKBONE,
+            "checkpoint_path": f"{data_dir}/{CHECKPOINT}",
+            "num_classes": len(ID_CLASSES),
+            "shaping": list(SHAPING),
+            "placement": "penultimate",
+            "score": "energy",
+        },
         "data": {
             "id": {"kind": "npz", "path": f"{data_dir}/{FILES['test']}", "name": "digits_0_4"},
-            "ood": {"digits_5_9": {"kind": "npz", "path": f"{data_dir}/{FILES['digits_5_9']}"},
-                    "photos": {"kind": "npz", "path": f"{data_dir}/{FILES['photos']}"},
-                    "noise": {"kind": "gaussian", "num_samples": NOISE_SAMPLES, "size": IMAGE_SIZE}},
+            "ood": {
+                "digits_5_9": {"kind": "npz", "path": f"{data_dir}/{FILES['digits_5_9']}"},
+                "photos": {"kind": "npz", "path": f"{data_dir}/{FILES['photos']}"},
+                "noise": {"kind": "gaussian", "num_samples": NOISE_SAMPLES, "size": IMAGE_SIZE},
+            },
             "groups": {"near": ["digits_5_9"], "far": ["photos", "noise"]},
             "batch_size": 256,
             "num_workers": 0,
         },
-        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-                    "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": logger_args}},
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": logger_args},
+        },
     }
 
 
@@ -167,15 +183,18 @@ class DigitsClassifier(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         metrics = self.trainer.callback_metrics
-        print(f"  epoch {self.current_epoch + 1}/{self.epochs}: loss {float(metrics['train/loss_epoch']):.3f}, "
-              f"held-out accuracy {100 * float(metrics['val/accuracy']):.1f}% "
-              f"({time.monotonic() - self.started:.0f} s)", flush=True)
+        print(
+            f"  epoch {self.current_epoch + 1}/{self.epochs}: loss {float(metrics['train/loss_epoch']):.3f}, "
+            f"held-out accuracy {100 * float(metrics['val/accuracy']):.1f}% "
+            f"({time.monotonic() - self.started:.0f} s)",
+            flush=True,
+        )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.SGD(self.parameters(), lr=LEARNING_RATE, momentum=0.9, nesterov=True,
-                                    weight_decay=5e-4)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LEARNING_RATE,
-                                                       total_steps=self.trainer.estimated_stepping_batches)
+        optimizer = torch.optim.SGD(self.parameters(), lr=LEARNING_RATE, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=LEARNING_RATE, total_steps=self.trainer.estimated_stepping_batches
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -186,21 +205,32 @@ def _transformed(path: Path, transform: Any) -> TensorDataset:
     return TensorDataset(torch.stack([transform(img) for img in images]), torch.tensor(targets))
 
 
-def train_backbone(paths: dict[str, Path], eval_data: dict[str, Any], checkpoint: Path, runs_dir: Path,
-                   epochs: int) -> None:
+def train_backbone(
+    paths: dict[str, Path], eval_data: dict[str, Any], checkpoint: Path, runs_dir: Path, epochs: int
+) -> None:
     """Train on ``paths["train"]`` (validating on ``paths["test"]``) with the transform that the evaluation's
     ``OODDataModule(**eval_data)`` applies, and save the backbone's state_dict to ``checkpoint``."""
     pl.seed_everything(SEED, verbose=False)
     transform = create_transform(**OODDataModule(**eval_data, backbone=BACKBONE).data_config(), is_training=False)
-    train = DataLoader(_transformed(paths["train"], transform), batch_size=BATCH_SIZE, shuffle=True,
-                       generator=torch.Generator().manual_seed(SEED))
+    train = DataLoader(
+        _transformed(paths["train"], transform),
+        batch_size=BATCH_SIZE,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(SEED),
+    )
     held_out = DataLoader(_transformed(paths["test"], transform), batch_size=256)
     module = DigitsClassifier(epochs)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs,
-                         logger=TensorBoardLogger(runs_dir / "demo", name="training", default_hp_metric=False),
-                         log_every_n_steps=5,
-                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                         num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        logger=TensorBoardLogger(runs_dir / "demo", name="training", default_hp_metric=False),
+        log_every_n_steps=5,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, train, held_out)
     write_atomically(checkpoint, lambda tmp: torch.save(module.model.state_dict(), tmp))
 
@@ -263,8 +293,10 @@ def run_demo(directory: Path, runs_dir: Path = DEFAULT_RUNS, epochs: int = EPOCH
         print(f"Reusing the cached checkpoint {_shown(checkpoint)} (pass --retrain to train again).")
     config_path = directory / CONFIG
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    print(f"Evaluating {', '.join(SHAPING)} (energy score): {_venv_command('python')} main.py test --config "
-          f"{_shown(config_path)}")
+    print(
+        f"Evaluating {', '.join(SHAPING)} (energy score): {_venv_command('python')} main.py test --config "
+        f"{_shown(config_path)}"
+    )
     if _evaluate(config_path) != 0:
         raise UserError("the evaluation stopped; its message is above.")
     log_dir = runs_dir / "demo"
@@ -283,27 +315,38 @@ def _venv_command(name: str) -> str:
 def next_steps(run: DemoRun) -> str:
     """The demo's closing lines: how to open its logs and results, and what to try next, as commands that paste."""
     python = _venv_command("python")
-    return "\n".join([
-        f"Open the logs in TensorBoard: {_venv_command('tensorboard')} --logdir {_shown(run.log_dir)}",
-        f"Recompute the table from the saved scores: {python} main.py report {_shown(run.results_json.parent)}",
-        "Next: your own data and model. Copy configs/demo_digits.yaml, point data.id / data.ood at your data sets "
-        "and model.backbone / model.checkpoint_path at your network, then",
-        f"  {python} main.py test --config <your config>.yaml",
-        "README.md, \"Usage\": the command line, the callbacks in your own Lightning project, the functional API.",
-    ])
+    return "\n".join(
+        [
+            f"Open the logs in TensorBoard: {_venv_command('tensorboard')} --logdir {_shown(run.log_dir)}",
+            f"Recompute the table from the saved scores: {python} main.py report {_shown(run.results_json.parent)}",
+            "Next: your own data and model. Copy configs/demo_digits.yaml, point data.id / data.ood at your data sets "
+            "and model.backbone / model.checkpoint_path at your network, then",
+            f"  {python} main.py test --config <your config>.yaml",
+            'README.md, "Usage": the command line, the callbacks in your own Lightning project, the functional API.',
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line of the demo; returns the exit status (2 with one message for errors a user can cause)."""
-    parser = argparse.ArgumentParser(prog="python -m ash_lightning.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get(DIR_ENV) or DEFAULT_DIR),
-                        help=f"data and checkpoint folder (default: ${DIR_ENV} or {DEFAULT_DIR})")
+    parser = argparse.ArgumentParser(
+        prog="python -m ash_lightning.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get(DIR_ENV) or DEFAULT_DIR),
+        help=f"data and checkpoint folder (default: ${DIR_ENV} or {DEFAULT_DIR})",
+    )
     parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS, help="TensorBoard folder (default: runs)")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default: {EPOCHS})")
     parser.add_argument("--retrain", action="store_true", help="train even when a cached checkpoint exists")
-    parser.add_argument("--threads", type=int, default=THREADS,
-                        help=f"CPU threads for torch (default: {THREADS}, the fastest on a busy 2-core machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS,
+        help=f"CPU threads for torch (default: {THREADS}, the fastest on a busy 2-core machine)",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.threads < 1:
         parser.error("--epochs and --threads must be at least 1")
@@ -316,11 +359,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        print(f"error: {err}. Fix: choose writable folders with --cache-dir (or ${DIR_ENV}) and --runs-dir.",
-              file=sys.stderr)
+        print(
+            f"error: {err}. Fix: choose writable folders with --cache-dir (or ${DIR_ENV}) and --runs-dir.",
+            file=sys.stderr,
+        )
         return 2
-    print(f"\nDemo finished in {time.monotonic() - started:.0f} s; TensorBoard logs (training and evaluation) in "
-          f"{_shown(run.log_dir)}.\n{next_steps(run)}")
+    print(
+        f"\nDemo finished in {time.monotonic() - started:.0f} s; TensorBoard logs (training and evaluation) in "
+        f"{_shown(run.log_dir)}.\n{next_steps(run)}"
+    )
     return 0
 
 

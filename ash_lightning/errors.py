@@ -1,4 +1,5 @@
 """The error type for mistakes a user can cause: ``main.py`` prints its message without a traceback."""
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Files: user paths with ``~`` and ``$VARS`` expanded, and writes that readers never see half done."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,10 @@ def expand_set_vars(path: str | os.PathLike[str], what: str) -> str:
     unset = sorted({m["braced"] or m["bare"] for m in _VARIABLE.finditer(str(path))} - set(os.environ))
     if unset:
         names = " and ".join(unset)
-        raise UserError(f"{what}: path {str(path)!r} uses {names}, which {'is' if len(unset) == 1 else 'are'} not "
-                        f"set. Fix: export {unset[0]}=/path/to/data before running, or give the full path.")
+        raise UserError(
+            f"{what}: path {str(path)!r} uses {names}, which {'is' if len(unset) == 1 else 'are'} not "
+            f"set. Fix: export {unset[0]}=/path/to/data before running, or give the full path."
+        )
     return expand_user_vars(path)
 
 
@@ -35,11 +38,14 @@ def writable_directory(path: str | os.PathLike[str], what: str) -> str:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
         problem = "is a file, not a folder" if os.path.isfile(path) else f"cannot be created ({err.strerror})"
-        raise UserError(f"{what}: output folder {path!r} {problem}. Fix: point it at a folder you can write to.") \
-            from err
+        raise UserError(
+            f"{what}: output folder {path!r} {problem}. Fix: point it at a folder you can write to."
+        ) from err
     if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"{what}: output folder {path!r} is not writable. Fix: point it at a folder you can write "
-                        "to, or change its permissions.")
+        raise UserError(
+            f"{what}: output folder {path!r} is not writable. Fix: point it at a folder you can write "
+            "to, or change its permissions."
+        )
     return path
 
 

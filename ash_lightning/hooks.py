@@ -41,8 +41,9 @@ def _feature_candidates(model: nn.Module, count: int = 4) -> str:
     names: list[str] = []
     for name, module in model.named_modules():
         kind = type(module).__name__
-        if ("Adaptive" in kind or "Global" in kind or kind == "Flatten") and \
-                not any(name.startswith(f"{outer}.") for outer in names):
+        if ("Adaptive" in kind or "Global" in kind or kind == "Flatten") and not any(
+            name.startswith(f"{outer}.") for outer in names
+        ):
             names.append(name)
     return ", ".join(map(repr, names[-count:])) or _last_children(model, count)
 
@@ -64,8 +65,7 @@ def _classifier(model: nn.Module) -> nn.Module:
         return classifier
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):
-        problem = (f"has no classifier (get_classifier() returned {type(get_classifier()).__name__}, "
-                   "e.g. num_classes=0)")
+        problem = f"has no classifier (get_classifier() returned {type(get_classifier()).__name__}, e.g. num_classes=0)"
     else:
         problem = "has neither get_classifier() (timm) nor an nn.Linear layer"
     raise ValueError(

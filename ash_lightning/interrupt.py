@@ -5,6 +5,7 @@ iterator being built or torn down) it is swallowed by ``__del__`` with a traceba
 to exit 0. Deferring it to the end of the current batch stops the run the same way every time: Lightning calls
 ``on_exception`` (the finished sets are saved) and ``main.py`` exits 130. A second Ctrl+C stops at once.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,15 @@ class StopAfterBatchOnCtrlC(pl.Callback):
         if self._previous is None:
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
 
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if self._requested:
             raise KeyboardInterrupt
 

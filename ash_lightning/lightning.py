@@ -6,13 +6,16 @@
 ``ash_lightning.module.OODEvalModule`` and ``ash_lightning.data.OODDataModule`` are the same code as
 ``pytorch_lightning`` classes; see ``ash_lightning.lightning_packages`` for why there are two.
 """
+
 from __future__ import annotations
 
 try:
     import lightning.pytorch as lp
 except ImportError as err:
-    raise ImportError("ash_lightning.lightning needs the lightning package. Fix: pip install lightning, or use "
-                      "ash_lightning.module / ash_lightning.data with pytorch_lightning.") from err
+    raise ImportError(
+        "ash_lightning.lightning needs the lightning package. Fix: pip install lightning, or use "
+        "ash_lightning.module / ash_lightning.data with pytorch_lightning."
+    ) from err
 
 from ash_lightning.callbacks import ActivationShapingCallback, OODMetricsCallback
 from ash_lightning.data.datamodule import OODDataModuleMixin

@@ -14,6 +14,7 @@ The two packages ship the same code under two names, and each Trainer and Lightn
 * Loggers are recognised by what they hold, not by their class: a TensorBoard logger is one whose
   ``experiment`` writes histograms and figures (a ``SummaryWriter``), whichever package made it.
 """
+
 from __future__ import annotations
 
 import importlib

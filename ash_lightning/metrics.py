@@ -126,8 +126,7 @@ def ood_metrics(
     }
 
 
-def _openood_fpr(id_eq: np.ndarray, ood_eq: np.ndarray, id_le: np.ndarray, ood_le: np.ndarray,
-                 tpr: float) -> float:
+def _openood_fpr(id_eq: np.ndarray, ood_eq: np.ndarray, id_le: np.ndarray, ood_le: np.ndarray, tpr: float) -> float:
     """OpenOOD's ``fpr_list[argmax(tpr_list >= tpr)]`` of ``roc_curve(is_ood, -scores)``, from per-distinct-score
     counts in ascending score order: the first threshold the curve keeps with OOD recall >= ``tpr``.
 
@@ -146,9 +145,7 @@ def unique_by_index(index: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
     ``tensors`` are aligned with ``index`` along dim 0 (e.g. samples repeated by DistributedSampler padding).
     """
     if index.ndim != 1 or index.is_floating_point() or index.is_complex():
-        raise ValueError(
-            f"index must be a 1-D integer tensor, got dtype {index.dtype} and shape {tuple(index.shape)}."
-        )
+        raise ValueError(f"index must be a 1-D integer tensor, got dtype {index.dtype} and shape {tuple(index.shape)}.")
     for position, tensor in enumerate(tensors):
         if tensor.shape[:1] != index.shape:
             raise ValueError(

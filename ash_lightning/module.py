@@ -7,6 +7,7 @@ pass per batch where the placement allows it (see ``ash_lightning.sweep``). ``te
 The code lives in ``OODEvalModuleMixin``; ``OODEvalModule`` here is its ``pytorch_lightning`` class and
 ``ash_lightning.lightning.OODEvalModule`` its ``lightning.pytorch`` one (see ``ash_lightning.lightning_packages``).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -40,15 +41,18 @@ def _user_spec(resolve: Any, spec: str, what: str) -> Any:
         raise UserError(f"model.{what}: {err}") from err
 
 
-def _check_options(shapings: list[str], scores: list[str], calibration_samples: int | None,
-                   num_classes: int | None) -> None:
+def _check_options(
+    shapings: list[str], scores: list[str], calibration_samples: int | None, num_classes: int | None
+) -> None:
     """UserErrors for a shaping or score listed twice (normalised specs: each would be evaluated, and reported,
     twice) and for counts out of range."""
     for key, specs in (("model.shaping", shapings), ("model.score", scores)):
         repeated = next((spec for i, spec in enumerate(specs) if spec in specs[:i]), None)
         if repeated is not None:
-            raise UserError(f"{key} lists {repeated!r} twice (as written, or as the same setting written two "
-                            f"ways); each entry is evaluated once. Fix: remove the repeat from {key}.")
+            raise UserError(
+                f"{key} lists {repeated!r} twice (as written, or as the same setting written two "
+                f"ways); each entry is evaluated once. Fix: remove the repeat from {key}."
+            )
     if calibration_samples is not None:
         check_int("model.calibration_samples", calibration_samples, 1, 10000)
     if num_classes is not None:
@@ -72,10 +76,18 @@ class OODEvalModuleMixin:
         calibration_samples: at most this many ID fit samples for calibrated methods (default: all of data.fit).
     """
 
-    def __init__(self, backbone: str, pretrained: bool = False, checkpoint_path: str | None = None,
-                 strict_loading: bool = True, num_classes: int | None = None,
-                 shaping: str | list[str] = "ash_s@90", placement: str = "penultimate",
-                 score: str | list[str] = "energy", calibration_samples: int | None = None) -> None:
+    def __init__(
+        self,
+        backbone: str,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        strict_loading: bool = True,
+        num_classes: int | None = None,
+        shaping: str | list[str] = "ash_s@90",
+        placement: str = "penultimate",
+        score: str | list[str] = "energy",
+        calibration_samples: int | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.requested_shapers = [_user_spec(get_shaping, s, "shaping") for s in _as_list(shaping)]
@@ -83,16 +95,26 @@ class OODEvalModuleMixin:
         self.scores = [_user_spec(get_score, s, "score") for s in _as_list(score)]
         if not self.shapers or not self.scores:
             raise UserError("model.shaping and model.score need at least one entry each.")
-        _check_options([sh.spec for sh in self.requested_shapers], [sc.name for sc in self.scores],
-                       calibration_samples, num_classes)
-        self.model = create_backbone(backbone, pretrained=pretrained, num_classes=num_classes,
-                                     checkpoint_path=checkpoint_path, strict=strict_loading)
+        _check_options(
+            [sh.spec for sh in self.requested_shapers],
+            [sc.name for sc in self.scores],
+            calibration_samples,
+            num_classes,
+        )
+        self.model = create_backbone(
+            backbone,
+            pretrained=pretrained,
+            num_classes=num_classes,
+            checkpoint_path=checkpoint_path,
+            strict=strict_loading,
+        )
         for shaper in self.requested_shapers:  # attached and removed at once: an unfit placement fails here
             _user_spec(lambda p, s=shaper: attach_shaping(self.model, s, p).remove(), placement, "placement")
         warn_if_random_weights(backbone, pretrained=pretrained, checkpoint_path=checkpoint_path)
         self.placement = placement
-        self.runs = [{"shaping": sh.spec, "score": sc.name}
-                     for sh, sc in itertools.product(self.requested_shapers, self.scores)]
+        self.runs = [
+            {"shaping": sh.spec, "score": sc.name} for sh, sc in itertools.product(self.requested_shapers, self.scores)
+        ]
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the backbone with the first shaper attached."""
@@ -100,16 +122,30 @@ class OODEvalModuleMixin:
 
     def on_test_start(self) -> None:
         if len(self.shapers) > 1 and not runs_backbone_once(self.model, self.placement):
-            log.warning("placement %r is not inside forward_head: the full network runs once per shaping "
-                        "setting (%d settings)", self.placement, len(self.shapers))
+            log.warning(
+                "placement %r is not inside forward_head: the full network runs once per shaping setting (%d settings)",
+                self.placement,
+                len(self.shapers),
+            )
         if any(map(needs_calibration, self.requested_shapers)):
             hp, datamodule = self.hparams, self.trainer.datamodule
-            key = make_cache_key(hp.backbone, hp.checkpoint_path, getattr(datamodule, "hparams", {}).get("fit"),
-                                 pretrained=hp.pretrained, num_classes=hp.num_classes,
-                                 data_config=datamodule.data_config() if hasattr(datamodule, "data_config") else None)
-            self.shapers = calibrate_shapers(self.requested_shapers, self.model, self.placement,
-                                            lambda: fit_loader_of(self.trainer), key,
-                                            max_samples=hp.calibration_samples, device=self.device)
+            key = make_cache_key(
+                hp.backbone,
+                hp.checkpoint_path,
+                getattr(datamodule, "hparams", {}).get("fit"),
+                pretrained=hp.pretrained,
+                num_classes=hp.num_classes,
+                data_config=datamodule.data_config() if hasattr(datamodule, "data_config") else None,
+            )
+            self.shapers = calibrate_shapers(
+                self.requested_shapers,
+                self.model,
+                self.placement,
+                lambda: fit_loader_of(self.trainer),
+                key,
+                max_samples=hp.calibration_samples,
+                device=self.device,
+            )
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         x, targets, index = batch
@@ -117,9 +153,13 @@ class OODEvalModuleMixin:
         scores = torch.stack([score(lg) for lg in logits for score in self.scores], dim=1)  # (B, R)
         preds = logits.argmax(-1).repeat_interleave(len(self.scores), dim=0).T  # (B, R)
         single = len(self.runs) == 1
-        return {"logits": logits[0] if len(self.shapers) == 1 else logits.transpose(0, 1),
-                "scores": scores[:, 0] if single else scores, "preds": preds[:, 0] if single else preds,
-                "targets": targets, "index": index}
+        return {
+            "logits": logits[0] if len(self.shapers) == 1 else logits.transpose(0, 1),
+            "scores": scores[:, 0] if single else scores,
+            "preds": preds[:, 0] if single else preds,
+            "targets": targets,
+            "index": index,
+        }
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         return self.test_step(batch, batch_idx, dataloader_idx)

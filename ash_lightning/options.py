@@ -1,5 +1,6 @@
 """Option checks run where an option is parsed: each failure is one ``UserError`` naming the key, the bad value,
 the valid range and a fix, so a typo stops the run before anything is evaluated."""
+
 from __future__ import annotations
 
 import math
@@ -16,27 +17,32 @@ def _is_number(value: Any) -> bool:
 def check_int(key: str, value: Any, minimum: int, example: int) -> int:
     """``value`` as an int if it is an integer >= ``minimum``, else a UserError."""
     if not (_is_number(value) and float(value).is_integer()) or value < minimum:
-        raise UserError(f"{key}: {value!r} is out of range; valid: an integer >= {minimum}. "
-                        f"Fix: set {key}: {example}.")
+        raise UserError(f"{key}: {value!r} is out of range; valid: an integer >= {minimum}. Fix: set {key}: {example}.")
     return int(value)
 
 
-def check_range(key: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool,
-                example: float) -> float:
+def check_range(
+    key: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool, example: float
+) -> float:
     """``value`` as a float if it lies in the interval from ``low`` to ``high`` (open or closed ends), else a
     UserError, e.g. ``tpr`` in (0, 1]."""
-    inside = _is_number(value) and math.isfinite(value) and (value > low if low_open else value >= low) and (
-        value < high if high_open else value <= high)
+    inside = (
+        _is_number(value)
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high)
+    )
     if not inside:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise UserError(f"{key}: {value!r} is out of range; valid: a number in {interval}. "
-                        f"Fix: set {key}: {example}.")
+        raise UserError(f"{key}: {value!r} is out of range; valid: a number in {interval}. Fix: set {key}: {example}.")
     return float(value)
 
 
 def check_choice(key: str, value: Any, choices: Sequence[str]) -> str:
     """``value`` if it is one of ``choices``, else a UserError listing them."""
     if value not in choices:
-        raise UserError(f"{key}: {value!r} is not a valid choice; valid: one of {', '.join(map(repr, choices))}. "
-                        f"Fix: set {key}: {choices[0]}.")
+        raise UserError(
+            f"{key}: {value!r} is not a valid choice; valid: one of {', '.join(map(repr, choices))}. "
+            f"Fix: set {key}: {choices[0]}."
+        )
     return value

@@ -4,6 +4,7 @@ A *score store* maps each data set name to numpy arrays ``scores`` (N, R), ``tar
 and optionally ``preds`` (N, R), one column per run (a (shaping, score) pair). ``save_scores`` and
 ``load_scores`` keep it in ``scores.npz`` with the metadata needed to recompute every metric.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,8 +23,9 @@ Store = dict[str, dict[str, np.ndarray]]
 METRIC_LABELS = {"auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out"}
 
 
-def _set_metrics(id_scores: np.ndarray, sets: Mapping[str, np.ndarray], tpr: float, convention: str
-                 ) -> dict[str, dict[str, float]]:
+def _set_metrics(
+    id_scores: np.ndarray, sets: Mapping[str, np.ndarray], tpr: float, convention: str
+) -> dict[str, dict[str, float]]:
     return {name: ood_metrics(id_scores, s, tpr=tpr, convention=convention) for name, s in sets.items()}
 
 
@@ -39,16 +41,23 @@ def id_accuracy(arrays: Mapping[str, np.ndarray], column: int) -> float | None:
 
 def rank_runs(runs: Sequence[Mapping[str, Any]], key: str = "mean") -> list[int]:
     """Run positions sorted by mean FPR (ascending), then mean AUROC (descending)."""
+
     def order(i: int) -> tuple[float, float]:
         mean = runs[i][key]
         fpr = next(v for k, v in mean.items() if k.startswith("fpr"))
         return fpr, -mean["auroc"]
+
     return sorted(range(len(runs)), key=order)
 
 
-def compute_results(store: Store, loaders: Sequence[Mapping[str, str]], runs: Sequence[Mapping[str, str]],
-                    groups: Mapping[str, list[str]] | None = None, tpr: float = 0.95,
-                    convention: str = "paper") -> dict[str, Any]:
+def compute_results(
+    store: Store,
+    loaders: Sequence[Mapping[str, str]],
+    runs: Sequence[Mapping[str, str]],
+    groups: Mapping[str, list[str]] | None = None,
+    tpr: float = 0.95,
+    convention: str = "paper",
+) -> dict[str, Any]:
     """Per run: metrics per OOD set, their mean and group means, ID accuracy; a ranking; and, when
     validation sets are present, the run ``selected`` on them (lowest mean validation FPR, then AUROC)."""
     by_role: dict[str, list[str]] = {}
@@ -57,23 +66,39 @@ def compute_results(store: Store, loaders: Sequence[Mapping[str, str]], runs: Se
     (id_name,) = by_role["id"]
     out_runs = []
     for r, run in enumerate(runs):
-        per_set = _set_metrics(store[id_name]["scores"][:, r], {n: store[n]["scores"][:, r] for n in by_role["ood"]},
-                               tpr, convention)
+        per_set = _set_metrics(
+            store[id_name]["scores"][:, r], {n: store[n]["scores"][:, r] for n in by_role["ood"]}, tpr, convention
+        )
         entry = {**run, "id_accuracy": id_accuracy(store[id_name], r), "ood": per_set, **summarize(per_set, groups)}
         if "val_id" in by_role:
-            val = _set_metrics(store[by_role["val_id"][0]]["scores"][:, r],
-                               {n: store[n]["scores"][:, r] for n in by_role["val_ood"]}, tpr, convention)
+            val = _set_metrics(
+                store[by_role["val_id"][0]]["scores"][:, r],
+                {n: store[n]["scores"][:, r] for n in by_role["val_ood"]},
+                tpr,
+                convention,
+            )
             entry["validation"] = {"ood": val, "mean": summarize(val)["mean"]}
         out_runs.append(entry)
     results: dict[str, Any] = {
-        "runs": out_runs, "ranking": rank_runs(out_runs), "counts": {n: int(len(a["index"])) for n, a in store.items()},
-        "id": id_name, "ood_sets": by_role["ood"], "groups": dict(groups or {}), "tpr": tpr, "convention": convention,
+        "runs": out_runs,
+        "ranking": rank_runs(out_runs),
+        "counts": {n: int(len(a["index"])) for n, a in store.items()},
+        "id": id_name,
+        "ood_sets": by_role["ood"],
+        "groups": dict(groups or {}),
+        "tpr": tpr,
+        "convention": convention,
     }
     if "val_id" in by_role:
         best = rank_runs([r["validation"] for r in out_runs])[0]
-        results["selected"] = {"run": best, "shaping": out_runs[best]["shaping"], "score": out_runs[best]["score"],
-                               "validation_mean": out_runs[best]["validation"]["mean"],
-                               "test_mean": out_runs[best]["mean"], "test_ood": out_runs[best]["ood"]}
+        results["selected"] = {
+            "run": best,
+            "shaping": out_runs[best]["shaping"],
+            "score": out_runs[best]["score"],
+            "validation_mean": out_runs[best]["validation"]["mean"],
+            "test_mean": out_runs[best]["mean"],
+            "test_ood": out_runs[best]["ood"],
+        }
     return results
 
 
@@ -90,22 +115,38 @@ def format_table(results: Mapping[str, Any]) -> str:
     rows = [(name, m) for name, m in best["ood"].items()]
     rows += [(f"*{g}*", m) for g, m in best["groups"].items()] + [("**mean**", best["mean"])]
     lines = [f"**Warning: {note}**\n" for note in results.get("warnings", [])]
-    lines += [f"### {best['shaping']} + {best['score']}  (ID accuracy {_pct(best['id_accuracy'])}%, "
-             f"convention {results['convention']})", "", head.rstrip("\n")]
-    lines += [f"| {n} | {_pct(m[fkey])} | {_pct(m['auroc'])} | {_pct(m['aupr_in'])} | {_pct(m['aupr_out'])} |"
-              for n, m in rows]
+    lines += [
+        f"### {best['shaping']} + {best['score']}  (ID accuracy {_pct(best['id_accuracy'])}%, "
+        f"convention {results['convention']})",
+        "",
+        head.rstrip("\n"),
+    ]
+    lines += [
+        f"| {n} | {_pct(m[fkey])} | {_pct(m['auroc'])} | {_pct(m['aupr_in'])} | {_pct(m['aupr_out'])} |"
+        for n, m in rows
+    ]
     if len(runs) > 1:
-        lines += ["", f"### All {len(runs)} settings, ranked by mean {fkey.upper()} then mean AUROC", "",
-                  f"| rank | shaping | score | mean {fkey.upper()} ↓ | mean AUROC ↑ | mean AUPR-In ↑ | ID acc |",
-                  "|---:|---|---|---:|---:|---:|---:|"]
-        lines += [f"| {rank} | {runs[i]['shaping']} | {runs[i]['score']} | {_pct(runs[i]['mean'][fkey])} | "
-                  f"{_pct(runs[i]['mean']['auroc'])} | {_pct(runs[i]['mean']['aupr_in'])} | "
-                  f"{_pct(runs[i]['id_accuracy'])} |" for rank, i in enumerate(results["ranking"], start=1)]
+        lines += [
+            "",
+            f"### All {len(runs)} settings, ranked by mean {fkey.upper()} then mean AUROC",
+            "",
+            f"| rank | shaping | score | mean {fkey.upper()} ↓ | mean AUROC ↑ | mean AUPR-In ↑ | ID acc |",
+            "|---:|---|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {rank} | {runs[i]['shaping']} | {runs[i]['score']} | {_pct(runs[i]['mean'][fkey])} | "
+            f"{_pct(runs[i]['mean']['auroc'])} | {_pct(runs[i]['mean']['aupr_in'])} | "
+            f"{_pct(runs[i]['id_accuracy'])} |"
+            for rank, i in enumerate(results["ranking"], start=1)
+        ]
     if "selected" in results:
         sel = results["selected"]
-        lines += ["", f"Selected on validation data: **{sel['shaping']} + {sel['score']}** (validation mean "
-                  f"{fkey.upper()} {_pct(sel['validation_mean'][fkey])}; test mean {fkey.upper()} "
-                  f"{_pct(sel['test_mean'][fkey])}, AUROC {_pct(sel['test_mean']['auroc'])})"]
+        lines += [
+            "",
+            f"Selected on validation data: **{sel['shaping']} + {sel['score']}** (validation mean "
+            f"{fkey.upper()} {_pct(sel['validation_mean'][fkey])}; test mean {fkey.upper()} "
+            f"{_pct(sel['test_mean'][fkey])}, AUROC {_pct(sel['test_mean']['auroc'])})",
+        ]
     return "\n".join(lines)
 
 
@@ -122,8 +163,18 @@ def write_results(results: Mapping[str, Any], directory: str) -> tuple[str, str]
         for run in results["runs"]:
             rows = [*run["ood"].items(), *((f"group:{g}", m) for g, m in run["groups"].items()), ("mean", run["mean"])]
             for name, m in rows:
-                writer.writerow([run["shaping"], run["score"], name, m[fkey], m["auroc"], m["aupr_in"], m["aupr_out"],
-                                 run["id_accuracy"]])
+                writer.writerow(
+                    [
+                        run["shaping"],
+                        run["score"],
+                        name,
+                        m[fkey],
+                        m["auroc"],
+                        m["aupr_in"],
+                        m["aupr_out"],
+                        run["id_accuracy"],
+                    ]
+                )
     return json_path, csv_path
 
 
@@ -143,8 +194,10 @@ def load_scores(path: str) -> tuple[Store, dict[str, Any]]:
     if os.path.isdir(path):
         path = os.path.join(path, "scores.npz")
     if not os.path.isfile(path):
-        raise UserError(f"no saved scores at {path!r}. Fix: pass a run directory (it holds scores.npz) or the "
-                        "scores.npz file written by OODMetricsCallback.")
+        raise UserError(
+            f"no saved scores at {path!r}. Fix: pass a run directory (it holds scores.npz) or the "
+            "scores.npz file written by OODMetricsCallback."
+        )
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["__meta__"]))
@@ -153,15 +206,18 @@ def load_scores(path: str) -> tuple[Store, dict[str, Any]]:
                 if key != "__meta__":
                     name, _, field = key.rpartition("/")
                     store.setdefault(name, {})[field] = data[key]
-        missing = [k for k in _META_KEYS if k not in meta] + [f"{name}/{field}" for name, arrays in store.items()
-                                                               for field in _SET_FIELDS if field not in arrays]
+        missing = [k for k in _META_KEYS if k not in meta] + [
+            f"{name}/{field}" for name, arrays in store.items() for field in _SET_FIELDS if field not in arrays
+        ]
         if missing:
             raise KeyError(f"it lacks {', '.join(missing)}")
     except Exception as err:  # noqa: BLE001 (zipfile, zlib, EOF, JSON and format errors all mean "unreadable")
         reason = " ".join(str(err).split()) or "no data"
-        raise UserError(f"cannot read {path!r} as a scores.npz written by ash-lightning ({err.__class__.__name__}: "
-                        f"{reason[:200]}). Fix: pass the scores.npz of a run (rerun the evaluation if it was cut "
-                        "short).") from err
+        raise UserError(
+            f"cannot read {path!r} as a scores.npz written by ash-lightning ({err.__class__.__name__}: "
+            f"{reason[:200]}). Fix: pass the scores.npz of a run (rerun the evaluation if it was cut "
+            "short)."
+        ) from err
     return store, meta
 
 
@@ -176,10 +232,14 @@ def stopped_message(reason: str, names: Sequence[str], loaders: Sequence[Mapping
     metrics, or, before the first OOD set was finished, that there is nothing to report yet."""
     scores = os.path.join(directory, "scores.npz")
     if not reportable(names, loaders):
-        return (f"OOD evaluation stopped by {reason} before its first OOD set was finished "
-                f"(saved: {sorted(names) or 'nothing'}); there are no metrics to recompute. Fix: rerun it.")
-    return (f"OOD evaluation stopped by {reason}; the scores of {sorted(names)} are saved in {scores}. "
-            f"Recompute their metrics with: python main.py report {directory}")
+        return (
+            f"OOD evaluation stopped by {reason} before its first OOD set was finished "
+            f"(saved: {sorted(names) or 'nothing'}); there are no metrics to recompute. Fix: rerun it."
+        )
+    return (
+        f"OOD evaluation stopped by {reason}; the scores of {sorted(names)} are saved in {scores}. "
+        f"Recompute their metrics with: python main.py report {directory}"
+    )
 
 
 def random_weights_note(config: Mapping[str, Any]) -> str | None:
@@ -187,27 +247,42 @@ def random_weights_note(config: Mapping[str, Any]) -> str | None:
     model = config.get("model") or {}
     if "backbone" not in model or model.get("pretrained") or model.get("checkpoint_path"):
         return None
-    return (f"RANDOM WEIGHTS: backbone {model['backbone']!r} had no checkpoint_path and pretrained: false, so these "
-            "metrics describe an untrained network.")
+    return (
+        f"RANDOM WEIGHTS: backbone {model['backbone']!r} had no checkpoint_path and pretrained: false, so these "
+        "metrics describe an untrained network."
+    )
 
 
-def results_from_store(store: Store, meta: Mapping[str, Any], tpr: float | None = None,
-                       convention: str | None = None) -> dict[str, Any]:
+def results_from_store(
+    store: Store, meta: Mapping[str, Any], tpr: float | None = None, convention: str | None = None
+) -> dict[str, Any]:
     """Recompute the results of a (possibly partial) store, at the saved ``tpr``/``convention`` unless given:
     data sets missing from it (a run that stopped before them) are left out and listed under ``missing``."""
     if not reportable(list(store), meta["loaders"]):
-        raise UserError("the saved scores hold no complete ID set and OOD set pair (the run stopped before its "
-                        "first OOD set was finished); nothing to recompute. Fix: rerun the evaluation.")
+        raise UserError(
+            "the saved scores hold no complete ID set and OOD set pair (the run stopped before its "
+            "first OOD set was finished); nothing to recompute. Fix: rerun the evaluation."
+        )
     loaders = [info for info in meta["loaders"] if info["name"] in store]
     present = {info["name"] for info in loaders}
     groups = {g: [n for n in members if n in present] for g, members in (meta.get("groups") or {}).items()}
     groups = {g: m for g, m in groups.items() if m}
     if any(info["role"] == "val_ood" for info in loaders) != any(info["role"] == "val_id" for info in loaders):
         loaders = [info for info in loaders if not info["role"].startswith("val")]
-    results = compute_results(store, loaders, meta["runs"], groups, meta["tpr"] if tpr is None else tpr,
-                              meta["convention"] if convention is None else convention)
+    results = compute_results(
+        store,
+        loaders,
+        meta["runs"],
+        groups,
+        meta["tpr"] if tpr is None else tpr,
+        meta["convention"] if convention is None else convention,
+    )
     notes = [note for note in (random_weights_note(meta.get("config", {})),) if note]
-    return {**results, **({"warnings": notes} if notes else {}),
-            "missing": [info["name"] for info in meta["loaders"] if info["name"] not in store],
-            "skipped": meta.get("skipped", {}), "dropped_nonfinite": meta.get("dropped_nonfinite", {}),
-            "config": meta.get("config", {})}
+    return {
+        **results,
+        **({"warnings": notes} if notes else {}),
+        "missing": [info["name"] for info in meta["loaders"] if info["name"] not in store],
+        "skipped": meta.get("skipped", {}),
+        "dropped_nonfinite": meta.get("dropped_nonfinite", {}),
+        "config": meta.get("config", {}),
+    }

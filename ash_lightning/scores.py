@@ -104,8 +104,7 @@ def _parse_arg(spec: str, param: str, kind: type, text: str) -> float | int:
         return kind(text)
     except ValueError:
         raise ValueError(
-            f"Bad score spec {spec!r}: {param} must be {kind.__name__}, got {text!r}. "
-            f"Valid forms: {_VALID_FORMS}."
+            f"Bad score spec {spec!r}: {param} must be {kind.__name__}, got {text!r}. Valid forms: {_VALID_FORMS}."
         ) from None
 
 

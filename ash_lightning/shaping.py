@@ -241,8 +241,7 @@ def register_shaping(
         raise ValueError(f"Shaping name {name!r} must be non-empty and must not contain '@'.")
     if name in _REGISTRY and not replace:
         raise ValueError(
-            f"Shaping {name!r} is already registered ({_REGISTRY[name].usage}); "
-            "pass replace=True to override it."
+            f"Shaping {name!r} is already registered ({_REGISTRY[name].usage}); pass replace=True to override it."
         )
     _REGISTRY[name] = _Registration(factory, usage)
 
@@ -260,9 +259,7 @@ class _BuiltinFactory:
     def defaults(self) -> tuple[float, ...]:
         signature = inspect.signature(self.fn).parameters
         return tuple(
-            float(signature[p].default)
-            for p in self.param_names
-            if signature[p].default is not inspect.Parameter.empty
+            float(signature[p].default) for p in self.param_names if signature[p].default is not inspect.Parameter.empty
         )
 
     @property
@@ -276,9 +273,7 @@ class _BuiltinFactory:
         defaults = self.defaults
         n_required = len(self.param_names) - len(defaults)
         if not n_required <= len(args) <= len(self.param_names):
-            expected = (
-                str(n_required) if not defaults else f"{n_required} to {len(self.param_names)}"
-            )
+            expected = str(n_required) if not defaults else f"{n_required} to {len(self.param_names)}"
             raise ValueError(f"{self.name} takes {expected} argument(s), got {len(args)}")
         values = tuple(_parse_number(a, p) for a, p in zip(args, self.param_names))
         values += defaults[len(args) - n_required :]

@@ -4,6 +4,7 @@ With placement ``penultimate`` or ``pre_pool`` on a model with timm's interface,
 ``forward_head``: ``forward_features`` runs once per batch and only the head (pooling and classifier)
 runs per shaper. Any other placement needs the full network once per shaper.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,8 +20,11 @@ HEAD_PLACEMENTS = ("penultimate", "pre_pool")
 
 def runs_backbone_once(model: nn.Module, placement: str) -> bool:
     """True when ``placement`` is inside ``model.forward_head`` (timm interface), so features can be reused."""
-    return placement in HEAD_PLACEMENTS and callable(getattr(model, "forward_features", None)) \
+    return (
+        placement in HEAD_PLACEMENTS
+        and callable(getattr(model, "forward_features", None))
         and callable(getattr(model, "forward_head", None))
+    )
 
 
 def shaped_logits(model: nn.Module, x: Tensor, shapers: Sequence[Shaper], placement: str) -> Tensor:

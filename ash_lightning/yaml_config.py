@@ -2,6 +2,7 @@
 reports obscurely into one clear ``UserError`` each: a key repeated in a mapping (PyYAML keeps the last one, so
 e.g. a second ``data.ood`` set of the same name silently replaces the first) and a tab character (YAML indents
 with spaces only; PyYAML says "found character '\\t' that cannot start any token")."""
+
 from __future__ import annotations
 
 import os
@@ -43,24 +44,30 @@ def check_yaml(text: str, path: str | os.PathLike = "") -> None:
     try:
         yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except _DuplicateKey as dup:
-        raise UserError(f"{_where(path, dup.again)}: key {dup.key!r} is given twice in one mapping (first at line "
-                        f"{dup.first.line + 1}); YAML would silently keep only the last one. Fix: remove or "
-                        "rename one of them.") from None
+        raise UserError(
+            f"{_where(path, dup.again)}: key {dup.key!r} is given twice in one mapping (first at line "
+            f"{dup.first.line + 1}); YAML would silently keep only the last one. Fix: remove or "
+            "rename one of them."
+        ) from None
     except yaml.MarkedYAMLError as err:
         mark, lines = err.problem_mark, text.splitlines()
-        at = lines[mark.line][mark.column:mark.column + 1] if mark is not None and mark.line < len(lines) else ""
+        at = lines[mark.line][mark.column : mark.column + 1] if mark is not None and mark.line < len(lines) else ""
         if mark is not None and (at == "\t" or "tab" in (err.problem or "")):
-            raise UserError(f"{_where(path, mark)}: a tab character; YAML indents with spaces only. Fix: replace "
-                            "the tabs in the file with spaces.") from None
+            raise UserError(
+                f"{_where(path, mark)}: a tab character; YAML indents with spaces only. Fix: replace "
+                "the tabs in the file with spaces."
+            ) from None
     except yaml.YAMLError:
         pass
 
 
 def strict_loader(load: Callable[[str], Any]) -> Callable[..., Any]:
     """``load`` (a jsonargparse loader: str -> value) preceded by ``check_yaml``."""
+
     def load_checked(text: str, path: str | os.PathLike = "") -> Any:
         check_yaml(text, path)
         return load(text)
+
     load_checked.checks_yaml = True  # type: ignore[attr-defined]
     return load_checked
 

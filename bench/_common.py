@@ -4,6 +4,7 @@ description, Markdown tables and the regenerated sections of ``BENCHMARKS.md``.
 Data is found through ``$DATASETS`` (default ``../shared/data`` next to the repository); specs keep the
 literal ``$DATASETS/...`` so generated configs stay portable, and ``datasets_dir`` exports the variable.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -24,11 +25,19 @@ DEFAULT_DATASETS = REPO.parent / "shared" / "data"
 
 ID_FILE = "cifar10_test_jpeg.npz"
 TRAIN_FILE = "cifar10_train_kaggle200_png.npz"
-OOD_FILES = {"textures": "dtd_subset10_resize32.npz", "mnist": "mnist_test.npz",
-             "fashionmnist": "fashionmnist_test.npz", "tinyimagenet": "tinyimagenet_resize32_test.npz"}
+OOD_FILES = {
+    "textures": "dtd_subset10_resize32.npz",
+    "mnist": "mnist_test.npz",
+    "fashionmnist": "fashionmnist_test.npz",
+    "tinyimagenet": "tinyimagenet_resize32_test.npz",
+}
 GROUPS = {"near": ["tinyimagenet", "textures"], "far": ["mnist", "fashionmnist"]}
-CHECKPOINTS = {"cifar_resnet20": "akamaster_resnet20-12fca82f.th", "cifar_resnet32": "akamaster_resnet32-d509ac18.th",
-               "cifar_resnet44": "akamaster_resnet44-014dd654.th", "cifar_resnet56": "akamaster_resnet56-4bfd9763.th"}
+CHECKPOINTS = {
+    "cifar_resnet20": "akamaster_resnet20-12fca82f.th",
+    "cifar_resnet32": "akamaster_resnet32-d509ac18.th",
+    "cifar_resnet44": "akamaster_resnet44-014dd654.th",
+    "cifar_resnet56": "akamaster_resnet56-4bfd9763.th",
+}
 
 
 def datasets_dir(files: Sequence[str]) -> Path:
@@ -37,9 +46,11 @@ def datasets_dir(files: Sequence[str]) -> Path:
     root = Path(os.environ.get("DATASETS") or DEFAULT_DATASETS).expanduser().resolve()
     missing = [f for f in files if not (root / f).is_file()]
     if missing:
-        sys.exit(f"error: benchmark data not found: {', '.join(missing)} missing under {root}.\n"
-                 "Fix: set DATASETS to the folder holding the .npz files and checkpoints/ "
-                 f"(see its SOURCES.md), e.g. DATASETS=/path/to/data python {' '.join(map(shlex.quote, sys.argv))}")
+        sys.exit(
+            f"error: benchmark data not found: {', '.join(missing)} missing under {root}.\n"
+            "Fix: set DATASETS to the folder holding the .npz files and checkpoints/ "
+            f"(see its SOURCES.md), e.g. DATASETS=/path/to/data python {' '.join(map(shlex.quote, sys.argv))}"
+        )
     os.environ["DATASETS"] = str(root)
     return root
 
@@ -61,11 +72,16 @@ def machine_line() -> str:
     import pytorch_lightning as pl
     import timm
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else \
-        f"CPU only ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU only ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads)"
-    return (f"{datetime.date.today().isoformat()}, {device}; Python {platform.python_version()}, torch "
-            f"{torch.__version__}, pytorch-lightning {pl.__version__}, timm {timm.__version__}")
+    )
+    return (
+        f"{datetime.date.today().isoformat()}, {device}; Python {platform.python_version()}, torch "
+        f"{torch.__version__}, pytorch-lightning {pl.__version__}, timm {timm.__version__}"
+    )
 
 
 def command_line() -> str:
@@ -100,7 +116,10 @@ def publish(section: str, text: str, write: bool) -> None:
     block = f"{begin}\n{text.strip()}\n{end}"
     current = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
-    updated = pattern.sub(lambda _: block, current) if pattern.search(current) else \
-        current.rstrip("\n") + "\n\n" + block + "\n"
+    updated = (
+        pattern.sub(lambda _: block, current)
+        if pattern.search(current)
+        else current.rstrip("\n") + "\n\n" + block + "\n"
+    )
     BENCHMARKS.write_text(updated)
     print(f"\nwritten to {BENCHMARKS.relative_to(REPO)} between the '{section}' markers")

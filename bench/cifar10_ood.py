@@ -15,6 +15,7 @@ Calibrated methods go to their own section, e.g.
 ``bench/cifar10_ood.py --section cifar10_ood_calibrated --shapings none react@p90 dice@90 --react-percentile 0
 --fit-every 10`` (fit on every 10th ID image, test on the rest; ``--fit NPZ`` sets ``data.fit`` to another file).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,24 +33,52 @@ import numpy as np
 import torch
 import yaml
 
-from _common import (GROUPS, ID_FILE, OOD_FILES, REPO, TRAIN_FILE, checkpoint_file, command_line, datasets_dir,
-                     machine_line, markdown_table, npz_spec, pct, publish)
+from _common import (
+    GROUPS,
+    ID_FILE,
+    OOD_FILES,
+    REPO,
+    TRAIN_FILE,
+    checkpoint_file,
+    command_line,
+    datasets_dir,
+    machine_line,
+    markdown_table,
+    npz_spec,
+    pct,
+    publish,
+)
 from ash_lightning.backbone import create_backbone
 from ash_lightning.data import OODDataModule
 from ash_lightning.hooks import resolve_hook_point
 from ash_lightning.metrics import fpr_key
 
-DEFAULT_SHAPINGS = ["none", "ash_p@65", "ash_p@80", "ash_p@90", "ash_b@65", "ash_b@80", "ash_b@90",
-                    "ash_s@65", "ash_s@80", "ash_s@90", "scale@85"]
-PUBLISHED_ACCURACY = {"cifar_resnet20": 0.9173, "cifar_resnet32": 0.9263, "cifar_resnet44": 0.9310,
-                      "cifar_resnet56": 0.9339}  # akamaster README, lossless CIFAR-10 test set
+DEFAULT_SHAPINGS = [
+    "none",
+    "ash_p@65",
+    "ash_p@80",
+    "ash_p@90",
+    "ash_b@65",
+    "ash_b@80",
+    "ash_b@90",
+    "ash_s@65",
+    "ash_s@80",
+    "ash_s@90",
+    "scale@85",
+]
+PUBLISHED_ACCURACY = {
+    "cifar_resnet20": 0.9173,
+    "cifar_resnet32": 0.9263,
+    "cifar_resnet44": 0.9310,
+    "cifar_resnet56": 0.9339,
+}  # akamaster README, lossless CIFAR-10 test set
 OOD_DESCRIPTIONS = {
     "textures": "DTD (Textures), 1,200 images of 10 of its 47 classes, resized to 32 on the short side "
-                "(bilinear) and centre-cropped to 32×32",
+    "(bilinear) and centre-cropped to 32×32",
     "mnist": "MNIST test set, 10,000 digits resized 28→32 (bilinear) and copied to 3 channels",
     "fashionmnist": "Fashion-MNIST test set, 10,000 images, processed like MNIST",
     "tinyimagenet": "Tiny-ImageNet test split, 10,000 images downscaled 64→32 and stored as JPEG q75 "
-                    "(ODIN's \"TinyImageNet (resize)\")",
+    '(ODIN\'s "TinyImageNet (resize)")',
 }
 
 
@@ -57,23 +86,45 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line; see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["cifar_resnet20", "cifar_resnet56"])
-    parser.add_argument("--shapings", nargs="+", default=DEFAULT_SHAPINGS,
-                        help="shaping specs of the sweep (react@<t> from --react-percentile is appended)")
-    parser.add_argument("--scores", nargs="+", default=["energy", "msp"],
-                        help="scores; the first is reported for every shaping, the others for 'none' only")
-    parser.add_argument("--react-percentile", type=float, default=90.0,
-                        help="append react@<t>, t = this percentile of the training-PNG penultimate "
-                             "activations (0: no fixed-threshold ReAct row)")
-    parser.add_argument("--fit", metavar="NPZ",
-                        help="ID data for calibrated methods (data.fit): an .npz path, or a file name under $DATASETS")
-    parser.add_argument("--fit-every", type=int, metavar="N",
-                        help="fit calibrated methods on every N-th ID image (select '0::N') and test on the others "
-                             "(exclude '0::N'): a split of the ID arrays that testing never sees")
+    parser.add_argument(
+        "--shapings",
+        nargs="+",
+        default=DEFAULT_SHAPINGS,
+        help="shaping specs of the sweep (react@<t> from --react-percentile is appended)",
+    )
+    parser.add_argument(
+        "--scores",
+        nargs="+",
+        default=["energy", "msp"],
+        help="scores; the first is reported for every shaping, the others for 'none' only",
+    )
+    parser.add_argument(
+        "--react-percentile",
+        type=float,
+        default=90.0,
+        help="append react@<t>, t = this percentile of the training-PNG penultimate "
+        "activations (0: no fixed-threshold ReAct row)",
+    )
+    parser.add_argument(
+        "--fit",
+        metavar="NPZ",
+        help="ID data for calibrated methods (data.fit): an .npz path, or a file name under $DATASETS",
+    )
+    parser.add_argument(
+        "--fit-every",
+        type=int,
+        metavar="N",
+        help="fit calibrated methods on every N-th ID image (select '0::N') and test on the others "
+        "(exclude '0::N'): a split of the ID arrays that testing never sees",
+    )
     parser.add_argument("--section", default="cifar10_ood", help="BENCHMARKS.md section (marker name) to replace")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--limit", type=int, help="use a fixed random subset of this many images per set (quick "
-                                                  "check; nothing is written to BENCHMARKS.md)")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        help="use a fixed random subset of this many images per set (quick check; nothing is written to BENCHMARKS.md)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print the section without writing BENCHMARKS.md")
     return parser.parse_args(argv)
 
@@ -84,7 +135,9 @@ def data_config(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": npz_spec(ID_FILE, name="cifar10", **extra),
         "ood": {name: npz_spec(file, **extra) for name, file in OOD_FILES.items()},
-        "groups": GROUPS, "batch_size": args.batch_size, "num_workers": args.num_workers,
+        "groups": GROUPS,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
     }
     if args.fit:
         data["fit"] = npz_spec(args.fit) if os.sep not in args.fit else {"kind": "npz", "path": args.fit}
@@ -98,8 +151,9 @@ def penultimate_percentile(backbone: str, percentile: float, data: dict[str, Any
     """The ``percentile`` of all penultimate activations (the classifier's input) of ``backbone`` on the
     lossless CIFAR-10 training PNGs, and the shape (images, features) of the activations it was taken over."""
     model = create_backbone(backbone, checkpoint_path=f"$DATASETS/{checkpoint_file(backbone)}")
-    datamodule = OODDataModule(id=data["id"], ood=data["ood"], fit=npz_spec(TRAIN_FILE), backbone=backbone,
-                               batch_size=data["batch_size"])
+    datamodule = OODDataModule(
+        id=data["id"], ood=data["ood"], fit=npz_spec(TRAIN_FILE), backbone=backbone, batch_size=data["batch_size"]
+    )
     module, _ = resolve_hook_point(model, "penultimate")
     features: list[torch.Tensor] = []
     handle = module.register_forward_pre_hook(lambda _, inputs: features.append(inputs[0].flatten(1)))
@@ -111,19 +165,34 @@ def penultimate_percentile(backbone: str, percentile: float, data: dict[str, Any
     return float(np.percentile(values.numpy(), percentile)), tuple(values.shape)
 
 
-def run_sweep(backbone: str, shapings: list[str], data: dict[str, Any], args: argparse.Namespace, out_dir: Path
-              ) -> tuple[dict, float, str]:
+def run_sweep(
+    backbone: str, shapings: list[str], data: dict[str, Any], args: argparse.Namespace, out_dir: Path
+) -> tuple[dict, float, str]:
     """Write the config (``data`` is its data block), run ``main.py test`` on it; the results, the wall time (s)
     and the config path."""
     config = {
         "seed_everything": 0,
-        "model": {"backbone": backbone, "checkpoint_path": f"$DATASETS/{checkpoint_file(backbone)}",
-                  "shaping": shapings, "placement": "penultimate", "score": args.scores},
+        "model": {
+            "backbone": backbone,
+            "checkpoint_path": f"$DATASETS/{checkpoint_file(backbone)}",
+            "shaping": shapings,
+            "placement": "penultimate",
+            "score": args.scores,
+        },
         "data": data,
-        "trainer": {"accelerator": "auto", "devices": 1, "enable_progress_bar": False,
-                    "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-                               "init_args": {"save_dir": str(out_dir.parent.relative_to(REPO)),
-                                             "name": out_dir.name, "version": backbone}}},
+        "trainer": {
+            "accelerator": "auto",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "logger": {
+                "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                "init_args": {
+                    "save_dir": str(out_dir.parent.relative_to(REPO)),
+                    "name": out_dir.name,
+                    "version": backbone,
+                },
+            },
+        },
     }
     shutil.rmtree(out_dir / backbone, ignore_errors=True)  # the log dir: no stale results or event files
     config_path = out_dir / f"{backbone}.yaml"
@@ -133,12 +202,19 @@ def run_sweep(backbone: str, shapings: list[str], data: dict[str, Any], args: ar
     print(f"[{backbone}] python main.py test --config {rel_config}  (log: {log_path.relative_to(REPO)})", flush=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "main.py", "test", "--config", rel_config], cwd=REPO, stdout=log,
-                              stderr=subprocess.STDOUT, env=os.environ.copy())
+        proc = subprocess.run(
+            [sys.executable, "main.py", "test", "--config", rel_config],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=os.environ.copy(),
+        )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        sys.exit(f"error: main.py test failed for {backbone} (exit {proc.returncode}); the end of "
-                 f"{log_path}:\n{log_path.read_text()[-3000:]}")
+        sys.exit(
+            f"error: main.py test failed for {backbone} (exit {proc.returncode}); the end of "
+            f"{log_path}:\n{log_path.read_text()[-3000:]}"
+        )
     results_path = out_dir / backbone / "ood_results.json"
     return json.loads(results_path.read_text()), wall, rel_config
 
@@ -153,8 +229,9 @@ def baseline_accuracy(results: dict[str, Any]) -> float | None:
     return next((r for r in results["runs"] if r["shaping"] == "none"), results["runs"][0])["id_accuracy"]
 
 
-def model_section(backbone: str, results: dict[str, Any], scores: list[str], wall: float, config: str,
-                  react_note: str) -> str:
+def model_section(
+    backbone: str, results: dict[str, Any], scores: list[str], wall: float, config: str, react_note: str
+) -> str:
     """The Markdown of one model: mean and group metrics, then per-set metrics, of the reported runs."""
     fkey = fpr_key(results["tpr"])
     runs = reported_runs(results, scores)
@@ -162,63 +239,97 @@ def model_section(backbone: str, results: dict[str, Any], scores: list[str], wal
     accuracy = baseline_accuracy(results)
     published = PUBLISHED_ACCURACY.get(backbone)
     summary = markdown_table(
-        ["shaping", "score", f"mean {fkey.upper()} ↓", "mean AUROC ↑", "mean AUPR-In ↑",
-         *[f"{g} {fkey.upper()} ↓" for g in results["groups"]], "ID acc %"],
-        [[r["shaping"], r["score"], pct(r["mean"][fkey]), pct(r["mean"]["auroc"]), pct(r["mean"]["aupr_in"]),
-          *[pct(m[fkey]) for m in r["groups"].values()], pct(r["id_accuracy"])] for r in runs], "llrrrrrr")
+        [
+            "shaping",
+            "score",
+            f"mean {fkey.upper()} ↓",
+            "mean AUROC ↑",
+            "mean AUPR-In ↑",
+            *[f"{g} {fkey.upper()} ↓" for g in results["groups"]],
+            "ID acc %",
+        ],
+        [
+            [
+                r["shaping"],
+                r["score"],
+                pct(r["mean"][fkey]),
+                pct(r["mean"]["auroc"]),
+                pct(r["mean"]["aupr_in"]),
+                *[pct(m[fkey]) for m in r["groups"].values()],
+                pct(r["id_accuracy"]),
+            ]
+            for r in runs
+        ],
+        "llrrrrrr",
+    )
     per_set = markdown_table(
         ["shaping", "score", *results["ood_sets"]],
-        [[r["shaping"], r["score"], *[" / ".join(pct(r["ood"][s][k]) for k in (fkey, "auroc", "aupr_in"))
-                                      for s in results["ood_sets"]]] for r in runs], "ll" + "r" * len(results["ood_sets"]))
-    return "\n".join([
-        f"### {backbone}",
-        "",
-        f"ID accuracy without shaping {pct(accuracy)}% on the JPEG-q75 test set (published, lossless test set: "
-        f"{pct(published)}%). {react_note}",
-        f"Wall time of `main.py test` (process start to exit, {images:,} images, {len(results['runs'])} "
-        f"(shaping, score) runs in one backbone pass per batch): **{wall:.0f} s** ({images / wall:.0f} img/s including start-up).",
-        f"Config written and run by the script: `python main.py test --config {config}`.",
-        "",
-        f"Mean over the {len(results['ood_sets'])} OOD sets, in %; groups: "
-        + "; ".join(f"{g} = {', '.join(m)}" for g, m in results["groups"].items()) + ".",
-        "",
-        summary,
-        "",
-        f"Per OOD set, {fkey.upper()} / AUROC / AUPR-In in %:",
-        "",
-        per_set,
-    ])
+        [
+            [
+                r["shaping"],
+                r["score"],
+                *[" / ".join(pct(r["ood"][s][k]) for k in (fkey, "auroc", "aupr_in")) for s in results["ood_sets"]],
+            ]
+            for r in runs
+        ],
+        "ll" + "r" * len(results["ood_sets"]),
+    )
+    return "\n".join(
+        [
+            f"### {backbone}",
+            "",
+            f"ID accuracy without shaping {pct(accuracy)}% on the JPEG-q75 test set (published, lossless test set: "
+            f"{pct(published)}%). {react_note}",
+            f"Wall time of `main.py test` (process start to exit, {images:,} images, {len(results['runs'])} "
+            f"(shaping, score) runs in one backbone pass per batch): **{wall:.0f} s** ({images / wall:.0f} img/s including start-up).",
+            f"Config written and run by the script: `python main.py test --config {config}`.",
+            "",
+            f"Mean over the {len(results['ood_sets'])} OOD sets, in %; groups: "
+            + "; ".join(f"{g} = {', '.join(m)}" for g, m in results["groups"].items())
+            + ".",
+            "",
+            summary,
+            "",
+            f"Per OOD set, {fkey.upper()} / AUROC / AUPR-In in %:",
+            "",
+            per_set,
+        ]
+    )
 
 
 def header(args: argparse.Namespace, data: dict[str, Any], accuracies: dict[str, float]) -> str:
     """What was measured and on which ``data`` block; ``accuracies`` are the unshaped ID accuracies per model."""
     fit = f" `data.fit`: `{data['fit']['path']}`." if args.fit else ""
     if args.fit_every:
-        fit = (f" **Fit/test split**: calibrated methods are fitted on every {args.fit_every}th image of the ID "
-               f"array (`select: '0::{args.fit_every}'`, stratified since the array is sorted by class) and every "
-               f"row is tested on the other images (`exclude: '0::{args.fit_every}'`), so the fit data is never "
-               "tested on.")
+        fit = (
+            f" **Fit/test split**: calibrated methods are fitted on every {args.fit_every}th image of the ID "
+            f"array (`select: '0::{args.fit_every}'`, stratified since the array is sorted by class) and every "
+            f"row is tested on the other images (`exclude: '0::{args.fit_every}'`), so the fit data is never "
+            "tested on."
+        )
     ood = "\n".join(f"- `{name}`: {OOD_DESCRIPTIONS[name]}." for name in OOD_FILES)
     measured = ", ".join(f"{pct(acc)}% ({name})" for name, acc in accuracies.items())
     published = ", ".join(f"{pct(PUBLISHED_ACCURACY.get(name))}%" for name in accuracies)
-    return "\n".join([
-        f"## CIFAR-10 OOD benchmark ({args.section})",
-        "",
-        f"Generated by `{command_line()}` on {machine_line()}.",
-        "",
-        "**ID set**: the CIFAR-10 *test* set (10,000 images), but stored as **JPEG at quality 75** (no lossless "
-        "copy was available, see `$DATASETS/SOURCES.md`). JPEG compression of 32×32 images is why the ID "
-        f"accuracy here is {measured} rather than the published {published} on the lossless test set; OOD "
-        "numbers are therefore not directly comparable with papers that use the lossless set.",
-        "",
-        "**OOD sets** (from `SOURCES.md`):",
-        ood,
-        "",
-        "Metrics are the \"paper\" convention (ID = positive class): FPR at 95% TPR, AUROC, AUPR-In. Weights: "
-        f"akamaster `pytorch_resnet_cifar10` checkpoints. Batch size {args.batch_size}, {args.num_workers} data "
-        f"workers. Shaping placement: penultimate (the pooled features).{fit}"
-        + ("" if args.limit is None else f" **Quick check on {args.limit} images per set, not the full sets.**"),
-    ])
+    return "\n".join(
+        [
+            f"## CIFAR-10 OOD benchmark ({args.section})",
+            "",
+            f"Generated by `{command_line()}` on {machine_line()}.",
+            "",
+            "**ID set**: the CIFAR-10 *test* set (10,000 images), but stored as **JPEG at quality 75** (no lossless "
+            "copy was available, see `$DATASETS/SOURCES.md`). JPEG compression of 32×32 images is why the ID "
+            f"accuracy here is {measured} rather than the published {published} on the lossless test set; OOD "
+            "numbers are therefore not directly comparable with papers that use the lossless set.",
+            "",
+            "**OOD sets** (from `SOURCES.md`):",
+            ood,
+            "",
+            'Metrics are the "paper" convention (ID = positive class): FPR at 95% TPR, AUROC, AUPR-In. Weights: '
+            f"akamaster `pytorch_resnet_cifar10` checkpoints. Batch size {args.batch_size}, {args.num_workers} data "
+            f"workers. Shaping placement: penultimate (the pooled features).{fit}"
+            + ("" if args.limit is None else f" **Quick check on {args.limit} images per set, not the full sets.**"),
+        ]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -237,15 +348,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.react_percentile:
             threshold, (count, width) = penultimate_percentile(backbone, args.react_percentile, data)
             shapings.append(f"react@{threshold:.2f}")
-            react_note = (f"ReAct threshold {threshold:.2f} = the {args.react_percentile:g}th percentile of all "
-                          f"{count}×{width} penultimate activations of the {count} lossless "
-                          f"CIFAR-10 training PNGs (`{TRAIN_FILE}`), rounded to 2 decimals; no test data was used.")
+            react_note = (
+                f"ReAct threshold {threshold:.2f} = the {args.react_percentile:g}th percentile of all "
+                f"{count}×{width} penultimate activations of the {count} lossless "
+                f"CIFAR-10 training PNGs (`{TRAIN_FILE}`), rounded to 2 decimals; no test data was used."
+            )
             print(f"[{backbone}] {react_note}", flush=True)
         results, wall, config = run_sweep(backbone, shapings, data, args, out_dir)
         sections.append(model_section(backbone, results, args.scores, wall, config, react_note))
         accuracies[backbone] = baseline_accuracy(results)
-    publish(args.section, "\n\n".join([header(args, data, accuracies), *sections]),
-            write=not args.no_write and args.limit is None)
+    publish(
+        args.section,
+        "\n\n".join([header(args, data, accuracies), *sections]),
+        write=not args.no_write and args.limit is None,
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ detector, per round) and the median over rounds is reported.
 
 Run: ``PYTHONPATH=. python bench/detector_cost.py``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,10 +89,19 @@ def main() -> None:
 
     base = median["forward"]
     print(machine_line())
-    print(f"cifar_resnet20, batch {args.batch_size}, fit bank {args.bank}, {args.threads} threads, median of "
-          f"{args.rounds} interleaved rounds; forward pass {base * 1e3:.1f} ms per batch\n")
-    rows = [[spec, f"{median[spec] * 1e3:.2f}", f"{median[spec] / base:.1%}",
-             "yes" if median[spec] / base <= TARGET else "NO"] for spec in FEATURE_SPECS]
+    print(
+        f"cifar_resnet20, batch {args.batch_size}, fit bank {args.bank}, {args.threads} threads, median of "
+        f"{args.rounds} interleaved rounds; forward pass {base * 1e3:.1f} ms per batch\n"
+    )
+    rows = [
+        [
+            spec,
+            f"{median[spec] * 1e3:.2f}",
+            f"{median[spec] / base:.1%}",
+            "yes" if median[spec] / base <= TARGET else "NO",
+        ]
+        for spec in FEATURE_SPECS
+    ]
     print(markdown_table(["detector", "ms per batch", "÷ forward pass", f"≤ {TARGET:.0%}"], rows, "lrrl"))
     print()
     rows = [[spec, f"{median[spec] * 1e3:.1f}", f"{median[spec] / base:.2f}x"] for spec in PASS_SPECS]

@@ -78,8 +78,10 @@ def compare(x: Tensor, variant: str) -> tuple[float, float]:
 
 def main() -> None:
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, percentile {PERCENTILE}, "
-          f"median of {REPEATS} runs\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, percentile {PERCENTILE}, "
+        f"median of {REPEATS} runs\n"
+    )
     print("| shape | variant | ref ms | ours ms | ratio |")
     print("|---|---|---:|---:|---:|")
     ratios = []

@@ -5,6 +5,7 @@ Grid: ASH-P, ASH-B, ASH-S and SCALE at 4 percentiles each, energy score, on the 
 the same shapes. Each measurement is ``Trainer.test`` in this process, after a warm-up run.
 Target: the grid costs <= 1.3x one setting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,20 @@ def data_specs(limit: int, scratch: Path) -> tuple[dict, dict, str | None]:
     """ID spec, OOD specs and checkpoint: the real CIFAR-10 benchmark, or random arrays of its shapes."""
     root = Path(os.environ.get("DATASETS", REPO.parent / "shared" / "data"))
     if (root / "cifar10_test_jpeg.npz").is_file():
-        ood = {n: {"kind": "npz", "path": str(root / f), "limit": limit} for n, f in
-               (("textures", "dtd_subset10_resize32.npz"), ("mnist", "mnist_test.npz"),
-                ("fashionmnist", "fashionmnist_test.npz"), ("tinyimagenet", "tinyimagenet_resize32_test.npz"))}
-        return ({"kind": "npz", "path": str(root / "cifar10_test_jpeg.npz"), "limit": limit}, ood,
-                str(root / "checkpoints" / "akamaster_resnet20-12fca82f.th"))
+        ood = {
+            n: {"kind": "npz", "path": str(root / f), "limit": limit}
+            for n, f in (
+                ("textures", "dtd_subset10_resize32.npz"),
+                ("mnist", "mnist_test.npz"),
+                ("fashionmnist", "fashionmnist_test.npz"),
+                ("tinyimagenet", "tinyimagenet_resize32_test.npz"),
+            )
+        }
+        return (
+            {"kind": "npz", "path": str(root / "cifar10_test_jpeg.npz"), "limit": limit},
+            ood,
+            str(root / "checkpoints" / "akamaster_resnet20-12fca82f.th"),
+        )
     print(f"no real data under {root}: using random arrays of the same shapes")
     rng = np.random.default_rng(0)
     specs = {}
@@ -43,14 +53,20 @@ def data_specs(limit: int, scratch: Path) -> tuple[dict, dict, str | None]:
     return specs.pop("id"), specs, None
 
 
-def timed_test(shaping: str | list[str], id_spec: dict, ood: dict, checkpoint: str | None, out: Path,
-               batch_size: int) -> float:
+def timed_test(
+    shaping: str | list[str], id_spec: dict, ood: dict, checkpoint: str | None, out: Path, batch_size: int
+) -> float:
     """Seconds of one ``Trainer.test`` over all sets (model and data built outside the timed region)."""
     module = OODEvalModule("cifar_resnet20", checkpoint_path=checkpoint, shaping=shaping, score="energy")
     data = OODDataModule(id=id_spec, ood=ood, backbone="cifar_resnet20", batch_size=batch_size, num_workers=0)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[OODMetricsCallback(output_dir=str(out),
-                                                                                   log_figures=False)])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[OODMetricsCallback(output_dir=str(out), log_figures=False)],
+    )
     start = time.perf_counter()
     trainer.test(module, datamodule=data, verbose=False)
     return time.perf_counter() - start
@@ -76,8 +92,10 @@ def main() -> None:
     print(f"| grid in one run | {len(GRID)} | {grid:.2f} | {grid / single:.2f}x |")
     print(f"| grid, setting by setting | {len(GRID)} | {one_by_one:.2f} | {one_by_one / single:.2f}x |")
     verdict = "meets" if grid / single <= 1.3 else "MISSES"
-    print(f"\ngrid / one setting = {grid / single:.3f} ({verdict} the <= 1.3 target); "
-          f"one run is {one_by_one / grid:.1f}x faster than setting by setting")
+    print(
+        f"\ngrid / one setting = {grid / single:.3f} ({verdict} the <= 1.3 target); "
+        f"one run is {one_by_one / grid:.1f}x faster than setting by setting"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ section is measured") describes the loops, the interleaving and the figures; ``-
 Run: ``DATASETS=../shared/data .venv/bin/python bench/throughput.py``; on a GPU:
 ``bench/throughput.py --settings resnet50 --device cuda --bf16 --channels-last``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,27 +73,45 @@ def make_settings(args: argparse.Namespace) -> list[Setting]:
     settings = []
     if "cifar" in args.settings:
         images, batch = args.images or 1500, args.batch_size or 250
-        settings.append(Setting(
-            "cifar", "cifar_resnet56", checkpoint_file("cifar_resnet56"),
-            {"id": npz_spec(ID_FILE, name="cifar10", limit=images),
-             "ood": {"tinyimagenet": npz_spec(OOD_FILES["tinyimagenet"], limit=images)}},
-            batch, args.num_workers or 2,
-            f"`cifar_resnet56` (akamaster weights); ID: {images} CIFAR-10 test images (JPEG q75), OOD: {images} "
-            "Tiny-ImageNet images (seeded random subsets); 32×32"))
+        settings.append(
+            Setting(
+                "cifar",
+                "cifar_resnet56",
+                checkpoint_file("cifar_resnet56"),
+                {
+                    "id": npz_spec(ID_FILE, name="cifar10", limit=images),
+                    "ood": {"tinyimagenet": npz_spec(OOD_FILES["tinyimagenet"], limit=images)},
+                },
+                batch,
+                args.num_workers or 2,
+                f"`cifar_resnet56` (akamaster weights); ID: {images} CIFAR-10 test images (JPEG q75), OOD: {images} "
+                "Tiny-ImageNet images (seeded random subsets); 32×32",
+            )
+        )
     if "resnet50" in args.settings:
         batch = args.batch_size or (256 if cuda else 16)
         images = args.images or (10 * batch if cuda else 5 * batch)
-        settings.append(Setting(
-            "resnet50", "resnet50", None,
-            {"id": {"kind": "gaussian", "size": 224, "num_samples": images, "seed": 0},
-             "ood": {"uniform": {"kind": "uniform", "size": 224, "num_samples": images, "seed": 1}}},
-            batch, args.num_workers or (8 if cuda else 2),
-            f"timm `resnet50`, random weights; ID: {images} Gaussian-noise images, OOD: {images} uniform-noise "
-            "images, 224×224 after timm's eval transform"))
+        settings.append(
+            Setting(
+                "resnet50",
+                "resnet50",
+                None,
+                {
+                    "id": {"kind": "gaussian", "size": 224, "num_samples": images, "seed": 0},
+                    "ood": {"uniform": {"kind": "uniform", "size": 224, "num_samples": images, "seed": 1}},
+                },
+                batch,
+                args.num_workers or (8 if cuda else 2),
+                f"timm `resnet50`, random weights; ID: {images} Gaussian-noise images, OOD: {images} uniform-noise "
+                "images, 224×224 after timm's eval transform",
+            )
+        )
     for s in settings:
         if s.images_per_set < 3 * s.batch_size:
-            raise SystemExit(f"error: {s.name}: {s.images_per_set} images per set give fewer than 3 batches of "
-                             f"{s.batch_size}; steady state leaves out the first and last. Raise --images.")
+            raise SystemExit(
+                f"error: {s.name}: {s.images_per_set} images per set give fewer than 3 batches of "
+                f"{s.batch_size}; steady state leaves out the first and last. Raise --images."
+            )
     return settings
 
 
@@ -204,8 +223,15 @@ class BatchTicker(pl.Callback):
     def __init__(self, stopwatch: Stopwatch) -> None:
         self.stopwatch = stopwatch
 
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self.stopwatch.tick(dataloader_idx, len(batch[0]))
 
 
@@ -219,11 +245,15 @@ class Pass:
 
 def _trainer(runtime: Runtime, log_dir: str, callbacks: list[pl.Callback]) -> pl.Trainer:
     """``main.py test``'s ``Trainer`` (TensorBoard, no progress bar): ``OODMetricsCallback``, then ``callbacks``."""
-    return pl.Trainer(accelerator="gpu" if runtime.device.type == "cuda" else "cpu", devices=1,
-                      precision="bf16-mixed" if runtime.bf16 else "32-true",
-                      logger=TensorBoardLogger(log_dir, name="lightning"),
-                      callbacks=[OODMetricsCallback(), *callbacks],
-                      enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(
+        accelerator="gpu" if runtime.device.type == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if runtime.bf16 else "32-true",
+        logger=TensorBoardLogger(log_dir, name="lightning"),
+        callbacks=[OODMetricsCallback(), *callbacks],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
 
 
 def lightning_pass(module: OODEvalModule, datamodule: OODDataModule, runtime: Runtime, log_dir: str) -> Pass:
@@ -269,16 +299,29 @@ class InterleavedPlainLoops(pl.Callback):
     first), each from its own iterator over the same dataloader; every dataloader's first and last slots are
     left out. A Lightning batch runs from the end of the previous slot's plain work to its own batch end."""
 
-    def __init__(self, model: nn.Module, datamodule: OODDataModule, runtime: Runtime, shaping: str,
-                 forward: ForwardClock) -> None:
-        self.model, self.datamodule, self.runtime, self.shaping, self.forward = \
-            model, datamodule, runtime, shaping, forward
+    def __init__(
+        self, model: nn.Module, datamodule: OODDataModule, runtime: Runtime, shaping: str, forward: ForwardClock
+    ) -> None:
+        self.model, self.datamodule, self.runtime, self.shaping, self.forward = (
+            model,
+            datamodule,
+            runtime,
+            shaping,
+            forward,
+        )
         self.batches = {loop: Batches() for loop in LOOPS}
         self._iterators: dict[str, Iterator] = {}
         self._resumed = 0.0
 
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         now, forward = self.runtime.now(), self.forward.take()
         last = batch_idx + 1 == trainer.num_test_batches[dataloader_idx]
         steady = batch_idx > 0 and not last
@@ -302,8 +345,9 @@ class InterleavedPlainLoops(pl.Callback):
         self._resumed = self.runtime.now()
 
 
-def interleaved_pass(module: OODEvalModule, datamodule: OODDataModule, runtime: Runtime, shaping: str,
-                     log_dir: str) -> dict[str, Batches]:
+def interleaved_pass(
+    module: OODEvalModule, datamodule: OODDataModule, runtime: Runtime, shaping: str, log_dir: str
+) -> dict[str, Batches]:
     """One ``Trainer.test`` with the plain loops interleaved batch by batch; steady-state batches per loop."""
     with ForwardClock(module.model, runtime) as forward:
         interleaved = InterleavedPlainLoops(module.model, datamodule, runtime, shaping, forward)
@@ -312,8 +356,7 @@ def interleaved_pass(module: OODEvalModule, datamodule: OODDataModule, runtime: 
     return interleaved.batches
 
 
-def isolated_hook_cost(model: nn.Module, shaping: str, batch_size: int, runtime: Runtime, calls: int = 200
-                       ) -> float:
+def isolated_hook_cost(model: nn.Module, shaping: str, batch_size: int, runtime: Runtime, calls: int = 200) -> float:
     """Median seconds of the hook's own work (its shaping function) on a batch of random penultimate features."""
     features = torch.rand(batch_size, model.num_features, device=runtime.device)
     seconds = []
@@ -349,8 +392,10 @@ class Result:
 
     def pass_ratios(self, loop: str, base: str, end_to_end: bool = False) -> np.ndarray:
         """Per repeat of the separate passes: throughput of ``loop`` / that of ``base``."""
+
         def rate(p: Pass) -> float:
             return p.end_to_end if end_to_end else p.batches.rate
+
         return np.array([rate(a) / rate(b) for a, b in zip(self.passes[loop], self.passes[base], strict=True)])
 
     def pooled(self, loop: str) -> Batches:
@@ -385,12 +430,21 @@ class Result:
 
 def bench_setting(setting: Setting, args: argparse.Namespace, runtime: Runtime) -> Result:
     """Build the module and data once, warm up, then run the interleaved passes and the separate passes."""
-    module = OODEvalModule(setting.backbone, shaping=args.shaping, score="energy",
-                           checkpoint_path=setting.checkpoint and f"$DATASETS/{setting.checkpoint}")
+    module = OODEvalModule(
+        setting.backbone,
+        shaping=args.shaping,
+        score="energy",
+        checkpoint_path=setting.checkpoint and f"$DATASETS/{setting.checkpoint}",
+    )
     if args.channels_last:
         module.model.to(memory_format=torch.channels_last)
-    datamodule = OODDataModule(**setting.data, backbone=setting.backbone, batch_size=setting.batch_size,
-                               num_workers=setting.num_workers, pin_memory=runtime.device.type == "cuda")
+    datamodule = OODDataModule(
+        **setting.data,
+        backbone=setting.backbone,
+        batch_size=setting.batch_size,
+        num_workers=setting.num_workers,
+        pin_memory=runtime.device.type == "cuda",
+    )
     datamodule.setup("test")
     model = module.model.to(runtime.device)
     x, _, _ = next(iter(datamodule.test_dataloader()[0]))
@@ -398,24 +452,32 @@ def bench_setting(setting: Setting, args: argparse.Namespace, runtime: Runtime) 
         _energy(model, x, runtime)  # warm-up: lazy initialisation, allocator, kernel choice
     interleaved = {loop: Batches() for loop in LOOPS}
     passes: dict[str, list[Pass]] = {loop: [] for loop in LOOPS}
-    run = {"ours": lambda: lightning_pass(module, datamodule, runtime, log_dir),
-           "plain + hook": lambda: plain_pass(model, datamodule, runtime, args.shaping),
-           "plain": lambda: plain_pass(model, datamodule, runtime, None)}
+    run = {
+        "ours": lambda: lightning_pass(module, datamodule, runtime, log_dir),
+        "plain + hook": lambda: plain_pass(model, datamodule, runtime, args.shaping),
+        "plain": lambda: plain_pass(model, datamodule, runtime, None),
+    }
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with tempfile.TemporaryDirectory() as log_dir:
         for r in range(args.interleaved):
             for loop, batches in interleaved_pass(module, datamodule, runtime, args.shaping, log_dir).items():
                 interleaved[loop].extend(batches)
-            print(f"  [{setting.name}] interleaved {r + 1}/{args.interleaved}: " + ", ".join(
-                f"{loop} {b.rate:.1f} img/s" for loop, b in interleaved.items()), flush=True)
+            print(
+                f"  [{setting.name}] interleaved {r + 1}/{args.interleaved}: "
+                + ", ".join(f"{loop} {b.rate:.1f} img/s" for loop, b in interleaved.items()),
+                flush=True,
+            )
         batches_run = args.interleaved * len(LOOPS) * 2 * -(-setting.images_per_set // setting.batch_size)
         faults_per_batch = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / batches_run
         for r in range(args.repeats):
             for loop in LOOPS if r % 2 == 0 else LOOPS[::-1]:
                 passes[loop].append(run[loop]())
-                print(f"  [{setting.name}] pass {r + 1}/{args.repeats} {loop:>12}: steady "
-                      f"{passes[loop][-1].batches.rate:8.1f} img/s, end-to-end {passes[loop][-1].end_to_end:8.1f} "
-                      "img/s", flush=True)
+                print(
+                    f"  [{setting.name}] pass {r + 1}/{args.repeats} {loop:>12}: steady "
+                    f"{passes[loop][-1].batches.rate:8.1f} img/s, end-to-end {passes[loop][-1].end_to_end:8.1f} "
+                    "img/s",
+                    flush=True,
+                )
     hook_seconds = isolated_hook_cost(model, args.shaping, setting.batch_size, runtime)
     print(f"  [{setting.name}] hook alone: {hook_seconds * 1e6:.1f} µs per batch", flush=True)
     return Result(setting, interleaved, passes, hook_seconds, faults_per_batch)
@@ -441,71 +503,138 @@ def report(results: Sequence[Result], args: argparse.Namespace) -> str:
     """The Markdown section: set-up, interleaved and separate-pass throughput, where the time goes, hook cost."""
     shaping = f"`{args.shaping}`"
     interleaved = markdown_table(
-        ["setting", "batch", "slots", "plain img/s", f"plain + {shaping} hook img/s", f"ours ({shaping}) img/s",
-         f"ours ÷ plain + hook (≥ {TARGET_RATIO})", "ours ÷ plain", "plain ÷ plain + hook"],
-        [[r.setting.name, r.setting.batch_size, len(r.interleaved["ours"].per_image),
-          *(f"{r.interleaved[loop].rate:.1f}" for loop in ("plain", "plain + hook", "ours")),
-          _ratio_cell(r.slot_ratios("ours", "plain + hook"), TARGET_RATIO),
-          _ratio_cell(r.slot_ratios("ours", "plain")), _ratio_cell(r.slot_ratios("plain", "plain + hook"))]
-         for r in results])
+        [
+            "setting",
+            "batch",
+            "slots",
+            "plain img/s",
+            f"plain + {shaping} hook img/s",
+            f"ours ({shaping}) img/s",
+            f"ours ÷ plain + hook (≥ {TARGET_RATIO})",
+            "ours ÷ plain",
+            "plain ÷ plain + hook",
+        ],
+        [
+            [
+                r.setting.name,
+                r.setting.batch_size,
+                len(r.interleaved["ours"].per_image),
+                *(f"{r.interleaved[loop].rate:.1f}" for loop in ("plain", "plain + hook", "ours")),
+                _ratio_cell(r.slot_ratios("ours", "plain + hook"), TARGET_RATIO),
+                _ratio_cell(r.slot_ratios("ours", "plain")),
+                _ratio_cell(r.slot_ratios("plain", "plain + hook")),
+            ]
+            for r in results
+        ],
+    )
     separate = markdown_table(
-        ["setting", "images / pass", "plain img/s", "plain + hook img/s", "ours img/s",
-         "ours ÷ plain + hook, per repeat", "pooled batches: ours ÷ plain + hook", "end-to-end: ours ÷ plain + hook"],
-        [[r.setting.name, 2 * r.setting.images_per_set,
-          *(f"{r.pooled(loop).rate:.1f}" for loop in ("plain", "plain + hook", "ours")),
-          _ratio_cell(r.pass_ratios("ours", "plain + hook")),
-          f"{r.pooled('ours').rate / r.pooled('plain + hook').rate:.3f}",
-          _ratio_cell(r.pass_ratios("ours", "plain + hook", end_to_end=True))] for r in results])
+        [
+            "setting",
+            "images / pass",
+            "plain img/s",
+            "plain + hook img/s",
+            "ours img/s",
+            "ours ÷ plain + hook, per repeat",
+            "pooled batches: ours ÷ plain + hook",
+            "end-to-end: ours ÷ plain + hook",
+        ],
+        [
+            [
+                r.setting.name,
+                2 * r.setting.images_per_set,
+                *(f"{r.pooled(loop).rate:.1f}" for loop in ("plain", "plain + hook", "ours")),
+                _ratio_cell(r.pass_ratios("ours", "plain + hook")),
+                f"{r.pooled('ours').rate / r.pooled('plain + hook').rate:.3f}",
+                _ratio_cell(r.pass_ratios("ours", "plain + hook", end_to_end=True)),
+            ]
+            for r in results
+        ],
+    )
     where = markdown_table(
-        ["setting", "forward + shaping, ms/batch: plain + hook", "ours", "outside the forward, ms/batch: plain + hook",
-         "ours", "ours' extra ÷ plain + hook batch time", f"implied ours ÷ plain + hook (≥ {TARGET_RATIO})"],
-        [[r.setting.name, *(f"{r.seconds_per_batch(loop, outside) * 1e3:.1f}" for outside in (False, True)
-                            for loop in ("plain + hook", "ours")),
-          f"{pct(r.framework_overhead)}%",
-          _verdict(f"{1 / (1 + r.framework_overhead):.4f}", 1 / (1 + r.framework_overhead) >= TARGET_RATIO)]
-         for r in results])
+        [
+            "setting",
+            "forward + shaping, ms/batch: plain + hook",
+            "ours",
+            "outside the forward, ms/batch: plain + hook",
+            "ours",
+            "ours' extra ÷ plain + hook batch time",
+            f"implied ours ÷ plain + hook (≥ {TARGET_RATIO})",
+        ],
+        [
+            [
+                r.setting.name,
+                *(
+                    f"{r.seconds_per_batch(loop, outside) * 1e3:.1f}"
+                    for outside in (False, True)
+                    for loop in ("plain + hook", "ours")
+                ),
+                f"{pct(r.framework_overhead)}%",
+                _verdict(f"{1 / (1 + r.framework_overhead):.4f}", 1 / (1 + r.framework_overhead) >= TARGET_RATIO),
+            ]
+            for r in results
+        ],
+    )
     hooks = markdown_table(
-        ["setting", "hook alone: µs/batch", f"hook alone ÷ plain batch time (≤ {pct(TARGET_OVERHEAD, 0)}%)",
-         "loops, interleaved: plain ÷ plain + hook − 1 (quartiles)"],
-        [[r.setting.name, f"{r.hook_seconds * 1e6:.1f}",
-          _verdict(f"{pct(r.hook_fraction, 3)}%", r.hook_fraction <= TARGET_OVERHEAD),
-          f"{pct(r.slot_ratio('plain', 'plain + hook') - 1)}% (" + " … ".join(
-              f"{pct(q - 1)}%" for q in _quartiles(r.slot_ratios("plain", "plain + hook"))) + ")"]
-         for r in results])
+        [
+            "setting",
+            "hook alone: µs/batch",
+            f"hook alone ÷ plain batch time (≤ {pct(TARGET_OVERHEAD, 0)}%)",
+            "loops, interleaved: plain ÷ plain + hook − 1 (quartiles)",
+        ],
+        [
+            [
+                r.setting.name,
+                f"{r.hook_seconds * 1e6:.1f}",
+                _verdict(f"{pct(r.hook_fraction, 3)}%", r.hook_fraction <= TARGET_OVERHEAD),
+                f"{pct(r.slot_ratio('plain', 'plain + hook') - 1)}% ("
+                + " … ".join(f"{pct(q - 1)}%" for q in _quartiles(r.slot_ratios("plain", "plain + hook")))
+                + ")",
+            ]
+            for r in results
+        ],
+    )
     spread = ", ".join(f"{pct(r.batch_spread(), 1)}% ({r.setting.name})" for r in results)
-    return "\n".join([
-        f"## Throughput: `main.py test` loop vs a plain PyTorch loop ({section_name(args)})",
-        "",
-        f"Generated by `{command_line()}` on {machine_line()}. Device {args.device}, "
-        f"{'bf16 autocast' if args.bf16 else 'float32'}, "
-        f"{'channels_last weights' if args.channels_last else 'contiguous weights'}; {args.interleaved} interleaved "
-        f"passes, {args.repeats} separate passes per loop. Memory: "
-        + ("glibc malloc told to keep freed memory (`keep_freed_memory`), for all loops alike; "
-           if args.keep_freed_memory else "glibc malloc defaults (`--default-malloc`); ")
-        + "minor page faults per batch during the interleaved passes: "
-        + ", ".join(f"{r.faults_per_batch:,.0f} ({r.setting.name})" for r in results)
-        + f". Batch-to-batch spread of identical work (coefficient of variation of the plain loop): {spread}. "
-        "The loops and figures are described above, in \"How the throughput section is measured\".",
-        "",
-        *[f"- **{r.setting.name}**: {r.setting.description}; batch {r.setting.batch_size}, "
-          f"{r.setting.num_workers} data workers." for r in results],
-        "",
-        f"Interleaved passes, shaping {shaping}, score energy: median of the per-slot ratios (quartiles).",
-        "",
-        interleaved,
-        "",
-        "Separate whole passes of each loop (order reversed every other repeat).",
-        "",
-        separate,
-        "",
-        "Where a batch's time goes (medians over the interleaved slots).",
-        "",
-        where,
-        "",
-        "Hook overhead: the hook's own work alone, and the loops' ratio over the interleaved slots.",
-        "",
-        hooks,
-    ])
+    return "\n".join(
+        [
+            f"## Throughput: `main.py test` loop vs a plain PyTorch loop ({section_name(args)})",
+            "",
+            f"Generated by `{command_line()}` on {machine_line()}. Device {args.device}, "
+            f"{'bf16 autocast' if args.bf16 else 'float32'}, "
+            f"{'channels_last weights' if args.channels_last else 'contiguous weights'}; {args.interleaved} interleaved "
+            f"passes, {args.repeats} separate passes per loop. Memory: "
+            + (
+                "glibc malloc told to keep freed memory (`keep_freed_memory`), for all loops alike; "
+                if args.keep_freed_memory
+                else "glibc malloc defaults (`--default-malloc`); "
+            )
+            + "minor page faults per batch during the interleaved passes: "
+            + ", ".join(f"{r.faults_per_batch:,.0f} ({r.setting.name})" for r in results)
+            + f". Batch-to-batch spread of identical work (coefficient of variation of the plain loop): {spread}. "
+            'The loops and figures are described above, in "How the throughput section is measured".',
+            "",
+            *[
+                f"- **{r.setting.name}**: {r.setting.description}; batch {r.setting.batch_size}, "
+                f"{r.setting.num_workers} data workers."
+                for r in results
+            ],
+            "",
+            f"Interleaved passes, shaping {shaping}, score energy: median of the per-slot ratios (quartiles).",
+            "",
+            interleaved,
+            "",
+            "Separate whole passes of each loop (order reversed every other repeat).",
+            "",
+            separate,
+            "",
+            "Where a batch's time goes (medians over the interleaved slots).",
+            "",
+            where,
+            "",
+            "Hook overhead: the hook's own work alone, and the loops' ratio over the interleaved slots.",
+            "",
+            hooks,
+        ]
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -521,8 +650,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast in both loops (Lightning bf16-mixed)")
     parser.add_argument("--channels-last", action="store_true", help="convert the weights to channels_last")
-    parser.add_argument("--default-malloc", dest="keep_freed_memory", action="store_false",
-                        help="leave glibc's malloc at its defaults (trims and re-maps freed memory)")
+    parser.add_argument(
+        "--default-malloc",
+        dest="keep_freed_memory",
+        action="store_false",
+        help="leave glibc's malloc at its defaults (trims and re-maps freed memory)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print the section without writing BENCHMARKS.md")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -1,4 +1,5 @@
 """Shared fixtures: small synthetic .npz data sets, a saved random-weight checkpoint, the real-data folder."""
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,11 @@ def write_npz(path: Path, n: int, seed: int, brightness: float = 1.0, size: int 
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """ID (101 samples) and two OOD sets (67, 53): sizes divisible neither by 2 nor by common batch sizes."""
     root = tmp_path_factory.mktemp("tiny_data")
-    return {"id": write_npz(root / "id.npz", 101, 0), "dark": write_npz(root / "dark.npz", 67, 1, 0.4),
-            "bright": write_npz(root / "bright.npz", 53, 2, 1.6)}
+    return {
+        "id": write_npz(root / "id.npz", 101, 0),
+        "dark": write_npz(root / "dark.npz", 67, 1, 0.4),
+        "bright": write_npz(root / "bright.npz", 53, 2, 1.6),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -66,26 +70,49 @@ def tiny_config(tiny_data: dict[str, Path], checkpoint: Path, out: Path, **model
     """A main.py config over the tiny data sets, logging under ``out``."""
     return {
         "seed_everything": 0,
-        "model": {"backbone": "cifar_resnet20", "checkpoint_path": str(checkpoint), "shaping": "ash_s@90",
-                  "score": "energy", **model},
-        "data": {"id": {"kind": "npz", "path": str(tiny_data["id"])},
-                 "ood": {"dark": {"kind": "npz", "path": str(tiny_data["dark"])},
-                         "bright": {"kind": "npz", "path": str(tiny_data["bright"])}},
-                 "groups": {"near": ["dark"], "far": ["bright"]}, "batch_size": 16, "num_workers": 0},
-        "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-                    "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-                               "init_args": {"save_dir": str(out), "name": "run", "version": "v"}}},
+        "model": {
+            "backbone": "cifar_resnet20",
+            "checkpoint_path": str(checkpoint),
+            "shaping": "ash_s@90",
+            "score": "energy",
+            **model,
+        },
+        "data": {
+            "id": {"kind": "npz", "path": str(tiny_data["id"])},
+            "ood": {
+                "dark": {"kind": "npz", "path": str(tiny_data["dark"])},
+                "bright": {"kind": "npz", "path": str(tiny_data["bright"])},
+            },
+            "groups": {"near": ["dark"], "far": ["bright"]},
+            "batch_size": 16,
+            "num_workers": 0,
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "logger": {
+                "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(out), "name": "run", "version": "v"},
+            },
+        },
     }
 
 
-def run_main(config: dict, tmp_path: Path, *extra: str, env: dict | None = None,
-             command: str = "test") -> subprocess.CompletedProcess:
+def run_main(
+    config: dict, tmp_path: Path, *extra: str, env: dict | None = None, command: str = "test"
+) -> subprocess.CompletedProcess:
     """``python main.py test --config <config>`` in a subprocess; returns the completed process."""
     cfg = tmp_path / f"config_{abs(hash(str(config))) % 10**8}.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    return subprocess.run([sys.executable, str(REPO / "main.py"), command, "--config", str(cfg), *extra],
-                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, **(env or {})},
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / "main.py"), command, "--config", str(cfg), *extra],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
 
 
 def write_image_folder(folder: Path, n: int, seed: int, truncated: tuple[str, ...] = ()) -> list[Path]:

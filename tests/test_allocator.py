@@ -1,4 +1,5 @@
 """``main.py`` keeps freed memory in the process (glibc mallopt) unless ASH_KEEP_FREED_MEMORY=0."""
+
 from __future__ import annotations
 
 import platform
@@ -14,8 +15,9 @@ def test_keep_freed_memory_applies_on_glibc() -> None:
 
 
 @pytest.mark.parametrize(("env", "applied"), [(None, True), ("1", True), ("0", False)])
-def test_cli_applies_it_before_running_unless_disabled(monkeypatch: pytest.MonkeyPatch, env: str | None,
-                                                       applied: bool) -> None:
+def test_cli_applies_it_before_running_unless_disabled(
+    monkeypatch: pytest.MonkeyPatch, env: str | None, applied: bool
+) -> None:
     events: list[str] = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: events.append("keep") or True)
     monkeypatch.setattr(cli._CLI, "run", staticmethod(lambda args: events.append("run")))

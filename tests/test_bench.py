@@ -1,6 +1,7 @@
 """The benchmark scripts import (a broken import fails here, it is not skipped), and the throughput benchmark's
 bookkeeping: interleaved slots stay aligned across the three loops, steady state leaves out every dataloader's
 first and last batch, and the script runs end to end (speed is not asserted)."""
+
 from __future__ import annotations
 
 import importlib
@@ -31,9 +32,13 @@ def test_bench_script_imports(script: str) -> None:
 @pytest.fixture(scope="module")
 def tiny_setup(tiny_data: dict[str, Path]) -> tuple[OODEvalModule, OODDataModule, throughput.Runtime]:
     module = OODEvalModule("cifar_resnet20", shaping="ash_s@90")
-    datamodule = OODDataModule(id={"kind": "npz", "path": str(tiny_data["id"])},
-                               ood={"dark": {"kind": "npz", "path": str(tiny_data["dark"])}},
-                               backbone="cifar_resnet20", batch_size=16, num_workers=0)
+    datamodule = OODDataModule(
+        id={"kind": "npz", "path": str(tiny_data["id"])},
+        ood={"dark": {"kind": "npz", "path": str(tiny_data["dark"])}},
+        backbone="cifar_resnet20",
+        batch_size=16,
+        num_workers=0,
+    )
     datamodule.setup("test")
     return module, datamodule, throughput.Runtime(torch.device("cpu"), bf16=False)
 
@@ -59,9 +64,29 @@ def test_separate_passes_count_the_same_steady_batches(tiny_setup) -> None:
 
 def test_script_prints_its_tables_without_writing() -> None:
     before = (REPO / "BENCHMARKS.md").read_text()
-    done = subprocess.run([sys.executable, "bench/throughput.py", "--settings", "resnet50", "--images", "6",
-                           "--batch-size", "2", "--num-workers", "0", "--interleaved", "1", "--repeats", "1",
-                           "--no-write"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/throughput.py",
+            "--settings",
+            "resnet50",
+            "--images",
+            "6",
+            "--batch-size",
+            "2",
+            "--num-workers",
+            "0",
+            "--interleaved",
+            "1",
+            "--repeats",
+            "1",
+            "--no-write",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| resnet50 | 2 | 2 |" in done.stdout  # batch 2, one interleaved pass: one steady slot per set
     assert "ours ÷ plain + hook (≥ 0.95)" in done.stdout and "hook alone ÷ plain batch time" in done.stdout

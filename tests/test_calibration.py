@@ -1,4 +1,5 @@
 """ash_lightning.calibration: ReAct at an ID percentile, DICE, VRA and LTS; the calibration pass and its cache."""
+
 from __future__ import annotations
 
 import copy
@@ -19,8 +20,16 @@ from torch.utils.data import DataLoader, TensorDataset
 import ash_lightning.models  # noqa: F401  (registers cifar_resnet20)
 from ash_lightning import calibration
 from ash_lightning.calibration import (
-    LogitShaper, calibrate_shapers, collect_stats, dice_logits, dice_mask, lts, lts_factor, make_cache_key,
-    needs_calibration, vra,
+    LogitShaper,
+    calibrate_shapers,
+    collect_stats,
+    dice_logits,
+    dice_mask,
+    lts,
+    lts_factor,
+    make_cache_key,
+    needs_calibration,
+    vra,
 )
 from ash_lightning.errors import UserError
 from ash_lightning.hooks import attach_shaping
@@ -125,8 +134,9 @@ def test_collect_stats_options_and_subsample(monkeypatch):
     x = torch.rand(11, 5)
     index = torch.arange(11)
     index[[2, 7]] = -1  # corrupt files the data module skipped
-    stats = collect_stats(Net(), "penultimate", Fit(x, index)(),
-                          calibration.StatsRequest(frozenset({50.0}), mean=True), max_samples=6)
+    stats = collect_stats(
+        Net(), "penultimate", Fit(x, index)(), calibration.StatsRequest(frozenset({50.0}), mean=True), max_samples=6
+    )
     kept = x[[0, 1, 3, 4, 5, 6]]
     assert stats.n_samples == 6 and stats.percentiles == {50.0: percentile(kept, 50)}
     torch.testing.assert_close(stats.mean, kept.double().mean(0))
@@ -226,7 +236,7 @@ def lts_factor_reference(x: np.ndarray, percentile: float) -> np.ndarray:
     x = np.maximum(x, 0)
     n = x.shape[1]
     k = n - int(np.round(n * percentile / 100.0))
-    s2 = np.sort(x, axis=1)[:, n - k:].sum(1)
+    s2 = np.sort(x, axis=1)[:, n - k :].sum(1)
     return (x.sum(1) / s2) ** 2
 
 
@@ -325,12 +335,19 @@ def test_uncalibrated_shapers_fail_clearly():
         attach_shaping(net, "lts@90", "pre_pool")
 
 
-@pytest.mark.parametrize("spec, reason", [
-    ("react@p", "<percentile> must be a number"), ("react@p101", r"<percentile>=101 is outside \[0, 100\]"),
-    ("react@p90@1", r"react@p<percentile> takes 1 argument"), ("vra@10", "vra takes 2 argument"),
-    ("vra@90@10", "<low_percentile> <= <high_percentile>, got 90 > 10"), ("dice@100", r"outside the valid range"),
-    ("lts", "lts takes 1 argument"), ("lts@x", "<percentile> must be a number, got 'x'"),
-])
+@pytest.mark.parametrize(
+    "spec, reason",
+    [
+        ("react@p", "<percentile> must be a number"),
+        ("react@p101", r"<percentile>=101 is outside \[0, 100\]"),
+        ("react@p90@1", r"react@p<percentile> takes 1 argument"),
+        ("vra@10", "vra takes 2 argument"),
+        ("vra@90@10", "<low_percentile> <= <high_percentile>, got 90 > 10"),
+        ("dice@100", r"outside the valid range"),
+        ("lts", "lts takes 1 argument"),
+        ("lts@x", "<percentile> must be a number, got 'x'"),
+    ],
+)
 def test_bad_specs(spec, reason):
     with pytest.raises(ValueError, match=rf"Invalid shaping spec '{spec}': .*{reason}.*react@p<percentile>.*dice@"):
         get_shaping(spec)
@@ -363,7 +380,9 @@ def test_percentiles_of_other_placements(resnet, images):
     shaper = fit("react@p90", images["fit"], resnet, "layer3")
     with attach_shaping(resnet, shaper, "layer3"):
         shaped = resnet(images["test"])
-    torch.testing.assert_close(shaped, resnet.forward_head(resnet.forward_features(images["test"]).clamp(max=expected[0])))
+    torch.testing.assert_close(
+        shaped, resnet.forward_head(resnet.forward_features(images["test"]).clamp(max=expected[0]))
+    )
 
 
 class Wrapper(pl.LightningModule):

@@ -1,4 +1,5 @@
 """The offline demo: the data sets it builds, its shipped config, and a run end to end with a tiny budget."""
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,9 @@ def test_unusable_cached_checkpoint_is_retrained(tmp_path: Path, capsys: pytest.
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # jsonargparse's, from LightningCLI's internals
-def test_demo_end_to_end_then_reuses_the_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                    process_state: None) -> None:
+def test_demo_end_to_end_then_reuses_the_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], process_state: None
+) -> None:
     cache, runs = tmp_path / "cache", tmp_path / "runs"
     assert demo.main(["--cache-dir", str(cache), "--runs-dir", str(runs), "--epochs", "1"]) == 0
     out = capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Detectors on hand-made features/logits against numpy transcriptions of the papers' formulas and of OpenOOD
 v1.5's post-processors (where they differ, the relation is asserted); gradient detectors against autograd and
 transcriptions of the authors' code with a tiny model."""
+
 from __future__ import annotations
 
 import io
@@ -14,8 +15,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ash_lightning.detectors import (
-    DETECTORS, FDBD, KNN, MDS, ODIN, RMDS, AdaScale, FeaturesAndLogits, FittedDetector, GradNorm, NNGuide, ViM,
-    gradnorm, load_fitted, odin, parse_detector,
+    DETECTORS,
+    FDBD,
+    KNN,
+    MDS,
+    ODIN,
+    RMDS,
+    AdaScale,
+    FeaturesAndLogits,
+    FittedDetector,
+    GradNorm,
+    NNGuide,
+    ViM,
+    gradnorm,
+    load_fitted,
+    odin,
+    parse_detector,
 )
 from ash_lightning.detectors.adascale import adaptive_percentiles
 from ash_lightning.detectors.knn import top_inner_products
@@ -33,10 +48,21 @@ def fit_data() -> dict[str, torch.Tensor]:
     labels = torch.arange(N) % K
     centers = torch.rand(K, D, generator=g, dtype=torch.float64) * 3
     features = (centers[labels] + torch.randn(N, D, generator=g, dtype=torch.float64)).relu()
-    test = torch.cat([(centers[:3] + torch.randn(3, D, generator=g, dtype=torch.float64)).relu(),
-                      torch.rand(5, D, generator=g, dtype=torch.float64) * 8])
-    return {"features": features, "logits": features @ weight.T + bias, "labels": labels, "weight": weight,
-            "bias": bias, "test": test, "test_logits": test @ weight.T + bias}
+    test = torch.cat(
+        [
+            (centers[:3] + torch.randn(3, D, generator=g, dtype=torch.float64)).relu(),
+            torch.rand(5, D, generator=g, dtype=torch.float64) * 8,
+        ]
+    )
+    return {
+        "features": features,
+        "logits": features @ weight.T + bias,
+        "labels": labels,
+        "weight": weight,
+        "bias": bias,
+        "test": test,
+        "test_logits": test @ weight.T + bias,
+    }
 
 
 def _fit_and_score(spec: str, data: dict[str, torch.Tensor]) -> np.ndarray:
@@ -58,6 +84,7 @@ def _openood_normalizer(x: np.ndarray) -> np.ndarray:
 
 
 # --- mds / rmds -------------------------------------------------------------------------------------------------
+
 
 def _class_precision(feats: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """OpenOOD mds/rmds setup: class means, EmpiricalCovariance(assume_centered=False) of the class-centred data,
@@ -108,13 +135,14 @@ def test_mds_float32_statistics_agree_with_float64(fit_data):
 
 # --- knn / nnguide ----------------------------------------------------------------------------------------------
 
+
 def test_knn_matches_openood_up_to_the_square(fit_data):
     d = _np(fit_data)
     bank, queries = _openood_normalizer(d["features"]), _openood_normalizer(d["test"])
     squared = ((queries[:, None, :] - bank[None]) ** 2).sum(-1)  # faiss IndexFlatL2 reports squared distances
     openood = -np.sort(squared, axis=1)[:, 7 - 1]
     ours = _fit_and_score("knn@7", fit_data)
-    np.testing.assert_allclose(-(ours ** 2), openood, rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(-(ours**2), openood, rtol=1e-7, atol=1e-8)
     np.testing.assert_array_equal(np.argsort(ours), np.argsort(openood))
 
 
@@ -151,6 +179,7 @@ def test_nnguide_matches_openood(fit_data):
 
 
 # --- vim / fdbd / gradnorm --------------------------------------------------------------------------------------
+
 
 def test_vim_matches_openood_and_the_papers_virtual_logit(fit_data):
     d, dim = _np(fit_data), 5
@@ -189,8 +218,10 @@ def test_gradnorm_closed_form_equals_autograd_and_the_authors_loss(fit_data):
     kl_norms, ones_norms = [], []
     for h in fit_data["test"]:
         log_probs = F.log_softmax(fc(h[None]), dim=1)
-        for targets, store in ((torch.full((1, K), 1.0 / K, dtype=torch.float64), kl_norms),
-                               (torch.ones(1, K, dtype=torch.float64), ones_norms)):
+        for targets, store in (
+            (torch.full((1, K), 1.0 / K, dtype=torch.float64), kl_norms),
+            (torch.ones(1, K, dtype=torch.float64), ones_norms),
+        ):
             fc.zero_grad()
             # KL(u || p) = sum u log u - sum u log p; the authors' code uses targets of ones and no constant
             loss = (targets * (targets.log() - log_probs)).sum() if store is kl_norms else -(targets * log_probs).sum()
@@ -204,6 +235,7 @@ def test_gradnorm_closed_form_equals_autograd_and_the_authors_loss(fit_data):
 
 
 # --- odin / adascale --------------------------------------------------------------------------------------------
+
 
 class _TinyNet(nn.Module):
     """conv -> relu -> global average pool -> linear, float64, timm-style get_classifier()."""
@@ -263,6 +295,7 @@ def test_odin_matches_the_authors_code(images):
 
 def _adascale_reference(net: nn.Module, fit_images: torch.Tensor, images: torch.Tensor, det: AdaScale) -> np.ndarray:
     """OpenOOD adascale_postprocessor + AdaScaleANet.forward_threshold, transcribed (ECDF as statsmodels')."""
+
     def features_of(x: torch.Tensor) -> torch.Tensor:
         return net.conv(x).relu().mean((2, 3))
 
@@ -338,23 +371,44 @@ def test_features_and_logits_reads_the_classifier_input(images):
 
 # --- spec strings, requirements, errors, cache ------------------------------------------------------------------
 
-@pytest.mark.parametrize(("spec", "expected"), [
-    ("mds", MDS()), ("rmds", RMDS()), ("knn@50", KNN(50)), ("knn@50@0.1", KNN(50, 0.1)), ("vim@64", ViM(64)),
-    ("fdbd", FDBD()), ("nnguide@10", NNGuide(10)), ("odin@1000@0.0014", ODIN(1000.0, 0.0014)),
-    ("odin@10", ODIN(10.0)), ("gradnorm", GradNorm()), ("adascale", AdaScale()),
-    ("adascale@80@85@5@1@10@0.05", AdaScale(80.0, 85.0)),
-])
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("mds", MDS()),
+        ("rmds", RMDS()),
+        ("knn@50", KNN(50)),
+        ("knn@50@0.1", KNN(50, 0.1)),
+        ("vim@64", ViM(64)),
+        ("fdbd", FDBD()),
+        ("nnguide@10", NNGuide(10)),
+        ("odin@1000@0.0014", ODIN(1000.0, 0.0014)),
+        ("odin@10", ODIN(10.0)),
+        ("gradnorm", GradNorm()),
+        ("adascale", AdaScale()),
+        ("adascale@80@85@5@1@10@0.05", AdaScale(80.0, 85.0)),
+    ],
+)
 def test_specs_parse_and_round_trip(spec, expected):
     detector = parse_detector(spec)
     assert detector == expected
     assert parse_detector(detector.spec) == detector
 
 
-@pytest.mark.parametrize(("spec", "cause"), [
-    ("knn", "takes 1 to 2 parameter"), ("knn@0", "K .* >= 1"), ("knn@5@0", r"fraction .* \(0, 1\]"),
-    ("vim@1.5", "D must be an integer"), ("vim", "takes 1 parameter"), ("mds@3", "takes 0 parameter"),
-    ("odin@0", "temperature"), ("adascale@90@80", "p_min <= p_max"), ("maha", "unknown detector"),
-])
+@pytest.mark.parametrize(
+    ("spec", "cause"),
+    [
+        ("knn", "takes 1 to 2 parameter"),
+        ("knn@0", "K .* >= 1"),
+        ("knn@5@0", r"fraction .* \(0, 1\]"),
+        ("vim@1.5", "D must be an integer"),
+        ("vim", "takes 1 parameter"),
+        ("mds@3", "takes 0 parameter"),
+        ("odin@0", "temperature"),
+        ("adascale@90@80", "p_min <= p_max"),
+        ("maha", "unknown detector"),
+    ],
+)
 def test_bad_specs_name_the_cause_and_the_valid_forms(spec, cause):
     with pytest.raises(ValueError, match=cause) as err:
         parse_detector(spec)
@@ -385,15 +439,18 @@ def test_fit_errors_name_the_cause(fit_data):
 
 @pytest.mark.parametrize("spec", ["mds", "rmds", "knn@7@0.5", "vim@5", "fdbd", "nnguide@10"])
 def test_fitted_state_survives_a_save_and_load(spec, fit_data):
-    fitted = parse_detector(spec).fit(fit_data["features"], fit_data["logits"], fit_data["labels"],
-                                      fit_data["weight"], fit_data["bias"])
+    fitted = parse_detector(spec).fit(
+        fit_data["features"], fit_data["logits"], fit_data["labels"], fit_data["weight"], fit_data["bias"]
+    )
     buffer = io.BytesIO()
     torch.save(fitted.state_dict(), buffer)
     buffer.seek(0)
     restored = load_fitted(torch.load(buffer, weights_only=True))
     assert isinstance(restored, FittedDetector) and restored.spec == fitted.spec
-    torch.testing.assert_close(restored.score(fit_data["test"], fit_data["test_logits"]),
-                               fitted.score(fit_data["test"], fit_data["test_logits"]))
+    torch.testing.assert_close(
+        restored.score(fit_data["test"], fit_data["test_logits"]),
+        fitted.score(fit_data["test"], fit_data["test_logits"]),
+    )
 
 
 def test_half_precision_features_score_in_float32(fit_data):

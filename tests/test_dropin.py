@@ -1,6 +1,7 @@
 """Dropping ash-lightning into a Lightning project that is not ours: a namespaced import next to the user's own
 ``callbacks.py``, either Lightning package (Trainer and LightningCLI), a torchvision classifier, dict batches,
 calibration from a plain DataLoader, and the installed wheel's top-level names."""
+
 from __future__ import annotations
 
 import json
@@ -30,14 +31,14 @@ from ash_lightning.errors import UserError
 from ash_lightning.results import load_scores
 from tests.conftest import REPO, run_main, tiny_config
 
-USER_CALLBACKS = '''
+USER_CALLBACKS = """
 import lightning as L
 
 
 class MarkTheEnd(L.Callback):
     def on_test_end(self, trainer, pl_module):
         print("the user's own callback ran")
-'''
+"""
 
 USER_TRAIN = '''
 import lightning as L
@@ -119,27 +120,44 @@ def test_the_wheel_installs_only_ash_lightning(tmp_path: Path) -> None:
     shutil.copytree(REPO / "ash_lightning", source / "ash_lightning", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = tmp_path.glob("ash_lightning-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         (top_level,) = [n for n in names if n.endswith(".dist-info/top_level.txt")]
         assert archive.read(top_level).decode().split() == ["ash_lightning"]
-    assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == \
-        {"ash_lightning"}
-    assert {"ash_lightning/callbacks/__init__.py", "ash_lightning/callbacks/ood_metrics.py",
-            "ash_lightning/lightning.py"} <= set(names)
+    assert {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")} == {"ash_lightning"}
+    assert {
+        "ash_lightning/callbacks/__init__.py",
+        "ash_lightning/callbacks/ood_metrics.py",
+        "ash_lightning/lightning.py",
+    } <= set(names)
 
 
-LIGHTNING_CLI = '''
+LIGHTNING_CLI = """
 from lightning.pytorch.cli import LightningCLI
 
 from ash_lightning.lightning import OODDataModule, OODEvalModule
 
 LightningCLI(OODEvalModule, OODDataModule)
-'''
+"""
 
 
 class PlainResNet(pl.LightningModule):
@@ -160,8 +178,9 @@ def _scores(run_dir: Path) -> dict[str, np.ndarray]:
     return {name: fields["scores"][np.argsort(fields["index"])] for name, fields in store.items()}
 
 
-def test_both_lightning_clis_and_fit_dataloader_calibrate_alike(tiny_data: dict, tiny_checkpoint: Path,
-                                                                tmp_path: Path, monkeypatch) -> None:
+def test_both_lightning_clis_and_fit_dataloader_calibrate_alike(
+    tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path, monkeypatch
+) -> None:
     """react@p90 fitted on data.fit by main.py (pytorch_lightning's LightningCLI), by lightning's LightningCLI with
     ash_lightning.lightning's classes, and by ActivationShapingCallback(fit_dataloader=...) on the same data."""
     monkeypatch.setenv("ASH_CACHE_DIR", str(tmp_path / "cache"))
@@ -172,25 +191,42 @@ def test_both_lightning_clis_and_fit_dataloader_calibrate_alike(tiny_data: dict,
     assert proc.returncode == 0, proc.stderr[-3000:]
     classic = _scores(tmp_path / "classic" / "run" / "v")
 
-    unified_config = {**config, "data": {**config["data"], "backbone": "cifar_resnet20"},
-                      "trainer": {**config["trainer"], "callbacks": [
-                          {"class_path": "ash_lightning.callbacks.OODMetricsCallback"}],
-                          "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                     "init_args": {"save_dir": str(tmp_path / "unified"), "name": "run",
-                                                   "version": "v"}}}}
+    unified_config = {
+        **config,
+        "data": {**config["data"], "backbone": "cifar_resnet20"},
+        "trainer": {
+            **config["trainer"],
+            "callbacks": [{"class_path": "ash_lightning.callbacks.OODMetricsCallback"}],
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path / "unified"), "name": "run", "version": "v"},
+            },
+        },
+    }
     (tmp_path / "cli.py").write_text(LIGHTNING_CLI)
     (tmp_path / "unified.yaml").write_text(yaml.safe_dump(unified_config))
-    proc = subprocess.run([sys.executable, "cli.py", "test", "--config", "unified.yaml"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "cli.py", "test", "--config", "unified.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     unified = _scores(tmp_path / "unified" / "run" / "v")
 
-    datamodule = OODDataModule(id=config["data"]["id"], ood=config["data"]["ood"], fit=fit, backbone="cifar_resnet20",
-                               batch_size=16)
+    datamodule = OODDataModule(
+        id=config["data"]["id"], ood=config["data"]["ood"], fit=fit, backbone="cifar_resnet20", batch_size=16
+    )
     fit_loader = datamodule.fit_dataloader()  # a plain DataLoader over the same images
     metrics = OODMetricsCallback(ood_names=["dark", "bright"], output_dir=str(tmp_path / "plain"), log_figures=False)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[ActivationShapingCallback("react@p90", fit_dataloader=fit_loader), metrics])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ActivationShapingCallback("react@p90", fit_dataloader=fit_loader), metrics],
+    )
     trainer.test(PlainResNet(tiny_checkpoint), dataloaders=datamodule.test_dataloader(), verbose=False)
     plain = _scores(tmp_path / "plain")
 
@@ -257,16 +293,25 @@ class ScoresOnly(lp.LightningModule):
 
 def _dict_loaders() -> list[DataLoader]:
     torch.manual_seed(0)
-    return [DataLoader([{"pixels": x, "tag": 0} for x in torch.randn(n, 12) + shift], batch_size=8)
-            for n, shift in ((24, 0.0), (20, 1.0))]
+    return [
+        DataLoader([{"pixels": x, "tag": 0} for x in torch.randn(n, 12) + shift], batch_size=8)
+        for n, shift in ((24, 0.0), (20, 1.0))
+    ]
 
 
 def test_scores_from_test_step_and_unreadable_labels(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     metrics = OODMetricsCallback(ood_names=["far"])
-    trainer = lp.Trainer(accelerator="cpu", logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[metrics])
-    with pytest.warns(UserWarning, match=r"cannot read labels .*a dict with keys \['pixels', 'tag'\].*id_accuracy") \
-            as caught:
+    trainer = lp.Trainer(
+        accelerator="cpu",
+        logger=False,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[metrics],
+    )
+    with pytest.warns(
+        UserWarning, match=r"cannot read labels .*a dict with keys \['pixels', 'tag'\].*id_accuracy"
+    ) as caught:
         trainer.test(ScoresOnly(), dataloaders=_dict_loaders(), verbose=False)
     assert sum("cannot read labels" in str(w.message) for w in caught) == 1  # once, not per batch
     (run,) = metrics.results["runs"]
@@ -278,9 +323,13 @@ def test_scores_from_test_step_and_unreadable_labels(tmp_path: Path, capsys: pyt
 
 def test_figures_are_files_whatever_the_logger(tmp_path: Path) -> None:
     runs = [{"shaping": "ash_s@80", "score": "energy"}, {"shaping": "ash_s@90", "score": "energy"}]
-    trainer = lp.Trainer(accelerator="cpu", logger=lp.loggers.CSVLogger(str(tmp_path), name="csv", version="v"),
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[OODMetricsCallback(ood_names=["far"])])
+    trainer = lp.Trainer(
+        accelerator="cpu",
+        logger=lp.loggers.CSVLogger(str(tmp_path), name="csv", version="v"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[OODMetricsCallback(ood_names=["far"])],
+    )
     with pytest.warns(UserWarning, match="cannot read labels"):
         trainer.test(ScoresOnly(runs), dataloaders=_dict_loaders(), verbose=False)
     run_dir = tmp_path / "csv" / "v"

@@ -1,5 +1,6 @@
 """Bad input, faults and numerics: one clear message and exit status 2, no traceback unless asked for, and
 nothing an earlier data set produced is lost when a later one fails."""
+
 from __future__ import annotations
 
 import json
@@ -56,10 +57,18 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -
     root = tmp_path_factory.mktemp("bad")
     saved = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
     state = {k.removeprefix("module."): v for k, v in saved.items()}
-    files = {"garbage": root / "garbage.th", "truncated": root / "truncated.th", "no_state_dict": root / "hparams.th",
-             "wrong_shape": root / "ten_to_five.th", "extra_key": root / "extra.th", "missing_key": root / "missing.th",
-             "empty_npz": root / "empty.npz", "empty_folder": root / "empty_folder",
-             "all_corrupt": root / "all_corrupt", "small_id": write_npz(root / "small_id.npz", 4, 0)}
+    files = {
+        "garbage": root / "garbage.th",
+        "truncated": root / "truncated.th",
+        "no_state_dict": root / "hparams.th",
+        "wrong_shape": root / "ten_to_five.th",
+        "extra_key": root / "extra.th",
+        "missing_key": root / "missing.th",
+        "empty_npz": root / "empty.npz",
+        "empty_folder": root / "empty_folder",
+        "all_corrupt": root / "all_corrupt",
+        "small_id": write_npz(root / "small_id.npz", 4, 0),
+    }
     files["garbage"].write_text("this is not a checkpoint\n")
     files["truncated"].write_bytes(tiny_checkpoint.read_bytes()[:5000])
     torch.save({"epoch": 3, "lr": 0.1}, files["no_state_dict"])
@@ -89,60 +98,125 @@ def _folder(path: Path) -> dict[str, str]:
 
 # (case, config edits given the bad files, fragments of the message: what went wrong, where, how to fix it)
 USER_ERRORS: list[tuple[str, Callable[[dict[str, Path]], dict[str, object]], tuple[str, ...]]] = [
-    ("missing_dataset_path", lambda f: {"data.ood.bright": {"kind": "npz", "path": "/nonexistent/x.npz"}},
-     ("data.ood.bright", "'/nonexistent/x.npz' does not exist", "Fix:")),
-    ("empty_dataset_path", lambda f: {"data.ood.bright": {"kind": "npz", "path": ""}},
-     ("data.ood.bright", "needs a `path`", "Fix:")),
-    ("empty_ood_npz", lambda f: {"data.ood.bright": {"kind": "npz", "path": str(f["empty_npz"])}},
-     ("data.ood.bright", "is empty", "Fix:")),
-    ("empty_ood_folder", lambda f: {"data.ood.bright": _folder(f["empty_folder"])},
-     ("data.ood.bright", "is empty", "Fix:")),
-    ("ood_set_left_empty_by_skipped_files", lambda f: {"data.id": {"kind": "npz", "path": str(f["small_id"])},
-                                                       "data.ood.bright": _folder(f["all_corrupt"]),
-                                                       "data.skip_corrupt": True},
-     ("'bright' has no sample left to evaluate", "2 corrupt files skipped", "Fix:")),
-    ("unknown_dataset_kind", lambda f: {"data.ood.bright": {"kind": "imagenet21k", "path": "/x"}},
-     ("data.ood.bright", "unknown data set kind 'imagenet21k'", "Fix: use one of")),
-    ("unknown_timm_model", lambda f: {"model.backbone": "resnet_does_not_exist"},
-     ("unknown backbone 'resnet_does_not_exist'", "Fix: pick a name from timm.list_models()")),
-    ("unknown_shaping", lambda f: {"model.shaping": "ash_q@90"},
-     ("model.shaping", "unknown shaping name 'ash_q'", "Valid forms")),
-    ("unknown_score", lambda f: {"model.score": "entropy_plus"},
-     ("model.score", "'entropy_plus'", "Valid forms")),
-    ("percentile_out_of_range", lambda f: {"model.shaping": "ash_s@100"},
-     ("model.shaping", "outside the valid range [0, 100)", "e.g. percentile=90")),
-    ("checkpoint_missing", lambda f: {"model.checkpoint_path": "/nonexistent/resnet20.th"},
-     ("checkpoint '/nonexistent/resnet20.th' not found", "Fix: point checkpoint_path")),
-    ("checkpoint_is_a_folder", lambda f: {"model.checkpoint_path": str(f["empty_folder"])},
-     ("is a folder, not a file", "Fix: point checkpoint_path")),
-    ("checkpoint_garbage", lambda f: {"model.checkpoint_path": str(f["garbage"])},
-     ("could not read checkpoint", "garbage.th", "Fix: it must be a file written by torch.save")),
-    ("checkpoint_truncated", lambda f: {"model.checkpoint_path": str(f["truncated"])},
-     ("could not read checkpoint", "truncated.th", "re-download it")),
-    ("checkpoint_not_a_state_dict", lambda f: {"model.checkpoint_path": str(f["no_state_dict"])},
-     ("hparams.th", "holds no state_dict", "Fix: save model.state_dict()")),
-    ("checkpoint_shape_mismatch", lambda f: {"model.checkpoint_path": str(f["wrong_shape"])},
-     ("ten_to_five.th", "shape mismatches (2)", "linear.weight (5, 64) vs model (10, 64)", "Fix: check `backbone`")),
-    ("checkpoint_unexpected_key", lambda f: {"model.checkpoint_path": str(f["extra_key"])},
-     ("extra.th", "unexpected keys (1): extra.weight", "strict_loading: false")),
-    ("checkpoint_missing_key", lambda f: {"model.checkpoint_path": str(f["missing_key"])},
-     ("missing.th", "missing keys (1): linear.bias", "strict_loading: false")),
-    ("unknown_config_key", lambda f: {"model.bogus_key": 1},
-     ("invalid configuration", "'model.bogus_key'", "--help")),
-    ("misspelt_nested_config_key", lambda f: {"data.batchsize": 16},
-     ("invalid configuration", "'data.batchsize'", "--help")),
-    ("wrong_value_type", lambda f: {"data.batch_size": "sixteen"},
-     ("invalid configuration", "data.batch_size", "sixteen", "--help")),
-    ("unknown_nonfinite_policy", lambda f: {"ood_metrics.nonfinite": "ignore"},
-     ("nonfinite='ignore'", "'raise', 'drop'")),
+    (
+        "missing_dataset_path",
+        lambda f: {"data.ood.bright": {"kind": "npz", "path": "/nonexistent/x.npz"}},
+        ("data.ood.bright", "'/nonexistent/x.npz' does not exist", "Fix:"),
+    ),
+    (
+        "empty_dataset_path",
+        lambda f: {"data.ood.bright": {"kind": "npz", "path": ""}},
+        ("data.ood.bright", "needs a `path`", "Fix:"),
+    ),
+    (
+        "empty_ood_npz",
+        lambda f: {"data.ood.bright": {"kind": "npz", "path": str(f["empty_npz"])}},
+        ("data.ood.bright", "is empty", "Fix:"),
+    ),
+    (
+        "empty_ood_folder",
+        lambda f: {"data.ood.bright": _folder(f["empty_folder"])},
+        ("data.ood.bright", "is empty", "Fix:"),
+    ),
+    (
+        "ood_set_left_empty_by_skipped_files",
+        lambda f: {
+            "data.id": {"kind": "npz", "path": str(f["small_id"])},
+            "data.ood.bright": _folder(f["all_corrupt"]),
+            "data.skip_corrupt": True,
+        },
+        ("'bright' has no sample left to evaluate", "2 corrupt files skipped", "Fix:"),
+    ),
+    (
+        "unknown_dataset_kind",
+        lambda f: {"data.ood.bright": {"kind": "imagenet21k", "path": "/x"}},
+        ("data.ood.bright", "unknown data set kind 'imagenet21k'", "Fix: use one of"),
+    ),
+    (
+        "unknown_timm_model",
+        lambda f: {"model.backbone": "resnet_does_not_exist"},
+        ("unknown backbone 'resnet_does_not_exist'", "Fix: pick a name from timm.list_models()"),
+    ),
+    (
+        "unknown_shaping",
+        lambda f: {"model.shaping": "ash_q@90"},
+        ("model.shaping", "unknown shaping name 'ash_q'", "Valid forms"),
+    ),
+    ("unknown_score", lambda f: {"model.score": "entropy_plus"}, ("model.score", "'entropy_plus'", "Valid forms")),
+    (
+        "percentile_out_of_range",
+        lambda f: {"model.shaping": "ash_s@100"},
+        ("model.shaping", "outside the valid range [0, 100)", "e.g. percentile=90"),
+    ),
+    (
+        "checkpoint_missing",
+        lambda f: {"model.checkpoint_path": "/nonexistent/resnet20.th"},
+        ("checkpoint '/nonexistent/resnet20.th' not found", "Fix: point checkpoint_path"),
+    ),
+    (
+        "checkpoint_is_a_folder",
+        lambda f: {"model.checkpoint_path": str(f["empty_folder"])},
+        ("is a folder, not a file", "Fix: point checkpoint_path"),
+    ),
+    (
+        "checkpoint_garbage",
+        lambda f: {"model.checkpoint_path": str(f["garbage"])},
+        ("could not read checkpoint", "garbage.th", "Fix: it must be a file written by torch.save"),
+    ),
+    (
+        "checkpoint_truncated",
+        lambda f: {"model.checkpoint_path": str(f["truncated"])},
+        ("could not read checkpoint", "truncated.th", "re-download it"),
+    ),
+    (
+        "checkpoint_not_a_state_dict",
+        lambda f: {"model.checkpoint_path": str(f["no_state_dict"])},
+        ("hparams.th", "holds no state_dict", "Fix: save model.state_dict()"),
+    ),
+    (
+        "checkpoint_shape_mismatch",
+        lambda f: {"model.checkpoint_path": str(f["wrong_shape"])},
+        ("ten_to_five.th", "shape mismatches (2)", "linear.weight (5, 64) vs model (10, 64)", "Fix: check `backbone`"),
+    ),
+    (
+        "checkpoint_unexpected_key",
+        lambda f: {"model.checkpoint_path": str(f["extra_key"])},
+        ("extra.th", "unexpected keys (1): extra.weight", "strict_loading: false"),
+    ),
+    (
+        "checkpoint_missing_key",
+        lambda f: {"model.checkpoint_path": str(f["missing_key"])},
+        ("missing.th", "missing keys (1): linear.bias", "strict_loading: false"),
+    ),
+    ("unknown_config_key", lambda f: {"model.bogus_key": 1}, ("invalid configuration", "'model.bogus_key'", "--help")),
+    (
+        "misspelt_nested_config_key",
+        lambda f: {"data.batchsize": 16},
+        ("invalid configuration", "'data.batchsize'", "--help"),
+    ),
+    (
+        "wrong_value_type",
+        lambda f: {"data.batch_size": "sixteen"},
+        ("invalid configuration", "data.batch_size", "sixteen", "--help"),
+    ),
+    (
+        "unknown_nonfinite_policy",
+        lambda f: {"ood_metrics.nonfinite": "ignore"},
+        ("nonfinite='ignore'", "'raise', 'drop'"),
+    ),
 ]
 
 
 @pytest.mark.parametrize("edits, fragments", [case[1:] for case in USER_ERRORS], ids=[case[0] for case in USER_ERRORS])
 @pytest.mark.filterwarnings("ignore:skipping corrupt image")
 def test_user_error_is_one_clear_message_and_exit_status_2(
-        edits: Callable[[dict[str, Path]], dict[str, object]], fragments: tuple[str, ...], bad_files: dict[str, Path],
-        tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:
+    edits: Callable[[dict[str, Path]], dict[str, object]],
+    fragments: tuple[str, ...],
+    bad_files: dict[str, Path],
+    tiny_data: dict[str, Path],
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+) -> None:
     """``cli.main`` (what main.py runs) in-process: the subprocess tests below cover the process boundary."""
     config = _apply(tiny_config(tiny_data, tiny_checkpoint, tmp_path), edits(bad_files))
     status, _, stderr = main_in_process(config, tmp_path)
@@ -153,8 +227,9 @@ def test_user_error_is_one_clear_message_and_exit_status_2(
     assert TRACEBACK not in stderr and "ASH_DEBUG=1" in stderr
 
 
-def test_main_py_exits_2_without_traceback_and_ash_debug_shows_it(tiny_data: dict[str, Path], tiny_checkpoint: Path,
-                                                                  tmp_path: Path) -> None:
+def test_main_py_exits_2_without_traceback_and_ash_debug_shows_it(
+    tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     config = _apply(tiny_config(tiny_data, tiny_checkpoint, tmp_path), {"data.batchsize": 16})
     proc = run_main(config, tmp_path)
     assert proc.returncode == 2 and TRACEBACK not in proc.stderr
@@ -185,8 +260,11 @@ class _Raising(Dataset):
         raise self.error
 
 
-@pytest.mark.parametrize("error", [CorruptImageError("/data/x.png", "OSError: truncated"),
-                                   UserError("data.fit: bad file. Fix: replace it.")], ids=["subclass", "plain"])
+@pytest.mark.parametrize(
+    "error",
+    [CorruptImageError("/data/x.png", "OSError: truncated"), UserError("data.fit: bad file. Fix: replace it.")],
+    ids=["subclass", "plain"],
+)
 def test_user_errors_from_workers_and_cause_chains_are_unwrapped(error: UserError) -> None:
     with pytest.raises(Exception) as raised:  # PyTorch re-raises it with the worker's traceback as the message
         next(iter(DataLoader(_Raising(error), num_workers=1)))
@@ -201,16 +279,21 @@ def test_user_errors_from_workers_and_cause_chains_are_unwrapped(error: UserErro
 
 def _ood_after(tiny_data: dict[str, Path], folder: Path) -> dict[str, object]:
     """OOD sets ``dark`` (npz) then ``zfolder`` (the image folder): the config is written with sorted keys."""
-    return {"data.ood": {"dark": {"kind": "npz", "path": str(tiny_data["dark"])}, "zfolder": _folder(folder)},
-            "data.groups": {"near": ["dark"], "far": ["zfolder"]}}
+    return {
+        "data.ood": {"dark": {"kind": "npz", "path": str(tiny_data["dark"])}, "zfolder": _folder(folder)},
+        "data.groups": {"near": ["dark"], "far": ["zfolder"]},
+    }
 
 
 def test_corrupt_image_on_a_later_set_stops_the_run_and_keeps_earlier_scores(
-        tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:
+    tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     (bad,) = write_image_folder(tmp_path / "images", 6, 0, truncated=("img002_cut.jpg",))
     # workers load ahead of evaluation: the error must still come when its batch is evaluated, after `dark`
-    config = _apply(tiny_config(tiny_data, tiny_checkpoint, tmp_path),
-                    {**_ood_after(tiny_data, tmp_path / "images"), "data.num_workers": 1})
+    config = _apply(
+        tiny_config(tiny_data, tiny_checkpoint, tmp_path),
+        {**_ood_after(tiny_data, tmp_path / "images"), "data.num_workers": 1},
+    )
     proc = run_main(config, tmp_path)
     assert proc.returncode == 2 and TRACEBACK not in proc.stderr
     (message,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -222,8 +305,13 @@ def test_corrupt_image_on_a_later_set_stops_the_run_and_keeps_earlier_scores(
     assert len(store["id"]["index"]) == 101 and len(store["dark"]["index"]) == 67
     assert not (run_dir / "ood_results.json").exists()
 
-    report = subprocess.run([sys.executable, str(REPO / "main.py"), "report", str(run_dir)], capture_output=True,
-                            text=True, cwd=tmp_path, timeout=300)
+    report = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "report", str(run_dir)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert report.returncode == 0, report.stderr[-2000:]
     assert "| dark |" in report.stdout and "| *near* |" in report.stdout and "| zfolder |" not in report.stdout
     assert "the run stopped before them): zfolder" in report.stdout
@@ -236,12 +324,14 @@ def test_corrupt_image_on_a_later_set_stops_the_run_and_keeps_earlier_scores(
     assert main(["report", str(run_dir / "scores.npz")]) == 0  # the file itself works too
 
 
-def test_skip_corrupt_skips_with_a_warning_and_records_the_paths(tiny_data: dict[str, Path], tiny_checkpoint: Path,
-                                                                 tmp_path: Path) -> None:
+def test_skip_corrupt_skips_with_a_warning_and_records_the_paths(
+    tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     bad = write_image_folder(tmp_path / "images", 6, 0, truncated=("img001_cut.jpg", "img004_cut.jpg"))
-    config = _apply(tiny_config(tiny_data, tiny_checkpoint, tmp_path),
-                    {**_ood_after(tiny_data, tmp_path / "images"), "data.skip_corrupt": True,
-                     "ood_metrics.log_figures": False})
+    config = _apply(
+        tiny_config(tiny_data, tiny_checkpoint, tmp_path),
+        {**_ood_after(tiny_data, tmp_path / "images"), "data.skip_corrupt": True, "ood_metrics.log_figures": False},
+    )
     with pytest.warns(UserWarning, match="skipping corrupt image") as caught:
         status, stdout, stderr = main_in_process(config, tmp_path)
     assert status == 0, stderr[-2000:]
@@ -290,11 +380,17 @@ def _plain_run(tmp_path: Path, module: pl.LightningModule, nonfinite: str = "rai
     """Test ``module`` with ``OODMetricsCallback`` on an ID set of 40 and an OOD set ``far`` of 30 samples."""
     torch.manual_seed(0)
     sets = [(torch.randn(40, 12), 40), (torch.randn(30, 12) + 1, 30)]
-    loaders = [DataLoader(TensorDataset(x, torch.zeros(n, dtype=torch.long), torch.arange(n)), batch_size=16)
-               for x, n in sets]
+    loaders = [
+        DataLoader(TensorDataset(x, torch.zeros(n, dtype=torch.long), torch.arange(n)), batch_size=16) for x, n in sets
+    ]
     callback = OODMetricsCallback(ood_names=["far"], nonfinite=nonfinite, output_dir=str(tmp_path), log_figures=False)
-    trainer = pl.Trainer(accelerator="cpu", callbacks=[callback], enable_progress_bar=False,
-                         logger=TensorBoardLogger(str(tmp_path), name="tb"), enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        callbacks=[callback],
+        enable_progress_bar=False,
+        logger=TensorBoardLogger(str(tmp_path), name="tb"),
+        enable_model_summary=False,
+    )
     trainer.test(module, dataloaders=loaders, verbose=False)
     return callback
 
@@ -333,10 +429,14 @@ def test_nonfinite_drop_drops_and_records_the_samples(tmp_path: Path) -> None:
     assert 5 not in store["id"]["index"] and not np.isin([3, 10, 17, 24], store["far"]["index"]).any()
 
 
-def test_one_sample_id_and_ood_sets_give_well_defined_metrics(tiny_data: dict[str, Path], tiny_checkpoint: Path,
-                                                              tmp_path: Path) -> None:
-    single = {"id": write_npz(tmp_path / "one_id.npz", 1, 5), "dark": write_npz(tmp_path / "one_ood.npz", 1, 6, 0.4),
-              "bright": tiny_data["bright"]}
+def test_one_sample_id_and_ood_sets_give_well_defined_metrics(
+    tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    single = {
+        "id": write_npz(tmp_path / "one_id.npz", 1, 5),
+        "dark": write_npz(tmp_path / "one_ood.npz", 1, 6, 0.4),
+        "bright": tiny_data["bright"],
+    }
     status, stdout, stderr = main_in_process(tiny_config(single, tiny_checkpoint, tmp_path), tmp_path)
     assert status == 0, stderr[-3000:]
     results = json.loads((_run_dir(tmp_path) / "ood_results.json").read_text())
@@ -378,8 +478,12 @@ def test_shaping_edge_samples_give_finite_features_and_scores(spec: str, case: s
 
 
 def test_float16_module_with_batch_of_one_gives_finite_scores(tiny_checkpoint: Path) -> None:
-    module = OODEvalModule("cifar_resnet20", checkpoint_path=str(tiny_checkpoint), shaping=["ash_s@90", "scale@85"],
-                           score=["energy", "msp"]).half()
+    module = OODEvalModule(
+        "cifar_resnet20",
+        checkpoint_path=str(tiny_checkpoint),
+        shaping=["ash_s@90", "scale@85"],
+        score=["energy", "msp"],
+    ).half()
     with torch.inference_mode():
         out = module.test_step((torch.rand(1, 3, 32, 32).half() * 50, torch.tensor([3]), torch.tensor([0])), 0)
     assert out["scores"].shape == (1, 4) and torch.isfinite(out["scores"]).all()

@@ -1,6 +1,7 @@
 """Bad input and faults, round two: every option checked where it is parsed, data faults told apart, silent wrong
 results turned into errors or warnings, and runs stopped by a signal that exit non-zero with their finished sets
 saved. Each user error is one ``error:`` line naming the key or file, exit status 2, no traceback."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,19 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     images = np.zeros((5, 8, 8, 3), np.uint8)
     good = write_npz(root / "good.npz", 5, 0, size=8)
     raw = good.read_bytes()
-    files = {name: root / f"{name}.npz" for name in ("truncated", "zero_bytes", "bad_crc", "plain_npy",
-                                                     "string_labels", "one_hot_labels", "label_count", "no_x")}
+    files = {
+        name: root / f"{name}.npz"
+        for name in (
+            "truncated",
+            "zero_bytes",
+            "bad_crc",
+            "plain_npy",
+            "string_labels",
+            "one_hot_labels",
+            "label_count",
+            "no_x",
+        )
+    }
     files["truncated"].write_bytes(raw[: len(raw) // 2])
     files["zero_bytes"].write_bytes(b"")
     flipped = bytearray(raw)
@@ -75,52 +87,108 @@ OPTION_ERRORS: list[tuple[str, Callable[[dict[str, Path]], dict[str, object]], t
     ("num_workers_negative", lambda f: {"data.num_workers": -1}, ("data.num_workers: -1", "integer >= 0")),
     ("image_size_zero", lambda f: {"data.image_size": 0}, ("data.image_size: 0", "integer >= 1")),
     ("crop_pct_zero", lambda f: {"data.crop_pct": 0.0}, ("data.crop_pct: 0.0", "(0, 1]")),
-    ("unknown_interpolation", lambda f: {"data.interpolation": "cubic"},
-     ("data.interpolation: 'cubic'", "'bicubic'", "Fix:")),
-    ("negative_calibration_samples", lambda f: {"model.calibration_samples": -5},
-     ("model.calibration_samples: -5", "integer >= 1")),
+    (
+        "unknown_interpolation",
+        lambda f: {"data.interpolation": "cubic"},
+        ("data.interpolation: 'cubic'", "'bicubic'", "Fix:"),
+    ),
+    (
+        "negative_calibration_samples",
+        lambda f: {"model.calibration_samples": -5},
+        ("model.calibration_samples: -5", "integer >= 1"),
+    ),
     ("num_classes_zero", lambda f: {"model.num_classes": 0}, ("model.num_classes: 0", "integer >= 1")),
     ("tpr_above_one", lambda f: {"ood_metrics.tpr": 1.5}, ("ood_metrics.tpr: 1.5", "(0, 1]", "Fix:")),
     ("tpr_zero", lambda f: {"ood_metrics.tpr": 0.0}, ("ood_metrics.tpr: 0.0", "(0, 1]")),
-    ("unknown_convention", lambda f: {"ood_metrics.convention": "sklearn"},
-     ("ood_metrics.convention: 'sklearn'", "'paper', 'openood'")),
-    ("zero_slice_step", lambda f: {"data.ood.bright.select": "::0"},
-     ("data.ood.bright", "'::0' is not a slice", "non-zero step")),
-    ("negative_noise_size", lambda f: {"data.ood.bright": {"kind": "gaussian", "size": -8}},
-     ("data.ood.bright.size: -8", "integer >= 1")),
+    (
+        "unknown_convention",
+        lambda f: {"ood_metrics.convention": "sklearn"},
+        ("ood_metrics.convention: 'sklearn'", "'paper', 'openood'"),
+    ),
+    (
+        "zero_slice_step",
+        lambda f: {"data.ood.bright.select": "::0"},
+        ("data.ood.bright", "'::0' is not a slice", "non-zero step"),
+    ),
+    (
+        "negative_noise_size",
+        lambda f: {"data.ood.bright": {"kind": "gaussian", "size": -8}},
+        ("data.ood.bright.size: -8", "integer >= 1"),
+    ),
     ("negative_limit", lambda f: {"data.ood.bright.limit": -3}, ("data.ood.bright.limit: -3", "integer >= 1")),
-    ("too_small_limit_test_batches", lambda f: {"trainer.limit_test_batches": 0.001},
-     ("invalid trainer setting", "limit_test_batches")),
-    ("unknown_dotted_placement", lambda f: {"model.placement": "layer9.conv"},
-     ("model.placement", "'layer9.conv'", "valid placements")),
-    ("gpu_without_gpu", lambda f: {"trainer.accelerator": "gpu"},
-     ("trainer.accelerator: 'gpu'", "no such device", "Fix: set trainer.accelerator: cpu")),
-    ("output_dir_is_a_file", lambda f: {"ood_metrics.output_dir": str(f["a_file"])},
-     ("ood_metrics.output_dir", "is a file", "Fix:")),
-    ("logger_dir_is_a_file", lambda f: {"trainer.logger.init_args.save_dir": str(f["a_file"])},
-     ("save_dir", "is a file", "Fix:")),
-    ("unset_variable_in_checkpoint_path", lambda f: {"model.checkpoint_path": "$ASH_UNSET_VAR/resnet20.th"},
-     ("model.checkpoint_path", "ASH_UNSET_VAR, which is not set", "export ASH_UNSET_VAR=")),
-    ("unset_variable_in_data_path", lambda f: {"data.ood.bright.path": "${ASH_UNSET_VAR}/x.npz"},
-     ("data.ood.bright", "ASH_UNSET_VAR, which is not set")),
+    (
+        "too_small_limit_test_batches",
+        lambda f: {"trainer.limit_test_batches": 0.001},
+        ("invalid trainer setting", "limit_test_batches"),
+    ),
+    (
+        "unknown_dotted_placement",
+        lambda f: {"model.placement": "layer9.conv"},
+        ("model.placement", "'layer9.conv'", "valid placements"),
+    ),
+    (
+        "gpu_without_gpu",
+        lambda f: {"trainer.accelerator": "gpu"},
+        ("trainer.accelerator: 'gpu'", "no such device", "Fix: set trainer.accelerator: cpu"),
+    ),
+    (
+        "output_dir_is_a_file",
+        lambda f: {"ood_metrics.output_dir": str(f["a_file"])},
+        ("ood_metrics.output_dir", "is a file", "Fix:"),
+    ),
+    (
+        "logger_dir_is_a_file",
+        lambda f: {"trainer.logger.init_args.save_dir": str(f["a_file"])},
+        ("save_dir", "is a file", "Fix:"),
+    ),
+    (
+        "unset_variable_in_checkpoint_path",
+        lambda f: {"model.checkpoint_path": "$ASH_UNSET_VAR/resnet20.th"},
+        ("model.checkpoint_path", "ASH_UNSET_VAR, which is not set", "export ASH_UNSET_VAR="),
+    ),
+    (
+        "unset_variable_in_data_path",
+        lambda f: {"data.ood.bright.path": "${ASH_UNSET_VAR}/x.npz"},
+        ("data.ood.bright", "ASH_UNSET_VAR, which is not set"),
+    ),
 ]
 
 SILENT_ERRORS: list[tuple[str, Callable[[dict[str, Path]], dict[str, object]], tuple[str, ...]]] = [
-    ("ood_set_named_like_the_id_set", lambda f: {"data.id.name": "dark"},
-     ("data.ood.dark and data.id are both named 'dark'", "unique", "Fix: rename")),
-    ("ood_set_named_id", lambda f: {"data.ood.id": {"kind": "gaussian", "num_samples": 4}},
-     ("data.ood.id and data.id are both named 'id'",)),
-    ("ood_set_named_like_a_validation_set", lambda f: {
-        "data.ood.val_dark": {"kind": "gaussian", "num_samples": 4}, "data.val_id": {"kind": "gaussian"},
-        "data.val_ood": {"dark": {"kind": "uniform"}}}, ("named 'val_dark'",)),
-    ("shaping_listed_twice", lambda f: {"model.shaping": ["ash_s@90", "none", "ash_s@90.0"]},
-     ("model.shaping lists 'ash_s@90' twice", "Fix: remove the repeat")),
+    (
+        "ood_set_named_like_the_id_set",
+        lambda f: {"data.id.name": "dark"},
+        ("data.ood.dark and data.id are both named 'dark'", "unique", "Fix: rename"),
+    ),
+    (
+        "ood_set_named_id",
+        lambda f: {"data.ood.id": {"kind": "gaussian", "num_samples": 4}},
+        ("data.ood.id and data.id are both named 'id'",),
+    ),
+    (
+        "ood_set_named_like_a_validation_set",
+        lambda f: {
+            "data.ood.val_dark": {"kind": "gaussian", "num_samples": 4},
+            "data.val_id": {"kind": "gaussian"},
+            "data.val_ood": {"dark": {"kind": "uniform"}},
+        },
+        ("named 'val_dark'",),
+    ),
+    (
+        "shaping_listed_twice",
+        lambda f: {"model.shaping": ["ash_s@90", "none", "ash_s@90.0"]},
+        ("model.shaping lists 'ash_s@90' twice", "Fix: remove the repeat"),
+    ),
     ("score_listed_twice", lambda f: {"model.score": ["energy", "energy"]}, ("model.score lists 'energy' twice",)),
-    ("limit_test_batches_zero", lambda f: {"trainer.limit_test_batches": 0},
-     ("no test batch was evaluated", "limit_test_batches", "Fix:")),
-    ("folder_with_class_folders_and_loose_images", lambda f: {"data.ood.bright": {"kind": "folder",
-                                                                                  "path": str(f["mixed"])}},
-     ("data.ood.bright", "class sub-folders ('cats')", "2 images directly inside it", "Fix: move")),
+    (
+        "limit_test_batches_zero",
+        lambda f: {"trainer.limit_test_batches": 0},
+        ("no test batch was evaluated", "limit_test_batches", "Fix:"),
+    ),
+    (
+        "folder_with_class_folders_and_loose_images",
+        lambda f: {"data.ood.bright": {"kind": "folder", "path": str(f["mixed"])}},
+        ("data.ood.bright", "class sub-folders ('cats')", "2 images directly inside it", "Fix: move"),
+    ),
 ]
 
 NPZ_ERRORS: list[tuple[str, tuple[str, ...]]] = [
@@ -140,10 +208,14 @@ def config(tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path) ->
     return tiny_config(tiny_data, tiny_checkpoint, tmp_path)
 
 
-@pytest.mark.parametrize("edits, fragments", [c[1:] for c in OPTION_ERRORS + SILENT_ERRORS],
-                         ids=[c[0] for c in OPTION_ERRORS + SILENT_ERRORS])
-def test_bad_option_or_silent_mistake_is_one_error_line(edits: Callable, fragments: tuple[str, ...], config: dict,
-                                                        faulty: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "edits, fragments",
+    [c[1:] for c in OPTION_ERRORS + SILENT_ERRORS],
+    ids=[c[0] for c in OPTION_ERRORS + SILENT_ERRORS],
+)
+def test_bad_option_or_silent_mistake_is_one_error_line(
+    edits: Callable, fragments: tuple[str, ...], config: dict, faulty: dict[str, Path], tmp_path: Path
+) -> None:
     status, stdout, stderr = main_in_process(_apply(config, edits(faulty)), tmp_path)
     message = _one_error_line(status, stderr)
     for fragment in fragments:
@@ -153,7 +225,8 @@ def test_bad_option_or_silent_mistake_is_one_error_line(edits: Callable, fragmen
 
 @pytest.mark.parametrize("name, fragments", NPZ_ERRORS, ids=[c[0] for c in NPZ_ERRORS])
 def test_faulty_npz_is_one_error_line_that_tells_unreadable_from_incomplete(
-        name: str, fragments: tuple[str, ...], config: dict, faulty: dict[str, Path], tmp_path: Path) -> None:
+    name: str, fragments: tuple[str, ...], config: dict, faulty: dict[str, Path], tmp_path: Path
+) -> None:
     status, _, stderr = main_in_process(_apply(config, {"data.ood.bright": _npz(faulty[name])}), tmp_path)
     message = _one_error_line(status, stderr)
     assert "data.ood.bright" in message
@@ -169,19 +242,33 @@ def _yaml_with(config: dict, tmp_path: Path, edit: Callable[[str], str]) -> Path
     return path
 
 
-@pytest.mark.parametrize("edit, fragments", [
-    (lambda text: text.replace("    dark:\n", "    bright:\n", 1),
-     ("edited.yaml, line", "key 'bright' is given twice")),
-    (lambda text: text.replace("\n  batch_size:", "\n\tbatch_size:", 1), ("edited.yaml, line", "a tab character",
-                                                                       "replace the tabs")),
-], ids=["duplicate_ood_key", "tab_indent"])
-def test_yaml_duplicate_keys_and_tabs_are_one_error_line_from_main_py(edit: Callable[[str], str],
-                                                                      fragments: tuple[str, ...], config: dict,
-                                                                      tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "edit, fragments",
+    [
+        (
+            lambda text: text.replace("    dark:\n", "    bright:\n", 1),
+            ("edited.yaml, line", "key 'bright' is given twice"),
+        ),
+        (
+            lambda text: text.replace("\n  batch_size:", "\n\tbatch_size:", 1),
+            ("edited.yaml, line", "a tab character", "replace the tabs"),
+        ),
+    ],
+    ids=["duplicate_ood_key", "tab_indent"],
+)
+def test_yaml_duplicate_keys_and_tabs_are_one_error_line_from_main_py(
+    edit: Callable[[str], str], fragments: tuple[str, ...], config: dict, tmp_path: Path
+) -> None:
     """Through main.py in a subprocess: the process boundary shows no traceback either."""
     path = _yaml_with(config, tmp_path, edit)
-    proc = subprocess.run([sys.executable, str(REPO / "main.py"), "test", "--config", str(path)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "test", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        check=False,
+    )
     message = _one_error_line(proc.returncode, proc.stderr)
     for fragment in fragments:
         assert fragment in message, message
@@ -207,12 +294,16 @@ def test_high_bit_depth_and_float_images_are_scaled_to_8_bits_not_clipped(mode: 
 # -------------------------------------------------------------------------------------------- warnings in runs
 @pytest.fixture
 def small_sets(tmp_path: Path) -> dict[str, Path]:
-    return {"id": write_npz(tmp_path / "id.npz", 6, 0), "dark": write_npz(tmp_path / "dark.npz", 5, 1, 0.4),
-            "bright": write_npz(tmp_path / "bright.npz", 5, 2, 1.6)}
+    return {
+        "id": write_npz(tmp_path / "id.npz", 6, 0),
+        "dark": write_npz(tmp_path / "dark.npz", 5, 1, 0.4),
+        "bright": write_npz(tmp_path / "bright.npz", 5, 2, 1.6),
+    }
 
 
-def test_random_weights_warn_at_start_and_are_recorded_in_the_results(small_sets: dict[str, Path],
-                                                                      tmp_path: Path) -> None:
+def test_random_weights_warn_at_start_and_are_recorded_in_the_results(
+    small_sets: dict[str, Path], tmp_path: Path
+) -> None:
     config = tiny_config(small_sets, tmp_path / "unused.th", tmp_path)
     del config["model"]["checkpoint_path"]
     with pytest.warns(RandomWeightsWarning, match="RANDOM WEIGHTS: backbone 'cifar_resnet20'"):
@@ -231,8 +322,9 @@ def test_trained_weights_are_not_flagged(small_sets: dict[str, Path], tiny_check
     assert "warnings" not in json.loads((_run_dir(tmp_path) / "ood_results.json").read_text())
 
 
-def test_shaping_that_makes_every_score_equal_warns_once_with_the_cause(small_sets: dict[str, Path],
-                                                                        tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_shaping_that_makes_every_score_equal_warns_once_with_the_cause(
+    small_sets: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     config = tiny_config(small_sets, tiny_checkpoint, tmp_path, shaping=["react@-1", "ash_s@90"])
     with pytest.warns(UserWarning) as caught:
         status, _, stderr = main_in_process(config, tmp_path)
@@ -244,22 +336,32 @@ def test_shaping_that_makes_every_score_equal_warns_once_with_the_cause(small_se
 # ------------------------------------------------------------------------------------------------------ report
 def _store(n: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(n)
-    return {"scores": rng.normal(size=(n, 1)), "targets": np.zeros(n, np.int64), "index": np.arange(n),
-            "preds": np.zeros((n, 1), np.int64)}
+    return {
+        "scores": rng.normal(size=(n, 1)),
+        "targets": np.zeros(n, np.int64),
+        "index": np.arange(n),
+        "preds": np.zeros((n, 1), np.int64),
+    }
 
 
 @pytest.fixture
 def saved_run(tmp_path: Path) -> Path:
     """A run directory whose scores.npz holds the ID set and OOD set ``far`` (a later set ``near`` is missing)."""
-    meta = {"runs": [{"shaping": "ash_s@90", "score": "energy"}], "groups": {}, "tpr": 0.95, "convention": "paper",
-            "loaders": [{"name": "id", "role": "id"}, {"name": "far", "role": "ood"}, {"name": "near", "role": "ood"}]}
+    meta = {
+        "runs": [{"shaping": "ash_s@90", "score": "energy"}],
+        "groups": {},
+        "tpr": 0.95,
+        "convention": "paper",
+        "loaders": [{"name": "id", "role": "id"}, {"name": "far", "role": "ood"}, {"name": "near", "role": "ood"}],
+    }
     save_scores(str(tmp_path / "scores.npz"), {"id": _store(40), "far": _store(30)}, meta)
     return tmp_path
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "not_an_archive", "another_npz"])
-def test_report_on_an_unreadable_scores_file_is_one_error_line(damage: str, saved_run: Path,
-                                                              capsys: pytest.CaptureFixture) -> None:
+def test_report_on_an_unreadable_scores_file_is_one_error_line(
+    damage: str, saved_run: Path, capsys: pytest.CaptureFixture
+) -> None:
     path = saved_run / "scores.npz"
     raw = path.read_bytes()
     if damage == "another_npz":
@@ -279,22 +381,35 @@ def test_report_overrides_tpr_and_convention(saved_run: Path, capsys: pytest.Cap
     assert "fpr90" in results["runs"][0]["ood"]["far"]
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["--tpr", "1.5"], ("--tpr: 1.5", "(0, 1]")), (["--tpr", "0"], ("--tpr: 0.0", "(0, 1]")),
-    (["--convention", "sklearn"], ("--convention: 'sklearn'", "'paper', 'openood'")),
-    (["--tpr", "high"], ("--tpr", "invalid float value", "Usage:")), (["--bogus"], ("unrecognized", "--bogus")),
-], ids=["tpr_above_one", "tpr_zero", "unknown_convention", "tpr_not_a_number", "unknown_flag"])
-def test_report_bad_arguments_are_one_error_line(args: list[str], fragments: tuple[str, ...], saved_run: Path,
-                                                 capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--tpr", "1.5"], ("--tpr: 1.5", "(0, 1]")),
+        (["--tpr", "0"], ("--tpr: 0.0", "(0, 1]")),
+        (["--convention", "sklearn"], ("--convention: 'sklearn'", "'paper', 'openood'")),
+        (["--tpr", "high"], ("--tpr", "invalid float value", "Usage:")),
+        (["--bogus"], ("unrecognized", "--bogus")),
+    ],
+    ids=["tpr_above_one", "tpr_zero", "unknown_convention", "tpr_not_a_number", "unknown_flag"],
+)
+def test_report_bad_arguments_are_one_error_line(
+    args: list[str], fragments: tuple[str, ...], saved_run: Path, capsys: pytest.CaptureFixture
+) -> None:
     message = _one_error_line(main(["report", str(saved_run), *args]), capsys.readouterr().err)
     for fragment in fragments:
         assert fragment in message, message
 
 
-def test_report_of_a_run_stopped_before_its_first_ood_set_says_so(tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture) -> None:
-    meta = {"runs": [{"shaping": "none", "score": "energy"}], "groups": {}, "tpr": 0.95, "convention": "paper",
-            "loaders": [{"name": "id", "role": "id"}, {"name": "far", "role": "ood"}]}
+def test_report_of_a_run_stopped_before_its_first_ood_set_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    meta = {
+        "runs": [{"shaping": "none", "score": "energy"}],
+        "groups": {},
+        "tpr": 0.95,
+        "convention": "paper",
+        "loaders": [{"name": "id", "role": "id"}, {"name": "far", "role": "ood"}],
+    }
     save_scores(str(tmp_path / "scores.npz"), {"id": _store(10)}, meta)
     message = _one_error_line(main(["report", str(tmp_path)]), capsys.readouterr().err)
     assert "stopped before its first OOD set was finished" in message and "rerun" in message
@@ -305,15 +420,24 @@ def test_internal_file_not_found_is_not_called_a_user_error() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- signals
-def _start_and_signal(config: dict, tmp_path: Path, signum: signal.Signals, whole_group: bool,
-                      ) -> tuple[subprocess.CompletedProcess, Path]:
+def _start_and_signal(
+    config: dict,
+    tmp_path: Path,
+    signum: signal.Signals,
+    whole_group: bool,
+) -> tuple[subprocess.CompletedProcess, Path]:
     """Start ``main.py test`` on ``config``; once its scores.npz holds the ID set and the first OOD set (``a``),
     send ``signum`` to it (or, as a terminal's Ctrl+C does, to its process group with the DataLoader workers)."""
     path = tmp_path / "signal.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([sys.executable, str(REPO / "main.py"), "test", "--config", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "main.py"), "test", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     scores = _run_dir(tmp_path) / "scores.npz"
     try:
         while proc.poll() is None:
@@ -328,17 +452,23 @@ def _start_and_signal(config: dict, tmp_path: Path, signum: signal.Signals, whol
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), scores
 
 
-@pytest.mark.parametrize("signum, status, workers, whole_group", [(signal.SIGTERM, 143, 0, False),
-                                                                 (signal.SIGINT, 130, 2, True)],
-                         ids=["sigterm", "ctrl_c_with_workers"])
+@pytest.mark.parametrize(
+    "signum, status, workers, whole_group",
+    [(signal.SIGTERM, 143, 0, False), (signal.SIGINT, 130, 2, True)],
+    ids=["sigterm", "ctrl_c_with_workers"],
+)
 def test_signal_stops_the_run_non_zero_with_finished_sets_reportable(
-        signum: signal.Signals, status: int, workers: int, whole_group: bool, tiny_checkpoint: Path,
-        tmp_path: Path) -> None:
-    sets = {"id": write_npz(tmp_path / "id.npz", 8, 0), "dark": write_npz(tmp_path / "a.npz", 8, 1, 0.4),
-            "bright": write_npz(tmp_path / "b.npz", 3000, 2, 1.6)}  # long enough to be stopped on
+    signum: signal.Signals, status: int, workers: int, whole_group: bool, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    sets = {
+        "id": write_npz(tmp_path / "id.npz", 8, 0),
+        "dark": write_npz(tmp_path / "a.npz", 8, 1, 0.4),
+        "bright": write_npz(tmp_path / "b.npz", 3000, 2, 1.6),
+    }  # long enough to be stopped on
     config = tiny_config(sets, tiny_checkpoint, tmp_path)
-    config["data"].update(ood={"a": _npz(sets["dark"]), "b": _npz(sets["bright"])}, groups={}, batch_size=8,
-                          num_workers=workers)
+    config["data"].update(
+        ood={"a": _npz(sets["dark"]), "b": _npz(sets["bright"])}, groups={}, batch_size=8, num_workers=workers
+    )
     proc, scores = _start_and_signal(config, tmp_path, signum, whole_group)
     assert proc.returncode == status, proc.stderr[-3000:]
     assert TRACEBACK not in proc.stderr and f"stopped by {signum.name}" in proc.stderr

@@ -1,4 +1,5 @@
 """The Lightning evaluation end to end: main.py on the real config, DDP equals one process, drop-in callbacks."""
+
 from __future__ import annotations
 
 import json
@@ -31,14 +32,23 @@ def test_cifar10_config_runs_and_writes_json(shared_data: Path, tmp_path: Path) 
     for spec in [config["data"]["id"], *config["data"]["ood"].values()]:
         spec["limit"] = 300
     config["data"].update(batch_size=128, num_workers=0)
-    config["trainer"].update(enable_progress_bar=False, logger={
-        "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": str(tmp_path), "name": "run", "version": "v"}})
+    config["trainer"].update(
+        enable_progress_bar=False,
+        logger={
+            "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": str(tmp_path), "name": "run", "version": "v"},
+        },
+    )
     proc = run_main(config, tmp_path, env={"DATASETS": str(shared_data)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = _results(tmp_path)
-    assert results["counts"] == {"cifar10": 300, "textures": 300, "mnist": 300, "fashionmnist": 300,
-                                 "tinyimagenet": 300}
+    assert results["counts"] == {
+        "cifar10": 300,
+        "textures": 300,
+        "mnist": 300,
+        "fashionmnist": 300,
+        "tinyimagenet": 300,
+    }
     (run,) = results["runs"]
     assert (run["shaping"], run["score"]) == ("ash_s@90", "energy")
     assert set(run["ood"]) == {"textures", "mnist", "fashionmnist", "tinyimagenet"}
@@ -60,8 +70,9 @@ def test_ddp_two_processes_equal_one(tiny_data: dict, tiny_checkpoint: Path, tmp
     proc = run_main(config, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = tiny_config(tiny_data, tiny_checkpoint, double, shaping=["ash_s@90", "ash_b@65"], score=["energy", "msp"])
-    proc = run_main(config, tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-                    "--trainer.strategy", "ddp")
+    proc = run_main(
+        config, tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = _results(single), _results(double)
     assert one["counts"] == two["counts"] == {"id": 101, "dark": 67, "bright": 53}
@@ -97,15 +108,24 @@ def test_callbacks_drop_into_a_plain_module(tiny_data: dict, tiny_checkpoint: Pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     reference = _results(tmp_path / "cli")
 
-    datamodule = OODDataModule(id={"kind": "npz", "path": str(tiny_data["id"])},
-                               ood={"dark": {"kind": "npz", "path": str(tiny_data["dark"])},
-                                    "bright": {"kind": "npz", "path": str(tiny_data["bright"])}},
-                               backbone="cifar_resnet20", batch_size=16)
+    datamodule = OODDataModule(
+        id={"kind": "npz", "path": str(tiny_data["id"])},
+        ood={
+            "dark": {"kind": "npz", "path": str(tiny_data["dark"])},
+            "bright": {"kind": "npz", "path": str(tiny_data["bright"])},
+        },
+        backbone="cifar_resnet20",
+        batch_size=16,
+    )
     module = PlainClassifier(tiny_checkpoint)
     metrics = OODMetricsCallback(ood_names=["dark", "bright"], groups={"near": ["dark"], "far": ["bright"]})
     shaping = ActivationShapingCallback("ash_s@90")
-    trainer = pl.Trainer(accelerator="cpu", callbacks=[shaping, metrics], enable_progress_bar=False,
-                         logger=TensorBoardLogger(str(tmp_path / "plain"), name="run", version="v"))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        callbacks=[shaping, metrics],
+        enable_progress_bar=False,
+        logger=TensorBoardLogger(str(tmp_path / "plain"), name="run", version="v"),
+    )
     trainer.test(module, dataloaders=datamodule.test_dataloader())
     ours = metrics.results
     assert ours["counts"] == {"id": 101, "dark": 67, "bright": 53}
@@ -121,15 +141,17 @@ def test_callbacks_drop_into_a_plain_module(tiny_data: dict, tiny_checkpoint: Pa
     assert not module.net.linear._forward_pre_hooks
 
 
-def test_tensorboard_gets_scalars_histograms_and_figures(tiny_data: dict, tiny_checkpoint: Path,
-                                                         tmp_path: Path) -> None:
+def test_tensorboard_gets_scalars_histograms_and_figures(
+    tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     proc = run_main(tiny_config(tiny_data, tiny_checkpoint, tmp_path), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     events = EventAccumulator(str(tmp_path / "run" / "v"), size_guidance={"histograms": 0, "images": 0})
     events.Reload()
     tags = events.Tags()
-    assert {"ood/dark/fpr95", "ood/bright/auroc", "ood/mean/aupr_in", "ood/group_near/aupr_out",
-            "id/accuracy"} <= set(tags["scalars"])
+    assert {"ood/dark/fpr95", "ood/bright/auroc", "ood/mean/aupr_in", "ood/group_near/aupr_out", "id/accuracy"} <= set(
+        tags["scalars"]
+    )
     assert {"scores/id", "scores/dark", "scores/bright"} <= set(tags["histograms"])
     assert "curves/roc_pr" in tags["images"]
     results = _results(tmp_path)
@@ -146,6 +168,7 @@ def test_module_test_step_returns_per_sample_outputs(tiny_checkpoint: Path) -> N
     assert torch.equal(out["index"], torch.arange(10, 15)) and torch.equal(out["targets"], torch.arange(5))
     net = create_backbone("cifar_resnet20", checkpoint_path=str(tiny_checkpoint))
     from ash_lightning import ash_p
+
     expected = net.linear(ash_p(net.forward_head(net.forward_features(x), pre_logits=True), 80))
     torch.testing.assert_close(out["logits"], expected)
     torch.testing.assert_close(out["scores"], torch.softmax(expected, 1).max(1).values)

@@ -1,4 +1,5 @@
 """``ash_lightning.files``: path expansion and atomic writes."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """On a CUDA device: shaping and a whole ``main.py test`` run give the CPU's results. Marked ``gpu`` (select with
 ``pytest -m gpu``, as bench/device_check.sh does); skipped where CUDA is unavailable."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -129,8 +129,11 @@ def test_bad_placements(models):
     with pytest.raises(ValueError, match=r"'penultimate'.*ResNet has no classifier.*Identity.*'global_pool'"):
         attach_shaping(headless, "ash_s@90")
     squeezenet = tv.squeezenet1_1(num_classes=10)  # its classifier is a convolution: no nn.Linear
-    with pytest.raises(ValueError, match=r"'penultimate'.*SqueezeNet has neither get_classifier\(\) \(timm\) nor an "
-                                         r"nn\.Linear.*one of 'classifier\.3'"):
+    with pytest.raises(
+        ValueError,
+        match=r"'penultimate'.*SqueezeNet has neither get_classifier\(\) \(timm\) nor an "
+        r"nn\.Linear.*one of 'classifier\.3'",
+    ):
         attach_shaping(squeezenet, "ash_s@90")
     with pytest.raises(ValueError, match=r"'penultimate'.*Sequential has neither.*one of '0', '1'"):
         resolve_hook_point(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()), "penultimate")
@@ -149,14 +152,20 @@ def test_module_with_tuple_output():
 
 TORCHVISION = {  # name -> (builder with random weights, the classifier that "penultimate" must resolve to)
     "resnet18": (lambda: tv.resnet18(num_classes=10), "fc"),
-    "densenet": (lambda: tv.DenseNet(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16,
-                                     num_classes=10), "classifier"),
+    "densenet": (
+        lambda: tv.DenseNet(growth_rate=8, block_config=(2, 2, 2, 2), num_init_features=16, num_classes=10),
+        "classifier",
+    ),
     "mobilenet_v3_small": (lambda: tv.mobilenet_v3_small(num_classes=10), "classifier.3"),
     "efficientnet_b0": (lambda: tv.efficientnet_b0(num_classes=10), "classifier.1"),
     "convnext_tiny": (lambda: tv.convnext_tiny(num_classes=10), "classifier.2"),
     "vgg11": (lambda: tv.vgg11(num_classes=10), "classifier.6"),
-    "vit": (lambda: tv.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
-                                         mlp_dim=64, num_classes=10), "heads.head"),
+    "vit": (
+        lambda: tv.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+        ),
+        "heads.head",
+    ),
 }
 
 

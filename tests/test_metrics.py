@@ -65,9 +65,13 @@ def assert_metrics_close(got: dict[str, float], want: dict[str, float]) -> None:
         assert got[key] == pytest.approx(want[key], abs=TOL, rel=0), key
 
 
-def make_case(rng: np.random.Generator, kind: str, n_id: int, n_ood: int, offset: float) -> tuple[np.ndarray, np.ndarray]:
+def make_case(
+    rng: np.random.Generator, kind: str, n_id: int, n_ood: int, offset: float
+) -> tuple[np.ndarray, np.ndarray]:
     if kind == "ties":  # integers in a small range: most scores tied
-        return (rng.integers(0, 6, n_id) + offset).astype(np.float64), (rng.integers(0, 5, n_ood) + offset).astype(np.float64)
+        return (rng.integers(0, 6, n_id) + offset).astype(np.float64), (rng.integers(0, 5, n_ood) + offset).astype(
+            np.float64
+        )
     return rng.normal(offset + 1.0, 2.0, n_id), rng.normal(offset, 2.0, n_ood)
 
 
@@ -109,8 +113,9 @@ def test_openood_trapezoid_and_dropped_thresholds() -> None:
     # Tied, unbalanced, offset: 7 ID and 300 OOD scores on 4 values around -1000.
     rng = np.random.default_rng(14)
     id_scores, ood_scores = rng.integers(0, 4, 7) - 1000.0, rng.integers(0, 4, 300) - 1000.0
-    assert_metrics_close(ood_metrics(id_scores, ood_scores, convention="openood"),
-                         openood_reference(id_scores, ood_scores, 0.95))
+    assert_metrics_close(
+        ood_metrics(id_scores, ood_scores, convention="openood"), openood_reference(id_scores, ood_scores, 0.95)
+    )
 
 
 def test_keys_follow_tpr() -> None:
@@ -223,7 +228,9 @@ def test_oodmetrics_batches_equal_concatenation(convention: str) -> None:
     metric.update(ood_scores[:70].half(), False)  # any float dtype
     mixed = torch.cat((id_scores[200:], ood_scores[70:]))  # per-sample flags
     metric.update(mixed, torch.arange(mixed.numel()) < 57)
-    want = ood_metrics(id_scores, torch.cat((ood_scores[:70].half().float(), ood_scores[70:])), tpr=0.9, convention=convention)
+    want = ood_metrics(
+        id_scores, torch.cat((ood_scores[:70].half().float(), ood_scores[70:])), tpr=0.9, convention=convention
+    )
     assert metric.compute() == want
     metric.reset()
     with pytest.raises(ValueError, match="no scores"):
@@ -303,11 +310,16 @@ def test_summarize_mean_and_groups() -> None:
         "inaturalist": {"fpr95": 0.1, "auroc": 0.99, "aupr_in": 0.98, "aupr_out": 0.97},
     }
     summary = summarize(per_set, {"near": ["ssb_hard", "ninco"], "far": ["inaturalist"]})
-    assert summary["mean"] == pytest.approx({"fpr95": 0.5, "auroc": 2.49 / 3, "aupr_in": 2.28 / 3, "aupr_out": 2.07 / 3})
+    assert summary["mean"] == pytest.approx(
+        {"fpr95": 0.5, "auroc": 2.49 / 3, "aupr_in": 2.28 / 3, "aupr_out": 2.07 / 3}
+    )
     assert summary["groups"]["near"] == pytest.approx({"fpr95": 0.7, "auroc": 0.75, "aupr_in": 0.65, "aupr_out": 0.55})
     assert summary["groups"]["far"] == per_set["inaturalist"]
     assert summarize(per_set)["groups"] == {}
-    with pytest.raises(ValueError, match=r"Unknown OOD set\(s\) \['openimage_o', 'textures'\].*known sets: \['inaturalist', 'ninco', 'ssb_hard'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"Unknown OOD set\(s\) \['openimage_o', 'textures'\].*known sets: \['inaturalist', 'ninco', 'ssb_hard'\]",
+    ):
         summarize(per_set, {"far": ["inaturalist", "textures", "openimage_o"]})
     with pytest.raises(ValueError, match="no member sets"):
         summarize(per_set, {"near": []})

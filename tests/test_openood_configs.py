@@ -1,6 +1,7 @@
 """OpenOOD v1.5: every ``configs/openood_v1.5/*.yaml`` runs end to end on a miniature OpenOOD data tree, the
 ``imglist`` source reads OpenOOD's list format and fails in one line on bad lists, and OpenOOD's ResNet-18
 state_dicts load into the architectures registered in timm."""
+
 from __future__ import annotations
 
 import json
@@ -30,22 +31,38 @@ IMAGES_PER_LIST = 2
 BENCHMARKS = {
     "cifar10": ("images_classic", ["cifar100", "tin"], ["mnist", "svhn", "texture", "places365"], "tin"),
     "cifar100": ("images_classic", ["cifar10", "tin"], ["mnist", "svhn", "texture", "places365"], "tin"),
-    "imagenet200": ("images_largescale", ["ssb_hard", "ninco"], ["inaturalist", "textures", "openimage_o"],
-                    "openimage_o"),
-    "imagenet": ("images_largescale", ["ssb_hard", "ninco"], ["inaturalist", "textures", "openimage_o"],
-                 "openimage_o"),
+    "imagenet200": (
+        "images_largescale",
+        ["ssb_hard", "ninco"],
+        ["inaturalist", "textures", "openimage_o"],
+        "openimage_o",
+    ),
+    "imagenet": ("images_largescale", ["ssb_hard", "ninco"], ["inaturalist", "textures", "openimage_o"], "openimage_o"),
 }
 # The image folder each set's list points into (as in OpenOOD's lists: "<folder>/<split or class>/<file>").
-FOLDERS = {"cifar10": "cifar10/test", "cifar100": "cifar100/test", "tin": "tin/test", "mnist": "mnist/test",
-           "svhn": "svhn/test", "texture": "texture/banded", "textures": "texture/banded", "places365": "places365/abbey",
-           "imagenet200": "imagenet_1k/val", "imagenet": "imagenet_1k/val", "ssb_hard": "ssb_hard/n00470682",
-           "ninco": "ninco/amphiuma_means", "inaturalist": "inaturalist/Images", "openimage_o": "openimage_o/images"}
+FOLDERS = {
+    "cifar10": "cifar10/test",
+    "cifar100": "cifar100/test",
+    "tin": "tin/test",
+    "mnist": "mnist/test",
+    "svhn": "svhn/test",
+    "texture": "texture/banded",
+    "textures": "texture/banded",
+    "places365": "places365/abbey",
+    "imagenet200": "imagenet_1k/val",
+    "imagenet": "imagenet_1k/val",
+    "ssb_hard": "ssb_hard/n00470682",
+    "ninco": "ninco/amphiuma_means",
+    "inaturalist": "inaturalist/Images",
+    "openimage_o": "openimage_o/images",
+}
 # A backbone override only where the config's network is too slow for a CPU test: a ViT-Ti of the same family.
 BACKBONE_OVERRIDES = {"imagenet_vit_b16.yaml": "vit_tiny_patch16_224"}
 
 
-def _write_list(tree: Path, benchmark: str, list_name: str, images_root: str, folder: str, label: int | None,
-                size: int, seed: int) -> None:
+def _write_list(
+    tree: Path, benchmark: str, list_name: str, images_root: str, folder: str, label: int | None, size: int, seed: int
+) -> None:
     """``IMAGES_PER_LIST`` JPEGs under ``tree/images_root/folder`` and their list ``benchmark_imglist/...``."""
     rng = np.random.default_rng(seed)
     lines = []
@@ -65,10 +82,15 @@ def build_openood_tree(tree: Path) -> Path:
     seed = 0
     for benchmark, (images_root, near, far, val_ood) in BENCHMARKS.items():
         size = 32 if benchmark.startswith("cifar") else 64
-        lists = [(f"test_{benchmark}", images_root, benchmark, None), (f"val_{benchmark}", images_root, benchmark, None),
-                 (f"val_{val_ood}", images_root, val_ood, -1)]
-        lists += [(f"test_{name}", "images_classic" if name.startswith("texture") else images_root, name, -1)
-                  for name in near + far]
+        lists = [
+            (f"test_{benchmark}", images_root, benchmark, None),
+            (f"val_{benchmark}", images_root, benchmark, None),
+            (f"val_{val_ood}", images_root, val_ood, -1),
+        ]
+        lists += [
+            (f"test_{name}", "images_classic" if name.startswith("texture") else images_root, name, -1)
+            for name in near + far
+        ]
         for list_name, root, folder_key, label in lists:
             seed += 1
             _write_list(tree, benchmark, list_name, root, FOLDERS[folder_key], label, size, seed)
@@ -82,11 +104,28 @@ def openood_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _run(config: Path, tree: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
     """``main.py test --config <config>`` with random weights, on CPU, in a subprocess reading ``tree``."""
-    overrides = ["--model.pretrained", "false", "--model.checkpoint_path", "null", "--data.batch_size", "4",
-                 "--data.num_workers", "0", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
-    return subprocess.run([sys.executable, str(REPO / "main.py"), "test", "--config", str(config), *overrides, *extra],
-                          capture_output=True, text=True, cwd=cwd, timeout=600,
-                          env={**os.environ, "DATASETS": str(tree), "CHECKPOINTS": str(cwd / "no_checkpoints")})
+    overrides = [
+        "--model.pretrained",
+        "false",
+        "--model.checkpoint_path",
+        "null",
+        "--data.batch_size",
+        "4",
+        "--data.num_workers",
+        "0",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    return subprocess.run(
+        [sys.executable, str(REPO / "main.py"), "test", "--config", str(config), *overrides, *extra],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+        env={**os.environ, "DATASETS": str(tree), "CHECKPOINTS": str(cwd / "no_checkpoints")},
+    )
 
 
 def test_there_is_a_config_per_benchmark() -> None:
@@ -126,14 +165,18 @@ def _broken_tree(tree: Path, benchmark: str, list_name: str, edit: str) -> None:
     path.write_text("".join(line + "\n" for line in lines))
 
 
-@pytest.mark.parametrize("edit, expected", [
-    ("missing image", "test_tin.txt:3: image '"),
-    ("malformed line", "test_tin.txt:3: malformed image list line"),
-    ("bad label", "test_tin.txt:3: malformed image list line"),
-    ("empty list", "test_tin.txt' is empty"),
-])
-def test_imglist_errors_exit_2_with_one_error_line(edit: str, expected: str, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        ("missing image", "test_tin.txt:3: image '"),
+        ("malformed line", "test_tin.txt:3: malformed image list line"),
+        ("bad label", "test_tin.txt:3: malformed image list line"),
+        ("empty list", "test_tin.txt' is empty"),
+    ],
+)
+def test_imglist_errors_exit_2_with_one_error_line(
+    edit: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The CLI in-process on the CIFAR-10 config with one list broken (the subprocess test below covers the exit
     status and the absence of a traceback at the process boundary)."""
     tree = build_openood_tree(tmp_path / "data")
@@ -141,9 +184,11 @@ def test_imglist_errors_exit_2_with_one_error_line(edit: str, expected: str, tmp
     monkeypatch.setenv("DATASETS", str(tree))
     monkeypatch.delenv("ASH_DEBUG", raising=False)
     monkeypatch.chdir(tmp_path)
-    config = {"model": {"backbone": "openood_resnet18_32x32.openood_v15_cifar10", "shaping": "ash_s@90"},
-              "data": str(REPO / "configs" / "openood_v1.5" / "data" / "cifar10.yaml"),
-              "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False}}
+    config = {
+        "model": {"backbone": "openood_resnet18_32x32.openood_v15_cifar10", "shaping": "ash_s@90"},
+        "data": str(REPO / "configs" / "openood_v1.5" / "data" / "cifar10.yaml"),
+        "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False},
+    }
     status, _, err = main_in_process(config, tmp_path)
     assert status == 2
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -175,14 +220,18 @@ def test_imglist_reads_openood_lines(tmp_path: Path) -> None:
     assert source.dataset[1][0].mode == "RGB" and source.dataset[1][0].size == (32, 32)
 
 
-@pytest.mark.parametrize("spec_edit, expected", [
-    ({"list": "$DATASETS_MISSING/list.txt"}, "unset environment variable"),
-    ({"list": "nowhere.txt"}, "does not exist"),
-    ({"root": None}, "needs `root`"),
-    ({"list": "img"}, "is not a file"),
-])
-def test_imglist_spec_errors_name_the_key(spec_edit: dict, expected: str, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "spec_edit, expected",
+    [
+        ({"list": "$DATASETS_MISSING/list.txt"}, "unset environment variable"),
+        ({"list": "nowhere.txt"}, "does not exist"),
+        ({"root": None}, "needs `root`"),
+        ({"list": "img"}, "is not a file"),
+    ],
+)
+def test_imglist_spec_errors_name_the_key(
+    spec_edit: dict, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_image_folder(tmp_path / "img", 1, seed=0)
     (tmp_path / "list.txt").write_text("img000.png 0\n")
     monkeypatch.chdir(tmp_path)
@@ -199,12 +248,18 @@ def test_corrupt_image_in_a_list_is_skipped_with_skip_corrupt(tmp_path: Path, mo
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("ASH_DEBUG", raising=False)
     spec = {"kind": "imglist", "root": str(tmp_path / "img")}
-    config = {"model": {"backbone": "openood_resnet18_32x32.openood_v15_cifar10", "shaping": "ash_s@90"},
-              "data": {"id": {**spec, "list": "id.txt"}, "ood": {"noisy": {**spec, "list": "ood.txt"}},
-                       "batch_size": 2},
-              "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "logger": {
-                  "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-                  "init_args": {"save_dir": str(tmp_path / "runs"), "name": "run", "version": "v"}}}}
+    config = {
+        "model": {"backbone": "openood_resnet18_32x32.openood_v15_cifar10", "shaping": "ash_s@90"},
+        "data": {"id": {**spec, "list": "id.txt"}, "ood": {"noisy": {**spec, "list": "ood.txt"}}, "batch_size": 2},
+        "trainer": {
+            "accelerator": "cpu",
+            "enable_progress_bar": False,
+            "logger": {
+                "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp_path / "runs"), "name": "run", "version": "v"},
+            },
+        },
+    }
     status, _, err = main_in_process(config, tmp_path)
     assert status == 2 and "cut.jpg" in err and "skip_corrupt" in err
     config["data"]["skip_corrupt"] = True
@@ -218,29 +273,43 @@ def _openood_resnet18_32x32_shapes(num_classes: int) -> dict[str, tuple[int, ...
     """Parameter and buffer names and shapes of OpenOOD's ResNet18_32x32 (openood/networks/resnet18_32x32.py):
     conv1/bn1 stem, layer1-4 of two BasicBlocks (conv1, bn1, conv2, bn2; ``shortcut.0`` conv and ``shortcut.1`` BN
     where the shape changes), fc."""
+
     def bn(prefix: str, c: int) -> dict[str, tuple[int, ...]]:
         return {f"{prefix}.{k}": (c,) for k in ("weight", "bias", "running_mean", "running_var")} | {
-            f"{prefix}.num_batches_tracked": ()}
+            f"{prefix}.num_batches_tracked": ()
+        }
 
     shapes = {"conv1.weight": (64, 3, 3, 3), **bn("bn1", 64)}
     in_planes = 64
     for stage, planes in enumerate((64, 128, 256, 512), start=1):
         for block in (0, 1):
             p = f"layer{stage}.{block}"
-            shapes |= {f"{p}.conv1.weight": (planes, in_planes, 3, 3), **bn(f"{p}.bn1", planes),
-                       f"{p}.conv2.weight": (planes, planes, 3, 3), **bn(f"{p}.bn2", planes)}
+            shapes |= {
+                f"{p}.conv1.weight": (planes, in_planes, 3, 3),
+                **bn(f"{p}.bn1", planes),
+                f"{p}.conv2.weight": (planes, planes, 3, 3),
+                **bn(f"{p}.bn2", planes),
+            }
             if in_planes != planes:
                 shapes |= {f"{p}.shortcut.0.weight": (planes, in_planes, 1, 1), **bn(f"{p}.shortcut.1", planes)}
             in_planes = planes
     return shapes | {"fc.weight": (num_classes, 512), "fc.bias": (num_classes,)}
 
 
-@pytest.mark.parametrize("backbone, num_classes", [("openood_resnet18_32x32.openood_v15_cifar10", 10),
-                                                   ("openood_resnet18_32x32.openood_v15_cifar100", 100)])
+@pytest.mark.parametrize(
+    "backbone, num_classes",
+    [("openood_resnet18_32x32.openood_v15_cifar10", 10), ("openood_resnet18_32x32.openood_v15_cifar100", 100)],
+)
 def test_openood_resnet18_32x32_checkpoint_loads_unchanged(backbone: str, num_classes: int, tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
-    state = {k: (torch.randint(0, 5, s, generator=gen) if k.endswith("num_batches_tracked") else
-                 torch.rand(s, generator=gen) + 0.5) for k, s in _openood_resnet18_32x32_shapes(num_classes).items()}
+    state = {
+        k: (
+            torch.randint(0, 5, s, generator=gen)
+            if k.endswith("num_batches_tracked")
+            else torch.rand(s, generator=gen) + 0.5
+        )
+        for k, s in _openood_resnet18_32x32_shapes(num_classes).items()
+    }
     torch.save(state, tmp_path / "best.ckpt")  # as OpenOOD saves it: torch.save(net.state_dict(), ...best.ckpt)
     model = create_backbone(backbone, checkpoint_path=tmp_path / "best.ckpt")
     loaded = model.state_dict()

@@ -1,4 +1,5 @@
 """The README's examples run as written, the callback example under both Lightning packages with the same output."""
+
 from __future__ import annotations
 
 import re
@@ -12,8 +13,10 @@ from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
 # The README imports the unified package; the same example on pytorch_lightning differs in its imports only.
-TO_PYTORCH_LIGHTNING = {"import lightning as L": "import pytorch_lightning as L",
-                        "from lightning.pytorch.loggers import": "from pytorch_lightning.loggers import"}
+TO_PYTORCH_LIGHTNING = {
+    "import lightning as L": "import pytorch_lightning as L",
+    "from lightning.pytorch.loggers import": "from pytorch_lightning.loggers import",
+}
 
 
 def _block_after(marker: str) -> str:
@@ -41,9 +44,11 @@ def _tensorboard(run_dir: Path) -> dict[str, object]:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
     events.Reload()
     tags = events.Tags()
-    return {"scalars": {t: [e.value for e in events.Scalars(t)] for t in tags["scalars"]},
-            "histograms": {t: [e.histogram_value.num for e in events.Histograms(t)] for t in tags["histograms"]},
-            "images": {t: [(e.width, e.height) for e in events.Images(t)] for t in tags["images"]}}
+    return {
+        "scalars": {t: [e.value for e in events.Scalars(t)] for t in tags["scalars"]},
+        "histograms": {t: [e.histogram_value.num for e in events.Histograms(t)] for t in tags["histograms"]},
+        "images": {t: [(e.width, e.height) for e in events.Images(t)] for t in tags["images"]},
+    }
 
 
 def test_readme_callback_example_gives_the_same_run_under_both_lightning_packages(tmp_path: Path) -> None:

@@ -22,7 +22,9 @@ def _gen_reference(probs: torch.Tensor, gamma: float, m: int) -> torch.Tensor:
 
 def test_scores_by_hand() -> None:
     torch.testing.assert_close(energy(LOGITS), torch.tensor([math.log(4), math.log(10)]))
-    torch.testing.assert_close(energy(LOGITS, temperature=2.0), torch.tensor([2 * math.log(4), 2 * math.log(1 + 2**0.5 + 3**0.5 + 2)]))
+    torch.testing.assert_close(
+        energy(LOGITS, temperature=2.0), torch.tensor([2 * math.log(4), 2 * math.log(1 + 2**0.5 + 3**0.5 + 2)])
+    )
     torch.testing.assert_close(msp(LOGITS), torch.tensor([0.25, 0.4]))
     torch.testing.assert_close(max_logit(LOGITS), torch.tensor([0.0, math.log(4)]))
     want_entropy = (PROBS * PROBS.log()).sum(dim=1).float()
@@ -58,7 +60,9 @@ def test_energy_temperature_upcast() -> None:
     torch.testing.assert_close(energy(logits, temperature=0.5), torch.tensor([60000.0 + 0.5 * math.log(2)]))
     # large T tends to the mean logit + T log K
     logits = torch.tensor([[1.0, 3.0]])
-    torch.testing.assert_close(energy(logits, temperature=1000.0), torch.tensor([2.0 + 1000.0 * math.log(2)]), atol=1e-2, rtol=0)
+    torch.testing.assert_close(
+        energy(logits, temperature=1000.0), torch.tensor([2.0 + 1000.0 * math.log(2)]), atol=1e-2, rtol=0
+    )
 
 
 def test_score_argument_errors() -> None:
@@ -73,7 +77,13 @@ def test_score_argument_errors() -> None:
 
 
 def test_get_score_forms() -> None:
-    for name, fn in [("energy", energy), ("msp", msp), ("max_logit", max_logit), ("gen", gen), ("neg_entropy", neg_entropy)]:
+    for name, fn in [
+        ("energy", energy),
+        ("msp", msp),
+        ("max_logit", max_logit),
+        ("gen", gen),
+        ("neg_entropy", neg_entropy),
+    ]:
         score = get_score(name)
         assert isinstance(score, Score) and score.name == name
         torch.testing.assert_close(score(LOGITS), fn(LOGITS))

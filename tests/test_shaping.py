@@ -224,7 +224,11 @@ def test_get_shaping(spec, normalised, params, percentile, fn):
     shaper = get_shaping(spec)
     assert isinstance(shaper, Shaper)
     assert (shaper.spec, shaper.name, shaper.params, shaper.percentile) == (
-        normalised, normalised.split("@")[0], params, percentile)
+        normalised,
+        normalised.split("@")[0],
+        params,
+        percentile,
+    )
     assert get_shaping(shaper) is shaper
     assert get_shaping(shaper.spec).spec == normalised
     x = torch.rand(3, 4, 5)
@@ -267,8 +271,15 @@ def test_malformed_spec_lists_valid_forms(spec, reason):
     message = str(info.value)
     assert f"Invalid shaping spec {spec!r}" in message
     assert re.search(reason, message)
-    for form in ("none", "ash_p[@<percentile>=65]", "ash_s[@<percentile>=65]", "ash_rand[@<percentile>=65]",
-                 "react@<threshold>", "react_and_ash@<threshold>@<percentile>", "scale[@<percentile>=85]"):
+    for form in (
+        "none",
+        "ash_p[@<percentile>=65]",
+        "ash_s[@<percentile>=65]",
+        "ash_rand[@<percentile>=65]",
+        "react@<threshold>",
+        "react_and_ash@<threshold>@<percentile>",
+        "scale[@<percentile>=85]",
+    ):
         assert form in message
 
 
@@ -284,7 +295,7 @@ class _Clip:
 def test_register_shaping(monkeypatch):
     monkeypatch.setattr(shaping, "_REGISTRY", dict(shaping._REGISTRY))
     register_shaping("clip", _Clip(), "clip@<threshold>|clip@p<percentile>")
-    register_shaping("halve", lambda: (lambda x: x / 2), "halve")
+    register_shaping("halve", lambda: lambda x: x / 2, "halve")
     assert get_shaping("clip@2").params == (2.0,)
     assert torch.equal(get_shaping("clip@2")(torch.tensor([[1.0, 3.0]])), torch.tensor([[1.0, 2.0]]))
     wrapped = get_shaping("halve")

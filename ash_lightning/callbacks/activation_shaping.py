@@ -1,4 +1,5 @@
 """``ActivationShapingCallback``: shape any LightningModule's activations while it tests or predicts."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -7,7 +8,13 @@ from typing import Any
 from torch import nn
 
 from ash_lightning.calibration import (
-    FitData, calibrate_shapers, fit_batches, fit_loader_of, make_cache_key, needs_calibration, weights_fingerprint,
+    FitData,
+    calibrate_shapers,
+    fit_batches,
+    fit_loader_of,
+    make_cache_key,
+    needs_calibration,
+    weights_fingerprint,
 )
 from ash_lightning.errors import UserError
 from ash_lightning.hooks import ShapingHandle, attach_shaping, find_classifier
@@ -27,8 +34,13 @@ class ActivationShapingCallback(*CALLBACK_BASES):
     (``OODDataModule`` with ``data.fit``, whose statistics are cached by the network's weights).
     """
 
-    def __init__(self, spec: str, placement: str = "penultimate", module: str | None = None,
-                 fit_dataloader: FitData | None = None) -> None:
+    def __init__(
+        self,
+        spec: str,
+        placement: str = "penultimate",
+        module: str | None = None,
+        fit_dataloader: FitData | None = None,
+    ) -> None:
         try:
             self.shaper = get_shaping(spec)
         except ValueError as err:
@@ -43,8 +55,10 @@ class ActivationShapingCallback(*CALLBACK_BASES):
                 return pl_module.get_submodule(self.module)
             except AttributeError as err:
                 children = [n for n, _ in pl_module.named_children()]
-                raise UserError(f"ActivationShapingCallback: {type(pl_module).__name__} has no submodule "
-                                f"{self.module!r}; its children are {children}.") from err
+                raise UserError(
+                    f"ActivationShapingCallback: {type(pl_module).__name__} has no submodule "
+                    f"{self.module!r}; its children are {children}."
+                ) from err
         return next((child for child in pl_module.children() if find_classifier(child) is not None), pl_module)
 
     def _fit_loader(self, trainer: Any) -> Iterable[Any]:
@@ -53,10 +67,12 @@ class ActivationShapingCallback(*CALLBACK_BASES):
             return fit_batches(self.fit_dataloader)
         loader = fit_loader_of(trainer)
         if loader is None:
-            raise UserError(f"{self.spec} needs ID statistics, and the trainer has no ID fit data for it. Fix: pass "
-                            f"ActivationShapingCallback({self.spec!r}, fit_dataloader=<an ID DataLoader, or a "
-                            "callable returning one>), or fit it yourself with ash_lightning.calibration.calibrate("
-                            f"model, {self.spec!r}, loader) and attach the result with attach_shaping.")
+            raise UserError(
+                f"{self.spec} needs ID statistics, and the trainer has no ID fit data for it. Fix: pass "
+                f"ActivationShapingCallback({self.spec!r}, fit_dataloader=<an ID DataLoader, or a "
+                "callable returning one>), or fit it yourself with ash_lightning.calibration.calibrate("
+                f"model, {self.spec!r}, loader) and attach the result with attach_shaping."
+            )
         return loader
 
     def _attach(self, trainer: Any, pl_module: nn.Module) -> None:
@@ -64,10 +80,14 @@ class ActivationShapingCallback(*CALLBACK_BASES):
         network, shaper = self._network(pl_module), self.shaper
         if needs_calibration(shaper):
             fit = getattr(trainer.datamodule, "hparams", {}).get("fit") if self.fit_dataloader is None else None
-            key = make_cache_key(type(network).__name__, fit=fit, weights=weights_fingerprint(network)) \
-                if fit is not None else None
-            (shaper,) = calibrate_shapers([shaper], network, self.placement, lambda: self._fit_loader(trainer), key,
-                                          device=pl_module.device)
+            key = (
+                make_cache_key(type(network).__name__, fit=fit, weights=weights_fingerprint(network))
+                if fit is not None
+                else None
+            )
+            (shaper,) = calibrate_shapers(
+                [shaper], network, self.placement, lambda: self._fit_loader(trainer), key, device=pl_module.device
+            )
         self._handle = attach_shaping(network, shaper, self.placement)
 
     def _detach(self, *_: object) -> None:

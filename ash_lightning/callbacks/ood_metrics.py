@@ -16,6 +16,7 @@ Works with any LightningModule whose ``test_step`` returns logits or a dict hold
 set's labels cannot be read, a warning says so once and ``id_accuracy`` is None. Scores returned by ``test_step``
 are labelled "scores from test_step" unless the module declares ``runs``.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,10 +61,18 @@ class OODMetricsCallback(*CALLBACK_BASES):
         log_figures: write ``curves.png`` (and ``sweep.png``) and add them to TensorBoard.
     """
 
-    def __init__(self, id_dataloader_idx: int = 0, ood_names: list[str] | None = None,
-                 groups: dict[str, list[str]] | None = None, score: str = "energy", tpr: float = 0.95,
-                 convention: str = "paper", nonfinite: str = "raise", output_dir: str | None = None,
-                 log_figures: bool = True) -> None:
+    def __init__(
+        self,
+        id_dataloader_idx: int = 0,
+        ood_names: list[str] | None = None,
+        groups: dict[str, list[str]] | None = None,
+        score: str = "energy",
+        tpr: float = 0.95,
+        convention: str = "paper",
+        nonfinite: str = "raise",
+        output_dir: str | None = None,
+        log_figures: bool = True,
+    ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise UserError(f"nonfinite={nonfinite!r}; use one of {NONFINITE_POLICIES}.")
         self.id_dataloader_idx, self.ood_names, self.groups = id_dataloader_idx, ood_names, groups
@@ -96,8 +105,15 @@ class OODMetricsCallback(*CALLBACK_BASES):
         if not trainer.loggers and not self.output_dir and trainer.is_global_zero:
             print(f"OODMetricsCallback: no logger, so the results go to trainer.default_root_dir: {self._directory}")
 
-    def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         """Collect the batch; a dataloader's set is finished (saved) after its last batch, or, for loaders of
         unknown length, when the next dataloader starts."""
         if self._current is not None and dataloader_idx != self._current:
@@ -134,8 +150,10 @@ class OODMetricsCallback(*CALLBACK_BASES):
         others = list(self.ood_names or [f"ood{i}" for i in range(1, count)])
         if len(others) != count - 1:
             raise UserError(f"ood_names has {len(others)} names for {count - 1} OOD dataloaders.")
-        return [{"name": "id", "role": "id"} if i == self.id_dataloader_idx else
-                {"name": others.pop(0), "role": "ood"} for i in range(count)]
+        return [
+            {"name": "id", "role": "id"} if i == self.id_dataloader_idx else {"name": others.pop(0), "role": "ood"}
+            for i in range(count)
+        ]
 
     def _resolve_runs(self, trainer: Trainer, pl_module: LightningModule) -> list[dict[str, str]]:
         runs = getattr(pl_module, "runs", None)
@@ -149,8 +167,10 @@ class OODMetricsCallback(*CALLBACK_BASES):
         out = {"logits": outputs} if isinstance(outputs, Tensor) else dict(outputs or {})
         logits, scores = out.get("logits"), out.get("scores")
         if logits is None and scores is None:
-            raise UserError("OODMetricsCallback needs test_step to return logits (a tensor) or a dict holding "
-                            "'logits' and/or 'scores'. Fix: `return self(x)` at the end of test_step.")
+            raise UserError(
+                "OODMetricsCallback needs test_step to return logits (a tensor) or a dict holding "
+                "'logits' and/or 'scores'. Fix: `return self(x)` at the end of test_step."
+            )
         if scores is None:
             scores = self.score(logits)
         elif not self._module_runs:
@@ -172,8 +192,10 @@ class OODMetricsCallback(*CALLBACK_BASES):
         index = out["index"] if out.get("index") is not None else batch_part(batch, "index")
         if index is None:
             if trainer.world_size > 1 and not self._warned_no_index:
-                warnings.warn("batches carry no sample index, so samples that DistributedSampler repeats to pad "
-                              "shards are counted twice. Fix: yield (x, y, index) batches (OODDataModule does).")
+                warnings.warn(
+                    "batches carry no sample index, so samples that DistributedSampler repeats to pad "
+                    "shards are counted twice. Fix: yield (x, y, index) batches (OODDataModule does)."
+                )
                 self._warned_no_index = True
             start = sum(len(b["scores"]) for b in self._batches.get(self._current, []))
             index = torch.arange(start, start + len(scores)) * trainer.world_size + trainer.global_rank
@@ -184,9 +206,12 @@ class OODMetricsCallback(*CALLBACK_BASES):
         """Warn once when a batch of the ID set carries no labels that can be read."""
         if self._warned_no_labels or self._loaders[self._current]["role"] != "id":
             return
-        warnings.warn(f"OODMetricsCallback cannot read labels from the ID set's batches ({describe_batch(batch)}), "
-                      "so id_accuracy is not computed. Fix: return 'targets' from test_step, or give the labels "
-                      f"as {expected_layout('labels')}.", stacklevel=2)
+        warnings.warn(
+            f"OODMetricsCallback cannot read labels from the ID set's batches ({describe_batch(batch)}), "
+            "so id_accuracy is not computed. Fix: return 'targets' from test_step, or give the labels "
+            f"as {expected_layout('labels')}.",
+            stacklevel=2,
+        )
         self._warned_no_labels = True
 
     def _finish_unfinished(self, trainer: Trainer, idx: int) -> None:
@@ -203,14 +228,17 @@ class OODMetricsCallback(*CALLBACK_BASES):
         if trainer.world_size > 1:
             fields = self._gather(fields)
         if fields is None or not len(fields["index"]):
-            raise UserError(f"data set {name!r} produced no samples. Fix: check that it is not empty and that "
-                            "limit_test_batches does not skip it.")
+            raise UserError(
+                f"data set {name!r} produced no samples. Fix: check that it is not empty and that "
+                "limit_test_batches does not skip it."
+            )
         corrupt = fields["index"] < 0
         if corrupt.any():
             bad = sorted(set((-fields["index"][corrupt] - 1).tolist()))
             datamodule = trainer.datamodule
-            self._skipped[name] = datamodule.sample_paths(name, bad) if hasattr(datamodule, "sample_paths") \
-                else [str(i) for i in bad]
+            self._skipped[name] = (
+                datamodule.sample_paths(name, bad) if hasattr(datamodule, "sample_paths") else [str(i) for i in bad]
+            )
             fields = {k: v[~corrupt] for k, v in fields.items()}
         keys = [k for k in fields if k != "index"]
         index, *values = unique_by_index(fields["index"], *(fields[k] for k in keys))
@@ -219,15 +247,19 @@ class OODMetricsCallback(*CALLBACK_BASES):
         if not finite.all():
             count = int((~finite).sum())
             if self.nonfinite == "raise":
-                raise UserError(f"{count} of {len(finite)} samples of data set {name!r} have non-finite (NaN/Inf) "
-                                "logits or scores. Fix: check the model and data (e.g. fp16 overflow), or set "
-                                "ood_metrics.nonfinite: drop to drop and record them.")
+                raise UserError(
+                    f"{count} of {len(finite)} samples of data set {name!r} have non-finite (NaN/Inf) "
+                    "logits or scores. Fix: check the model and data (e.g. fp16 overflow), or set "
+                    "ood_metrics.nonfinite: drop to drop and record them."
+                )
             self._dropped[name] = count
             fields = {k: v[finite] for k, v in fields.items()}
         if not len(fields["index"]):
-            raise UserError(f"data set {name!r} has no sample left to evaluate: {len(self._skipped.get(name, []))} "
-                            f"corrupt files skipped, {self._dropped.get(name, 0)} non-finite samples dropped. "
-                            "Fix: check the data set and the model.")
+            raise UserError(
+                f"data set {name!r} has no sample left to evaluate: {len(self._skipped.get(name, []))} "
+                f"corrupt files skipped, {self._dropped.get(name, 0)} non-finite samples dropped. "
+                "Fix: check the data set and the model."
+            )
         self._store[name] = {k: v.numpy() for k, v in fields.items()}
         if trainer.is_global_zero:
             save_scores(os.path.join(self._out(), "scores.npz"), self._store, self._meta(trainer, None))
@@ -250,23 +282,37 @@ class OODMetricsCallback(*CALLBACK_BASES):
     def _meta(self, trainer: Trainer, pl_module: LightningModule | None) -> dict[str, Any]:
         datamodule = trainer.datamodule
         groups = self.groups if self.groups is not None else getattr(datamodule, "groups", None)
-        config = {"trainer": {"world_size": trainer.world_size, "strategy": type(trainer.strategy).__name__,
-                              "precision": str(trainer.precision)},
-                  "callback": {"tpr": self.tpr, "convention": self.convention, "nonfinite": self.nonfinite}}
+        config = {
+            "trainer": {
+                "world_size": trainer.world_size,
+                "strategy": type(trainer.strategy).__name__,
+                "precision": str(trainer.precision),
+            },
+            "callback": {"tpr": self.tpr, "convention": self.convention, "nonfinite": self.nonfinite},
+        }
         for key, obj in (("model", pl_module or trainer.lightning_module), ("data", datamodule)):
             if getattr(obj, "hparams", None):
                 config[key] = dict(obj.hparams)
-        return {"runs": self._runs, "loaders": self._loaders, "groups": groups or {}, "tpr": self.tpr,
-                "convention": self.convention, "skipped": self._skipped, "dropped_nonfinite": self._dropped,
-                "config": config}
+        return {
+            "runs": self._runs,
+            "loaders": self._loaders,
+            "groups": groups or {},
+            "tpr": self.tpr,
+            "convention": self.convention,
+            "skipped": self._skipped,
+            "dropped_nonfinite": self._dropped,
+            "config": config,
+        }
 
     def _report(self, trainer: Trainer) -> None:
         results = self.results
         directory = self._out()
         json_path, csv_path = write_results(results, directory)
         self._log(trainer, results)
-        print("\n" + format_table(results) + f"\n\nResults: {json_path}, {csv_path}; scores: "
-              f"{os.path.join(directory, 'scores.npz')}")
+        print(
+            "\n" + format_table(results) + f"\n\nResults: {json_path}, {csv_path}; scores: "
+            f"{os.path.join(directory, 'scores.npz')}"
+        )
 
     def _log(self, trainer: Trainer, results: Mapping[str, Any]) -> None:
         single = len(results["runs"]) == 1
@@ -285,14 +331,17 @@ class OODMetricsCallback(*CALLBACK_BASES):
             for r, run in enumerate(results["runs"]):
                 prefix = "" if single else f"{run['shaping']}|{run['score']}/"
                 for name in [id_name, *results["ood_sets"]]:
-                    writer.add_histogram(f"{prefix}scores/{name}", self._store[name]["scores"][:, r],
-                                         trainer.global_step)
+                    writer.add_histogram(
+                        f"{prefix}scores/{name}", self._store[name]["scores"][:, r], trainer.global_step
+                    )
         if self.log_figures:
             best = results["ranking"][0]
             run = results["runs"][best]
-            curves = curves_figure(self._store[id_name]["scores"][:, best],
-                                   {n: self._store[n]["scores"][:, best] for n in results["ood_sets"]},
-                                   f"{run['shaping']} + {run['score']}")
+            curves = curves_figure(
+                self._store[id_name]["scores"][:, best],
+                {n: self._store[n]["scores"][:, best] for n in results["ood_sets"]},
+                f"{run['shaping']} + {run['score']}",
+            )
             sweep = sweep_figure(results["runs"], results["tpr"]) if not single else None
             figures = {"curves/roc_pr": ("curves.png", curves), "sweep/metrics_vs_percentile": ("sweep.png", sweep)}
             for tag, (filename, fig) in figures.items():

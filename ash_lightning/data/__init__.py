@@ -1,4 +1,5 @@
 """Data sources and the OOD evaluation data module."""
+
 from ash_lightning.data.datamodule import IndexedDataset, LoaderInfo, OODDataModule
 from ash_lightning.data.sources import SOURCES, Source, build_source
 

@@ -7,6 +7,7 @@ Every batch is ``(images, targets, index)``; a negative index marks a corrupt fi
 The code lives in ``OODDataModuleMixin``; ``OODDataModule`` here is its ``pytorch_lightning`` class and
 ``ash_lightning.lightning.OODDataModule`` its ``lightning.pytorch`` one (see ``ash_lightning.lightning_packages``).
 """
+
 from __future__ import annotations
 
 import math
@@ -82,18 +83,33 @@ class OODDataModuleMixin:
             (loading runs ahead, in workers and by prefetching), so every set before it is complete and saved.
     """
 
-    def __init__(self, id: DatasetSpec, ood: dict[str, DatasetSpec], groups: dict[str, list[str]] | None = None,
-                 val_id: DatasetSpec | None = None, val_ood: dict[str, DatasetSpec] | None = None,
-                 fit: DatasetSpec | None = None, backbone: str | None = None, batch_size: int = 256,
-                 num_workers: int = 0, image_size: int | None = None, mean: tuple[float, float, float] | None = None,
-                 std: tuple[float, float, float] | None = None, interpolation: str | None = None,
-                 crop_pct: float | None = None, skip_corrupt: bool = False, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        id: DatasetSpec,
+        ood: dict[str, DatasetSpec],
+        groups: dict[str, list[str]] | None = None,
+        val_id: DatasetSpec | None = None,
+        val_ood: dict[str, DatasetSpec] | None = None,
+        fit: DatasetSpec | None = None,
+        backbone: str | None = None,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        image_size: int | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        interpolation: str | None = None,
+        crop_pct: float | None = None,
+        skip_corrupt: bool = False,
+        pin_memory: bool = False,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         _check_options(self.hparams)
         if not ood:
-            raise UserError("data.ood is empty: OOD evaluation needs at least one OOD set. "
-                            "Fix: add e.g. ood: {textures: {kind: folder, path: $DATASETS/dtd}}.")
+            raise UserError(
+                "data.ood is empty: OOD evaluation needs at least one OOD set. "
+                "Fix: add e.g. ood: {textures: {kind: folder, path: $DATASETS/dtd}}."
+            )
         if (val_id is None) != (not val_ood):
             raise UserError("validation needs both val_id and val_ood (or neither). Fix: set the missing one.")
         unknown = sorted({n for members in (groups or {}).values() for n in members} - set(ood))
@@ -118,10 +134,16 @@ class OODDataModuleMixin:
     def data_config(self) -> dict[str, Any]:
         """The backbone's timm data config with this module's overrides applied."""
         hp = self.hparams
-        cfg = resolve_data_config(pretrained_cfg=_pretrained_cfg(hp.backbone)) if hp.backbone else \
-            resolve_data_config({})
-        overrides = {"input_size": (3, hp.image_size, hp.image_size) if hp.image_size else None, "mean": hp.mean,
-                     "std": hp.std, "interpolation": hp.interpolation, "crop_pct": hp.crop_pct}
+        cfg = (
+            resolve_data_config(pretrained_cfg=_pretrained_cfg(hp.backbone)) if hp.backbone else resolve_data_config({})
+        )
+        overrides = {
+            "input_size": (3, hp.image_size, hp.image_size) if hp.image_size else None,
+            "mean": hp.mean,
+            "std": hp.std,
+            "interpolation": hp.interpolation,
+            "crop_pct": hp.crop_pct,
+        }
         cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None})
         return cfg
 
@@ -133,11 +155,20 @@ class OODDataModuleMixin:
 
     def _loader(self, source: Source, on_corrupt: OnCorrupt) -> DataLoader:
         cfg = self.data_config()
-        dataset = IndexedDataset(source, create_transform(**cfg, is_training=False),
-                                 "skip" if self.hparams.skip_corrupt else on_corrupt, tuple(cfg["input_size"]))
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=False,
-                          num_workers=self.hparams.num_workers, pin_memory=self.hparams.pin_memory,
-                          persistent_workers=False)
+        dataset = IndexedDataset(
+            source,
+            create_transform(**cfg, is_training=False),
+            "skip" if self.hparams.skip_corrupt else on_corrupt,
+            tuple(cfg["input_size"]),
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            num_workers=self.hparams.num_workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=False,
+        )
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per data set; attached to a trainer, corrupt files are marked and raised by
@@ -189,9 +220,11 @@ def _check_unique_names(specs: list[tuple[str, LoaderInfo, Any]]) -> None:
     seen: dict[str, str] = {}
     for what, info, _ in specs:
         if info.name in seen:
-            raise UserError(f"data.{what} and data.{seen[info.name]} are both named {info.name!r}; names must be "
-                            "unique across data.id, data.ood and data.val_* (results and scores are keyed by "
-                            "them). Fix: rename one of them.")
+            raise UserError(
+                f"data.{what} and data.{seen[info.name]} are both named {info.name!r}; names must be "
+                "unique across data.id, data.ood and data.val_* (results and scores are keyed by "
+                "them). Fix: rename one of them."
+            )
         seen[info.name] = what
 
 

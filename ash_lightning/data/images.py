@@ -5,6 +5,7 @@ Pillow's ``convert("RGB")`` clips 16-bit (``I;16*``, ``I``) and float (``F``) im
 (16 bits: ``v * 255 / 65535``; 32-bit ``I`` images holding values beyond 16 bits by their own min..max) and float
 images from [0, 1] when they lie inside it, else from their own min..max; every other mode is converted as is.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -8,6 +8,7 @@ Every listed image must exist; this is checked when the list is read, before any
 like a ``folder`` source's (``FileSource``: undecodable files raise ``CorruptImageError``, or are skipped with
 ``skip_corrupt``).
 """
+
 from __future__ import annotations
 
 import ast
@@ -56,8 +57,10 @@ def read_imglist(list_path: str, root: str) -> tuple[list[str], list[int]]:
                     raise ValueError(f"path {relative!r} is absolute, not relative to root")
                 target = parse_label(label)
             except ValueError as err:
-                raise UserError(f"{list_path}:{number}: malformed image list line {line!r} ({err}); {_FORMAT}. "
-                                "Fix: correct that line.") from None
+                raise UserError(
+                    f"{list_path}:{number}: malformed image list line {line!r} ({err}); {_FORMAT}. "
+                    "Fix: correct that line."
+                ) from None
             path = os.path.join(root, relative)
             if not os.path.isfile(path):
                 missing.append((number, path))
@@ -65,9 +68,11 @@ def read_imglist(list_path: str, root: str) -> tuple[list[str], list[int]]:
             targets.append(target)
     if missing:
         number, path = missing[0]
-        raise UserError(f"{list_path}:{number}: image {path!r} not found ({len(missing)} of the {len(paths)} listed "
-                        "images are missing). Fix: set `root` to the folder the list's paths are relative to (for "
-                        "OpenOOD: images_classic or images_largescale), or download the missing images.")
+        raise UserError(
+            f"{list_path}:{number}: image {path!r} not found ({len(missing)} of the {len(paths)} listed "
+            "images are missing). Fix: set `root` to the folder the list's paths are relative to (for "
+            "OpenOOD: images_classic or images_largescale), or download the missing images."
+        )
     if not paths:
         raise UserError(f"image list {list_path!r} is empty. Fix: point `list` at a non-empty OpenOOD image list.")
     return paths, targets
@@ -77,21 +82,25 @@ def imglist_source(spec: Mapping[str, Any], what: str) -> sources.Source:
     """The ``imglist`` kind of ``build_source``: the images of ``spec["list"]`` under ``spec["root"]``."""
     for key in ("list", "root"):
         if not spec.get(key):
-            raise UserError(f"{what}: kind 'imglist' needs `{key}` (got {spec.get(key)!r}). Fix: e.g. {{kind: "
-                            "imglist, list: $DATASETS/benchmark_imglist/cifar10/test_cifar10.txt, root: "
-                            "$DATASETS/images_classic}.")
+            raise UserError(
+                f"{what}: kind 'imglist' needs `{key}` (got {spec.get(key)!r}). Fix: e.g. {{kind: "
+                "imglist, list: $DATASETS/benchmark_imglist/cifar10/test_cifar10.txt, root: "
+                "$DATASETS/images_classic}."
+            )
     list_path = sources.expand_path(spec["list"], f"{what}.list")
     root = sources.expand_path(spec["root"], f"{what}.root")
     if not os.path.isfile(list_path):
         raise UserError(f"{what}.list: {list_path!r} is not a file. Fix: point `list` at an image list (.txt).")
     if not os.path.isdir(root):
-        raise UserError(f"{what}.root: {root!r} is not a folder. Fix: point `root` at the folder the list's paths "
-                        "are relative to.")
+        raise UserError(
+            f"{what}.root: {root!r} is not a folder. Fix: point `root` at the folder the list's paths are relative to."
+        )
     try:
         paths, targets = read_imglist(list_path, root)
     except UnicodeDecodeError as err:
-        raise UserError(f"{what}.list: {list_path!r} is not a text file ({err.reason}). Fix: point `list` at an "
-                        "OpenOOD image list.") from None
+        raise UserError(
+            f"{what}.list: {list_path!r} is not a text file ({err.reason}). Fix: point `list` at an OpenOOD image list."
+        ) from None
     except UserError as err:
         raise UserError(f"{what}: {err}") from None
     return sources.Source(sources.FileSource(paths, targets), paths)

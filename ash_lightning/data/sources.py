@@ -4,6 +4,7 @@ A spec is a dict with ``kind`` and kind-specific keys, or the shorthand string `
 (``"npz:$DATASETS/mnist_test.npz"``, ``"folder:/data/inat"``, ``"gaussian"``). Paths expand ``~`` and
 environment variables. Every source yields ``(PIL RGB image, int target)``; unlabelled images get -1.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,10 @@ def expand_path(path: str | os.PathLike, what: str) -> str:
     """Expand ``~`` and ``$VARS``; a UserError if an unset variable is left or the path does not exist."""
     expanded = expand_set_vars(path, what)
     if not os.path.exists(expanded):
-        raise UserError(f"{what}: path {expanded!r} does not exist. Fix: check the path in the config "
-                        "(environment variables such as $DATASETS are expanded).")
+        raise UserError(
+            f"{what}: path {expanded!r} does not exist. Fix: check the path in the config "
+            "(environment variables such as $DATASETS are expanded)."
+        )
     return expanded
 
 
@@ -80,8 +83,10 @@ class CorruptImageError(UserError):
     """An image file that cannot be decoded; ``reason`` says why (the decoder's error)."""
 
     def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"cannot decode image {path!r} ({reason}). Fix: remove or replace the file, or set "
-                         "skip_corrupt: true to skip such files with a warning.")
+        super().__init__(
+            f"cannot decode image {path!r} ({reason}). Fix: remove or replace the file, or set "
+            "skip_corrupt: true to skip such files with a warning."
+        )
         self.path = path
 
 
@@ -97,8 +102,11 @@ class NoiseSource(Dataset):
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         shape = (self.size, self.size, 3)
-        pixels = torch.randn(shape, generator=gen) * 0.25 + 0.5 if self.kind == "gaussian" else torch.rand(
-            shape, generator=gen)
+        pixels = (
+            torch.randn(shape, generator=gen) * 0.25 + 0.5
+            if self.kind == "gaussian"
+            else torch.rand(shape, generator=gen)
+        )
         return Image.fromarray((pixels.clamp(0, 1) * 255).round().to(torch.uint8).numpy()), -1
 
 
@@ -127,15 +135,18 @@ def _read_npz(path: str, key: str, what: str) -> tuple[np.ndarray, np.ndarray | 
             raise UserError(f"{what}: {path!r} is a single .npy array, not a .npz archive. {fix}")
         with loaded as arrays:
             if key not in arrays.files:
-                raise UserError(f"{what}: {path!r} has no array {key!r} (it has {sorted(arrays.files)}). "
-                                "Fix: set `key` to one of them.")
+                raise UserError(
+                    f"{what}: {path!r} has no array {key!r} (it has {sorted(arrays.files)}). "
+                    "Fix: set `key` to one of them."
+                )
             return arrays[key], (arrays["y"] if "y" in arrays.files else None)
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 (zipfile, zlib, EOF and format errors all mean "unreadable archive")
         reason = " ".join(str(err).split()) or "no data"
-        raise UserError(f"{what}: cannot read {path!r} as a .npz archive ({err.__class__.__name__}: "
-                        f"{reason[:200]}). {fix}") from err
+        raise UserError(
+            f"{what}: cannot read {path!r} as a .npz archive ({err.__class__.__name__}: {reason[:200]}). {fix}"
+        ) from err
 
 
 def _labels(targets: np.ndarray | None, count: int, path: str, what: str) -> np.ndarray:
@@ -145,17 +156,23 @@ def _labels(targets: np.ndarray | None, count: int, path: str, what: str) -> np.
         return np.full(count, -1, dtype=np.int64)
     if targets.ndim != 1:
         hint = " (one-hot? use y.argmax(1))" if targets.ndim == 2 else ""
-        raise UserError(f"{what}: labels 'y' in {path!r} have shape {targets.shape}; expected one class index per "
-                        f"image, shape ({count},){hint}. Fix: save y as a 1-D integer array.")
+        raise UserError(
+            f"{what}: labels 'y' in {path!r} have shape {targets.shape}; expected one class index per "
+            f"image, shape ({count},){hint}. Fix: save y as a 1-D integer array."
+        )
     whole_floats = np.issubdtype(targets.dtype, np.floating) and bool(np.all(np.mod(targets, 1) == 0))
     integral = np.issubdtype(targets.dtype, np.integer) or whole_floats
     if not integral:
-        raise UserError(f"{what}: labels 'y' in {path!r} are {targets.dtype}, not integer class indices. Fix: map "
-                        "them to integers 0..K-1 (e.g. np.unique(y, return_inverse=True)[1]), or drop 'y' for an "
-                        "unlabelled set.")
+        raise UserError(
+            f"{what}: labels 'y' in {path!r} are {targets.dtype}, not integer class indices. Fix: map "
+            "them to integers 0..K-1 (e.g. np.unique(y, return_inverse=True)[1]), or drop 'y' for an "
+            "unlabelled set."
+        )
     if len(targets) != count:
-        raise UserError(f"{what}: {path!r} has {count} images but {len(targets)} labels in 'y'. Fix: save one label "
-                        "per image (y of the same length as the images), or drop 'y' for an unlabelled OOD set.")
+        raise UserError(
+            f"{what}: {path!r} has {count} images but {len(targets)} labels in 'y'. Fix: save one label "
+            "per image (y of the same length as the images), or drop 'y' for an unlabelled OOD set."
+        )
     return targets.astype(np.int64)
 
 
@@ -164,8 +181,10 @@ def _npz(spec: Mapping[str, Any], what: str) -> Source:
     key = spec.get("key", "x")
     images, targets = _read_npz(path, key, what)
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
-        raise UserError(f"{what}: array {key!r} in {path!r} is {images.dtype} {images.shape}; expected uint8 "
-                        "N×H×W×C (C = 1 or 3) or N×H×W. Fix: convert the images to uint8 HWC.")
+        raise UserError(
+            f"{what}: array {key!r} in {path!r} is {images.dtype} {images.shape}; expected uint8 "
+            "N×H×W×C (C = 1 or 3) or N×H×W. Fix: convert the images to uint8 HWC."
+        )
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
     return Source(ArraySource(images, _labels(targets, len(images), path, what)))
@@ -174,14 +193,18 @@ def _npz(spec: Mapping[str, Any], what: str) -> Source:
 def _folder(spec: Mapping[str, Any], what: str) -> Source:
     root = expand_path(spec["path"], what)
     if not os.path.isdir(root):
-        raise UserError(f"{what}: {root!r} is not a folder. Fix: point `path` at a folder of images "
-                        "(class sub-folders, or images directly inside it).")
+        raise UserError(
+            f"{what}: {root!r} is not a folder. Fix: point `path` at a folder of images "
+            "(class sub-folders, or images directly inside it)."
+        )
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     loose = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS))
     if classes and loose:
-        raise UserError(f"{what}: folder {root!r} has class sub-folders ({_listing(classes)}) and {len(loose)} "
-                        f"images directly inside it ({_listing(loose)}); reading only one kind would drop the "
-                        "other. Fix: move the loose images into a class sub-folder, or the sub-folders out.")
+        raise UserError(
+            f"{what}: folder {root!r} has class sub-folders ({_listing(classes)}) and {len(loose)} "
+            f"images directly inside it ({_listing(loose)}); reading only one kind would drop the "
+            "other. Fix: move the loose images into a class sub-folder, or the sub-folders out."
+        )
     if classes:
         paths, targets = [], []
         for label, cls in enumerate(classes):
@@ -207,17 +230,26 @@ def _torchvision(cls: type, split_arg: str) -> Callable[[Mapping[str, Any], str]
         try:
             dataset = cls(root, download=bool(spec.get("download", False)), **kwargs)
         except RuntimeError as err:
-            raise UserError(f"{what}: {cls.__name__} not found under {root!r} ({err}). Fix: set `path` to the "
-                            "folder holding it, or `download: true` on a machine with network access.") from err
+            raise UserError(
+                f"{what}: {cls.__name__} not found under {root!r} ({err}). Fix: set `path` to the "
+                "folder holding it, or `download: true` on a machine with network access."
+            ) from err
         return Source(_RGB(dataset))
+
     return build
 
 
 def _noise(kind: str) -> Callable[[Mapping[str, Any], str], Source]:
     def build(spec: Mapping[str, Any], what: str) -> Source:
-        return Source(NoiseSource(kind, check_int(f"{what}.num_samples", spec.get("num_samples", 1000), 1, 1000),
-                                  check_int(f"{what}.size", spec.get("size", 32), 1, 32),
-                                  check_int(f"{what}.seed", spec.get("seed", 0), 0, 0)))
+        return Source(
+            NoiseSource(
+                kind,
+                check_int(f"{what}.num_samples", spec.get("num_samples", 1000), 1, 1000),
+                check_int(f"{what}.size", spec.get("size", 32), 1, 32),
+                check_int(f"{what}.seed", spec.get("seed", 0), 0, 0),
+            )
+        )
+
     return build
 
 
@@ -242,15 +274,19 @@ def parse_spec(spec: str | Mapping[str, Any], what: str) -> dict[str, Any]:
         kind, _, path = spec.partition(":")
         spec = {"kind": kind, **({"path": path} if path else {})}
     if not isinstance(spec, Mapping) or "kind" not in spec:
-        raise UserError(f"{what}: a data set spec needs a `kind` (got {spec!r}). Fix: e.g. "
-                        "{kind: npz, path: $DATASETS/mnist_test.npz} or the string 'folder:/data/inat'.")
+        raise UserError(
+            f"{what}: a data set spec needs a `kind` (got {spec!r}). Fix: e.g. "
+            "{kind: npz, path: $DATASETS/mnist_test.npz} or the string 'folder:/data/inat'."
+        )
     spec = dict(spec)
     spec["kind"] = str(spec["kind"]).lower()
     if spec["kind"] not in SOURCES:
         raise UserError(f"{what}: unknown data set kind {spec['kind']!r}. Fix: use one of {sorted(SOURCES)}.")
     if spec["kind"] in _NEEDS_PATH and not spec.get("path"):
-        raise UserError(f"{what}: kind {spec['kind']!r} needs a `path` (got {spec.get('path')!r}). Fix: set `path` "
-                        "to the .npz file or image folder, e.g. $DATASETS/mnist_test.npz.")
+        raise UserError(
+            f"{what}: kind {spec['kind']!r} needs a `path` (got {spec.get('path')!r}). Fix: set `path` "
+            "to the .npz file or image folder, e.g. $DATASETS/mnist_test.npz."
+        )
     return spec
 
 
@@ -262,13 +298,16 @@ def _slice(text: str, what: str, key: str) -> slice:
             raise ValueError(text)
         return slice(*parts)
     except ValueError:
-        raise UserError(f"{what}: {key}: {text!r} is not a slice. Fix: write start:stop[:step] with a non-zero "
-                        "step, e.g. '0::10' for every 10th sample or ':1000' for the first 1000.") from None
+        raise UserError(
+            f"{what}: {key}: {text!r} is not a slice. Fix: write start:stop[:step] with a non-zero "
+            "step, e.g. '0::10' for every 10th sample or ':1000' for the first 1000."
+        ) from None
 
 
 def _subset(source: Source, keep: list[int]) -> Source:
-    return Source(torch.utils.data.Subset(source.dataset, keep),
-                  None if source.paths is None else [source.paths[i] for i in keep])
+    return Source(
+        torch.utils.data.Subset(source.dataset, keep), None if source.paths is None else [source.paths[i] for i in keep]
+    )
 
 
 def build_source(spec: str | Mapping[str, Any], what: str) -> Source:
@@ -286,8 +325,10 @@ def build_source(spec: str | Mapping[str, Any], what: str) -> Source:
     if len(positions) < len(source):
         source = _subset(source, list(positions))
     if len(source) == 0:
-        raise UserError(f"{what}: the data set at {spec.get('path', spec['kind'])!r} is empty. Fix: check the "
-                        "path (and select/exclude); OOD metrics need at least one sample per set.")
+        raise UserError(
+            f"{what}: the data set at {spec.get('path', spec['kind'])!r} is empty. Fix: check the "
+            "path (and select/exclude); OOD metrics need at least one sample per set."
+        )
     limit = spec.get("limit")
     if limit is not None and check_int(f"{what}.limit", limit, 1, 1000) < len(source):
         keep = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[: int(limit)].sort().values

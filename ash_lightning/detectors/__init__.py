@@ -1,6 +1,7 @@
 """OOD detectors beyond logit scores: feature-space (mds, rmds, knn, vim, fdbd, nnguide, gradnorm) and input-space
 (odin, adascale) baselines, as pure tensor functions plus their fitting. See ``base`` for the contract and
 ``spec`` for the spec strings."""
+
 from ash_lightning.detectors.adascale import AdaScale
 from ash_lightning.detectors.base import Detector, FeatureDetector, FittedDetector
 from ash_lightning.detectors.fdbd import FDBD
@@ -13,7 +14,24 @@ from ash_lightning.detectors.spec import DETECTORS, is_detector_spec, load_fitte
 from ash_lightning.detectors.vim import ViM
 
 __all__ = [
-    "DETECTORS", "FDBD", "KNN", "MDS", "ODIN", "RMDS", "AdaScale", "Detector", "FeatureDetector",
-    "FeaturesAndLogits", "FittedDetector", "GradNorm", "NNGuide", "ViM", "gradnorm", "is_detector_spec",
-    "load_fitted", "odin", "parse_detector", "valid_forms",
+    "DETECTORS",
+    "FDBD",
+    "KNN",
+    "MDS",
+    "ODIN",
+    "RMDS",
+    "AdaScale",
+    "Detector",
+    "FeatureDetector",
+    "FeaturesAndLogits",
+    "FittedDetector",
+    "GradNorm",
+    "NNGuide",
+    "ViM",
+    "gradnorm",
+    "is_detector_spec",
+    "load_fitted",
+    "odin",
+    "parse_detector",
+    "valid_forms",
 ]

@@ -22,6 +22,7 @@ samples (OpenOOD keeps a random 5000); the perturbation magnitude 0.5 is in the 
 The logit-scaling variant AdaSCALE-L is not provided. Cost: a forward and a backward pass to the input, then a
 forward pass of x' (the score reuses the first pass's h).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,11 @@ from ash_lightning.detectors.base import Detector, FittedDetector, compute_dtype
 from ash_lightning.detectors.forward import ForwardWithFeatures, gradient_leaf
 
 __all__ = [
-    "AdaScale", "adaptive_percentiles", "adascale_perturbation", "adascale_shift", "adascale_logits",
+    "AdaScale",
+    "adaptive_percentiles",
+    "adascale_perturbation",
+    "adascale_shift",
+    "adascale_logits",
     "perturbed_pass",
 ]
 
@@ -96,8 +101,9 @@ def adascale_logits(features: Tensor, percentiles: Tensor, weight: Tensor, bias:
     values = positive.topk(int(keep.max()), dim=1).values
     kept = values.masked_fill(torch.arange(values.shape[1], device=values.device) >= keep[:, None], 0).sum(1)
     ratio = torch.where(kept > 0, positive.sum(1) / kept, 0.0)
-    return F.linear(features * ratio.exp()[:, None], weight.to(features.dtype),
-                    None if bias is None else bias.to(features.dtype))
+    return F.linear(
+        features * ratio.exp()[:, None], weight.to(features.dtype), None if bias is None else bias.to(features.dtype)
+    )
 
 
 @dataclass(frozen=True)
@@ -118,8 +124,9 @@ class AdaScale(Detector):
 
     def __post_init__(self) -> None:
         if not (0 < self.p_min <= self.p_max < 100):
-            raise self.invalid(f"percentiles must satisfy 0 < p_min <= p_max < 100, got {self.p_min!r}, "
-                               f"{self.p_max!r}.")
+            raise self.invalid(
+                f"percentiles must satisfy 0 < p_min <= p_max < 100, got {self.p_min!r}, {self.p_max!r}."
+            )
         for label, value in (("k1", self.k1), ("k2", self.k2)):
             if not 0 < value <= 100:
                 raise self.invalid(f"{label} (percent of the feature units) must be in (0, 100], got {value!r}.")
@@ -137,8 +144,9 @@ class AdaScale(Detector):
     def fit(self, shifts: Tensor) -> FittedDetector:
         """Fitted on the Q' values (N,) of the ID fit data (at least one)."""
         if shifts.ndim != 1 or shifts.numel() == 0:
-            raise self.invalid(f"needs the Q' values of the ID fit data as a non-empty (N,) tensor, got shape "
-                               f"{tuple(shifts.shape)}.")
+            raise self.invalid(
+                f"needs the Q' values of the ID fit data as a non-empty (N,) tensor, got shape {tuple(shifts.shape)}."
+            )
         return FittedDetector(self, {"fit_shifts": shifts.sort().values})
 
     def score_fitted(self, stats: Mapping[str, Tensor], *inputs: Any) -> Tensor:

@@ -12,6 +12,7 @@ The fitted state is a :class:`FittedDetector`: the detector and a dict of tensor
 Each detector says what it needs: ``needs_labels`` (class labels in the fit data), ``needs_fit`` (ID fit data
 at all), ``needs_gradients`` (a backward pass through the model at test time).
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -93,9 +94,13 @@ class FittedDetector:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> FittedDetector:
         """A copy with the statistics on ``device`` and, for floating-point ones, in ``dtype``."""
-        return FittedDetector(self.detector, {
-            key: value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
-            for key, value in self.stats.items()})
+        return FittedDetector(
+            self.detector,
+            {
+                key: value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
+                for key, value in self.stats.items()
+            },
+        )
 
 
 def _check_matrix(detector: Detector, name: str, t: Tensor, rows: int | None = None) -> None:
@@ -112,8 +117,14 @@ class FeatureDetector(Detector):
 
     needs_classifier: ClassVar[bool] = False
 
-    def fit(self, features: Tensor, logits: Tensor, labels: Tensor | None = None, weight: Tensor | None = None,
-            bias: Tensor | None = None) -> FittedDetector:
+    def fit(
+        self,
+        features: Tensor,
+        logits: Tensor,
+        labels: Tensor | None = None,
+        weight: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> FittedDetector:
         """Fit on ID data: ``features`` (N, D), ``logits`` (N, K), ``labels`` (N,) class indices, the classifier's
         ``weight`` (K, D) and ``bias`` (K,) (zeros when None). Covariances and projections are estimated in
         float64; the statistics are stored on the features' device in their float dtype (float32 or wider). A
@@ -122,31 +133,39 @@ class FeatureDetector(Detector):
         _check_matrix(self, "fit logits", logits, features.shape[0])
         if self.needs_labels:
             if labels is None:
-                raise self.invalid("needs the class labels of the fit data (ID data with labels, e.g. the "
-                                   "training set) to estimate class means; none were given.")
+                raise self.invalid(
+                    "needs the class labels of the fit data (ID data with labels, e.g. the "
+                    "training set) to estimate class means; none were given."
+                )
             if labels.shape != (features.shape[0],):
                 raise self.invalid(f"fit labels must have shape ({features.shape[0]},), got {tuple(labels.shape)}.")
             if labels.numel() and (labels.min() < 0 or labels.max() >= logits.shape[1]):
-                raise self.invalid(f"fit labels must be class indices in [0, {logits.shape[1]}) (the classifier's "
-                                   f"classes), got values in [{int(labels.min())}, {int(labels.max())}].")
+                raise self.invalid(
+                    f"fit labels must be class indices in [0, {logits.shape[1]}) (the classifier's "
+                    f"classes), got values in [{int(labels.min())}, {int(labels.max())}]."
+                )
         if self.needs_classifier:
             if weight is None:
                 raise self.invalid("needs the classifier's weight (K, D) and bias (K,) to fit.")
             if weight.shape != (logits.shape[1], features.shape[1]):
-                raise self.invalid(f"classifier weight must have shape {(logits.shape[1], features.shape[1])}, "
-                                   f"got {tuple(weight.shape)}.")
+                raise self.invalid(
+                    f"classifier weight must have shape {(logits.shape[1], features.shape[1])}, "
+                    f"got {tuple(weight.shape)}."
+                )
             if bias is None:
                 bias = weight.new_zeros(weight.shape[0])
         if self.needs_fit and features.shape[0] < 2:
             raise self.invalid(f"needs at least 2 fit samples, got {features.shape[0]}.")
         dtype = compute_dtype(features)
         stats = self.fit_stats(features, logits, labels, weight, bias)
-        return FittedDetector(self, {key: value.to(dtype) if value.is_floating_point() else value
-                                     for key, value in stats.items()})
+        return FittedDetector(
+            self, {key: value.to(dtype) if value.is_floating_point() else value for key, value in stats.items()}
+        )
 
     @abstractmethod
-    def fit_stats(self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None,
-                  bias: Tensor | None) -> dict[str, Tensor]:
+    def fit_stats(
+        self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None, bias: Tensor | None
+    ) -> dict[str, Tensor]:
         """The fitted statistics (checked inputs; see :meth:`fit`)."""
 
     def score_fitted(self, stats: Mapping[str, Tensor], *inputs: Any) -> Tensor:
@@ -154,8 +173,14 @@ class FeatureDetector(Detector):
         _check_matrix(self, "features", features)
         _check_matrix(self, "logits", logits, features.shape[0])
         dtype = compute_dtype(features)
-        return self.score_batch({key: value.to(features.device, dtype if value.is_floating_point() else None)
-                                 for key, value in stats.items()}, features.to(dtype), logits.to(dtype))
+        return self.score_batch(
+            {
+                key: value.to(features.device, dtype if value.is_floating_point() else None)
+                for key, value in stats.items()
+            },
+            features.to(dtype),
+            logits.to(dtype),
+        )
 
     @abstractmethod
     def score_batch(self, stats: Mapping[str, Tensor], features: Tensor, logits: Tensor) -> Tensor:

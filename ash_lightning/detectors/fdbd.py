@@ -11,6 +11,7 @@ Checked against OpenOOD v1.5, ``openood/postprocessors/fdbd_postprocessor.py``: 
 (our score times K - 1; same ranking) and, with ``distance_as_normalizer: False``, may divide by ||h|| instead;
 we keep the paper's ||h - mu||. Identical weight rows give an infinite distance term (as in OpenOOD).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -39,8 +40,9 @@ class FDBD(FeatureDetector):
     name: ClassVar[str] = "fdbd"
     needs_classifier: ClassVar[bool] = True
 
-    def fit_stats(self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None,
-                  bias: Tensor | None) -> dict[str, Tensor]:
+    def fit_stats(
+        self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None, bias: Tensor | None
+    ) -> dict[str, Tensor]:
         assert weight is not None  # checked by fit()
         if weight.shape[0] < 2:
             raise self.invalid("needs a classifier with at least 2 classes.")

@@ -1,5 +1,6 @@
 """What input-space detectors need from the model: the penultimate features along with the logits of one forward
 pass, and an input batch that gradients can reach."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -40,6 +41,8 @@ def gradient_leaf(x: Tensor, spec: str) -> Tensor:
     """A leaf copy of the input batch ``x`` that requires grad (a clone for an inference-mode tensor); a UserError
     inside ``torch.inference_mode``, where no gradient can be taken."""
     if torch.is_inference_mode_enabled():
-        raise UserError(f"{spec} needs gradients with respect to the input, but it runs under torch.inference_mode. "
-                        "Fix: run it outside inference mode (with Lightning: Trainer(inference_mode=False)).")
+        raise UserError(
+            f"{spec} needs gradients with respect to the input, but it runs under torch.inference_mode. "
+            "Fix: run it outside inference mode (with Lightning: Trainer(inference_mode=False))."
+        )
     return (x.clone() if x.is_inference() else x.detach()).requires_grad_(True)

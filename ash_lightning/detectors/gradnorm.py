@@ -14,6 +14,7 @@ so score = ||h||_1 * ||softmax(l) - 1/K||_1, from the features and logits the fo
 (``openood/postprocessors/gradnorm_postprocessor.py``) use targets of ones instead of 1/K, i.e. K times this
 loss, so their score is K times ours (same ranking); both use temperature 1, as we do.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -40,8 +41,9 @@ class GradNorm(FeatureDetector):
     name: ClassVar[str] = "gradnorm"
     needs_fit: ClassVar[bool] = False
 
-    def fit_stats(self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None,
-                  bias: Tensor | None) -> dict[str, Tensor]:
+    def fit_stats(
+        self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None, bias: Tensor | None
+    ) -> dict[str, Tensor]:
         return {}
 
     def score_batch(self, stats: Mapping[str, Tensor], features: Tensor, logits: Tensor) -> Tensor:

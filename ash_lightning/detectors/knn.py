@@ -15,6 +15,7 @@
 ``seed`` (default 0) so that a fit is reproducible. Neighbours are found with a batched matrix product and
 ``topk`` over bank chunks of at most ``chunk`` rows, on the features' device.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,16 @@ def top_inner_products(queries: Tensor, bank: Tensor, k: int, chunk: int = 16384
     best_values = queries.new_empty(queries.shape[0], 0)
     best_indices = torch.empty(queries.shape[0], 0, dtype=torch.long, device=queries.device)
     for start in range(0, bank.shape[0], chunk):
-        values = torch.cat([best_values, queries @ bank[start:start + chunk].T], 1)
-        indices = torch.cat([best_indices, torch.arange(start, start + min(chunk, bank.shape[0] - start),
-                                                        device=queries.device).expand(queries.shape[0], -1)], 1)
+        values = torch.cat([best_values, queries @ bank[start : start + chunk].T], 1)
+        indices = torch.cat(
+            [
+                best_indices,
+                torch.arange(start, start + min(chunk, bank.shape[0] - start), device=queries.device).expand(
+                    queries.shape[0], -1
+                ),
+            ],
+            1,
+        )
         best_values, positions = values.topk(min(k, values.shape[1]), dim=1)
         best_indices = indices.gather(1, positions)
     return best_values, best_indices
@@ -58,16 +66,19 @@ class _BankDetector(FeatureDetector):
         if self.k < 1:
             raise self.invalid(f"K (number of neighbours) must be an integer >= 1, got {self.k!r}.")
         if not (math.isfinite(self.fraction) and 0 < self.fraction <= 1):
-            raise self.invalid(f"fraction (share of the fit set kept as the bank) must be in (0, 1], got "
-                               f"{self.fraction!r}.")
+            raise self.invalid(
+                f"fraction (share of the fit set kept as the bank) must be in (0, 1], got {self.fraction!r}."
+            )
 
     def bank_rows(self, n: int, device: torch.device) -> Tensor:
         """The fit rows kept in the bank: all when ``fraction`` is 1, else round(fraction * n) drawn with ``seed``
         (at least K, else a UserError)."""
         keep = n if self.fraction == 1 else round(self.fraction * n)
         if keep < self.k:
-            raise self.invalid(f"the bank holds {keep} of the {n} fit samples, fewer than K = {self.k}. "
-                               "Fix: use more fit data, a larger fraction or a smaller K.")
+            raise self.invalid(
+                f"the bank holds {keep} of the {n} fit samples, fewer than K = {self.k}. "
+                "Fix: use more fit data, a larger fraction or a smaller K."
+            )
         if keep == n:
             return torch.arange(n, device=device)
         generator = torch.Generator().manual_seed(self.seed)
@@ -80,8 +91,9 @@ class KNN(_BankDetector):
 
     name: ClassVar[str] = "knn"
 
-    def fit_stats(self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None,
-                  bias: Tensor | None) -> dict[str, Tensor]:
+    def fit_stats(
+        self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None, bias: Tensor | None
+    ) -> dict[str, Tensor]:
         bank = features[self.bank_rows(features.shape[0], features.device)]
         return {"bank": F.normalize(bank.to(compute_dtype(bank)), dim=1)}
 
@@ -98,8 +110,9 @@ class NNGuide(_BankDetector):
 
     name: ClassVar[str] = "nnguide"
 
-    def fit_stats(self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None,
-                  bias: Tensor | None) -> dict[str, Tensor]:
+    def fit_stats(
+        self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None, bias: Tensor | None
+    ) -> dict[str, Tensor]:
         rows = self.bank_rows(features.shape[0], features.device)
         dtype = compute_dtype(features)
         energy = torch.logsumexp(logits[rows].to(dtype), dim=1)

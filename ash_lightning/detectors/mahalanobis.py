@@ -13,6 +13,7 @@ Checked against OpenOOD v1.5, ``openood/postprocessors/mds_postprocessor.py`` an
 (sklearn ``EmpiricalCovariance`` whose precision is ``scipy.linalg.pinvh`` with cutoff D * eps of the features'
 dtype, which we mirror). Classes without fit samples get no Gaussian (the minimum runs over the others).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -76,8 +77,9 @@ class MDS(FeatureDetector):
     name: ClassVar[str] = "mds"
     needs_labels: ClassVar[bool] = True
 
-    def fit_stats(self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None,
-                  bias: Tensor | None) -> dict[str, Tensor]:
+    def fit_stats(
+        self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None, bias: Tensor | None
+    ) -> dict[str, Tensor]:
         assert labels is not None  # checked by fit()
         return _gaussian_stats(features, labels, logits.shape[1])
 
@@ -93,8 +95,9 @@ class RMDS(FeatureDetector):
     name: ClassVar[str] = "rmds"
     needs_labels: ClassVar[bool] = True
 
-    def fit_stats(self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None,
-                  bias: Tensor | None) -> dict[str, Tensor]:
+    def fit_stats(
+        self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None, bias: Tensor | None
+    ) -> dict[str, Tensor]:
         assert labels is not None  # checked by fit()
         stats = _gaussian_stats(features, labels, logits.shape[1])
         centered = features.double() - stats["center"]

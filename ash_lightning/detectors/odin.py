@@ -14,6 +14,7 @@ sign by the normalising transform's per-channel std (63.0/255, 62.1/255, 66.7/25
 the 1/B factor does not change the sign). Cost: one forward and one backward pass to the input plus a second
 forward pass, on top of the test pass.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,14 +32,17 @@ from ash_lightning.detectors.forward import gradient_leaf
 __all__ = ["ODIN", "odin"]
 
 
-def odin(model: Callable[[Tensor], Tensor], x: Tensor, temperature: float, epsilon: float,
-         std: Sequence[float]) -> Tensor:
+def odin(
+    model: Callable[[Tensor], Tensor], x: Tensor, temperature: float, epsilon: float, std: Sequence[float]
+) -> Tensor:
     """ODIN score (B,) of the input batch ``x`` (B, C, ...) for ``model`` (input -> logits, in eval mode): see the
     module docstring. ``std`` has one entry per channel C. Gradients flow to the input only, not into the
     parameters' ``.grad``; it cannot run under ``torch.inference_mode`` (UserError)."""
     if len(std) != x.shape[1]:
-        raise ValueError(f"odin: std has {len(std)} entries but the input has {x.shape[1]} channels "
-                         f"(shape {tuple(x.shape)}); pass the data transform's per-channel std.")
+        raise ValueError(
+            f"odin: std has {len(std)} entries but the input has {x.shape[1]} channels "
+            f"(shape {tuple(x.shape)}); pass the data transform's per-channel std."
+        )
     inputs = gradient_leaf(x, "odin")
     with torch.enable_grad():
         logits = model(inputs)

@@ -1,6 +1,7 @@
 """Detector spec strings: ``name[@param...]``, parameters in the order of the detector's spec fields, trailing
 ones optional when they have defaults. ``parse_detector("knn@50@0.1") == KNN(k=50, fraction=0.1)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,10 @@ def _parse_value(spec: str, f: dataclasses.Field, text: str) -> Any:
         return kind(text)
     except ValueError:
         label = _PARAM_LABELS.get(f.name, f.name)
-        raise UserError(f"bad detector spec {spec!r}: {label} must be {'an integer' if kind is int else 'a number'}"
-                        f", got {text!r}. Valid forms: {valid_forms()}.") from None
+        raise UserError(
+            f"bad detector spec {spec!r}: {label} must be {'an integer' if kind is int else 'a number'}"
+            f", got {text!r}. Valid forms: {valid_forms()}."
+        ) from None
 
 
 def parse_detector(spec: str) -> Detector:
@@ -71,8 +74,10 @@ def parse_detector(spec: str) -> Detector:
     required = sum(f.default is dataclasses.MISSING for f in params)
     if not required <= len(texts) <= len(params):
         count = str(required) if required == len(params) else f"{required} to {len(params)}"
-        raise UserError(f"bad detector spec {spec!r}: {name} takes {count} parameter(s), got {len(texts)} "
-                        f"(form {_form(cls)}). Valid forms: {valid_forms()}.")
+        raise UserError(
+            f"bad detector spec {spec!r}: {name} takes {count} parameter(s), got {len(texts)} "
+            f"(form {_form(cls)}). Valid forms: {valid_forms()}."
+        )
     values = {f.name: _parse_value(spec, f, text) for f, text in zip(params, texts)}
     try:
         return cls(**values)

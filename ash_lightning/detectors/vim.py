@@ -13,6 +13,7 @@ increasing function of our score, so both rank samples identically. Our form is 
 (``openood/postprocessors/vim_postprocessor.py``), which does not saturate; the paper's authors' code
 (haoqiwang/vim) computes the same ``energy - vlogit``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -47,12 +48,15 @@ class ViM(FeatureDetector):
         if self.dim < 1:
             raise self.invalid(f"D (principal subspace dimension) must be an integer >= 1, got {self.dim!r}.")
 
-    def fit_stats(self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None,
-                  bias: Tensor | None) -> dict[str, Tensor]:
+    def fit_stats(
+        self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None, bias: Tensor | None
+    ) -> dict[str, Tensor]:
         assert weight is not None and bias is not None  # checked by fit()
         if self.dim >= features.shape[1]:
-            raise self.invalid(f"D = {self.dim} must be smaller than the feature dimension {features.shape[1]} "
-                               f"(e.g. vim@{features.shape[1] // 2}).")
+            raise self.invalid(
+                f"D = {self.dim} must be smaller than the feature dimension {features.shape[1]} "
+                f"(e.g. vim@{features.shape[1] // 2})."
+            )
         origin = -torch.linalg.pinv(weight.double()) @ bias.double()
         centered = features.double() - origin
         basis = vim_residual_basis(centered, self.dim)

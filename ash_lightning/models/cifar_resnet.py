@@ -5,6 +5,7 @@ BasicBlocks per stage, global average pooling, ``linear`` classifier). Parameter
 akamaster/pytorch_resnet_cifar10 checkpoints once their ``module.`` prefix is stripped. Those weights
 expect 32x32 inputs in [0, 1] normalised with the ImageNet mean and std, which the pretrained config says.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,8 +47,9 @@ class _BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 images with timm's model interface."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, global_pool: str = "avg",
-                 **_: object) -> None:
+    def __init__(
+        self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, global_pool: str = "avg", **_: object
+    ) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}")
@@ -69,8 +71,10 @@ class CifarResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
-        self.feature_info = [dict(num_chs=c, reduction=r, module=f"layer{i}")
-                             for i, (c, r) in enumerate(((16, 1), (32, 2), (64, 4)), start=1)]
+        self.feature_info = [
+            dict(num_chs=c, reduction=r, module=f"layer{i}")
+            for i, (c, r) in enumerate(((16, 1), (32, 2), (64, 4)), start=1)
+        ]
 
     def get_classifier(self) -> nn.Module:
         return self.linear
@@ -95,25 +99,40 @@ class CifarResNet(nn.Module):
 
 def _cfg(**kwargs: object) -> dict:
     return {
-        "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
-        "interpolation": "bilinear", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "conv1", "classifier": "linear", "license": "bsd-2-clause", **kwargs,
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": (8, 8),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "conv1",
+        "classifier": "linear",
+        "license": "bsd-2-clause",
+        **kwargs,
     }
 
 
 _AKAMASTER = "https://github.com/akamaster/pytorch_resnet_cifar10 (pretrained_models/resnet{}-*.th)"
-default_cfgs = generate_default_cfgs({
-    f"cifar_resnet{d}.akamaster_cifar10": _cfg(origin_url=_AKAMASTER.format(d)) for d in (20, 32, 44, 56)
-})
+default_cfgs = generate_default_cfgs(
+    {f"cifar_resnet{d}.akamaster_cifar10": _cfg(origin_url=_AKAMASTER.format(d)) for d in (20, 32, 44, 56)}
+)
 
 
 def _create(depth: int, pretrained: bool, **kwargs: object) -> CifarResNet:
     if pretrained:
         raise ValueError(
             f"cifar_resnet{depth} weights are not downloadable: pass pretrained=False and "
-            "checkpoint_path=<akamaster_resnet{depth}-*.th> (e.g. $DATASETS/checkpoints/...)")
-    return build_model_with_cfg(CifarResNet, f"cifar_resnet{depth}", pretrained, depth=depth,
-                                feature_cfg=dict(flatten_sequential=True), **kwargs)
+            "checkpoint_path=<akamaster_resnet{depth}-*.th> (e.g. $DATASETS/checkpoints/...)"
+        )
+    return build_model_with_cfg(
+        CifarResNet,
+        f"cifar_resnet{depth}",
+        pretrained,
+        depth=depth,
+        feature_cfg=dict(flatten_sequential=True),
+        **kwargs,
+    )
 
 
 @register_model

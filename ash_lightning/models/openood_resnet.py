@@ -15,6 +15,7 @@ The pretrained configs carry OpenOOD's test transform (``openood/evaluation_api/
 short side to ``pre_size`` and centre-crop ``img_size`` (32/32 for CIFAR, 256/224 for ImageNet-200), bilinear,
 normalised with the per-benchmark mean and std given there.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -41,8 +42,9 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -62,8 +64,9 @@ class OpenOODResNet18x32(nn.Module):
         in_planes, self.feature_info = 64, []
         for stage, planes in enumerate((64, 128, 256, 512), start=1):
             stride = 1 if stage == 1 else 2
-            self.add_module(f"layer{stage}", nn.Sequential(_BasicBlock(in_planes, planes, stride),
-                                                           _BasicBlock(planes, planes, 1)))
+            self.add_module(
+                f"layer{stage}", nn.Sequential(_BasicBlock(in_planes, planes, stride), _BasicBlock(planes, planes, 1))
+            )
             in_planes = planes
             self.feature_info.append(dict(num_chs=planes, reduction=2 ** (stage - 1), module=f"layer{stage}"))
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
@@ -90,43 +93,67 @@ class OpenOODResNet18x32(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-_ORIGIN = ("https://github.com/Jingkang50/OpenOOD (README 'Pre-trained checkpoints', {0}_res18_v1.5.zip: "
-           "results/{0}_resnet18_{1}_base_e{2}_lr0.1_default/s*/best.ckpt)")
+_ORIGIN = (
+    "https://github.com/Jingkang50/OpenOOD (README 'Pre-trained checkpoints', {0}_res18_v1.5.zip: "
+    "results/{0}_resnet18_{1}_base_e{2}_lr0.1_default/s*/best.ckpt)"
+)
 
 
 def _cfg(benchmark: str, size: int, epochs: int, **kwargs: object) -> dict:
-    return {"input_size": (3, size, size), "interpolation": "bilinear", "first_conv": "conv1", "classifier": "fc",
-            "origin_url": _ORIGIN.format(benchmark, f"{size}x{size}", epochs), "license": "mit", **kwargs}
+    return {
+        "input_size": (3, size, size),
+        "interpolation": "bilinear",
+        "first_conv": "conv1",
+        "classifier": "fc",
+        "origin_url": _ORIGIN.format(benchmark, f"{size}x{size}", epochs),
+        "license": "mit",
+        **kwargs,
+    }
 
 
-default_cfgs = generate_default_cfgs({
-    "openood_resnet18_32x32.openood_v15_cifar10": _cfg(
-        "cifar10", 32, 100, num_classes=10, pool_size=(4, 4), crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD),
-    "openood_resnet18_32x32.openood_v15_cifar100": _cfg(
-        "cifar100", 32, 100, num_classes=100, pool_size=(4, 4), crop_pct=1.0, mean=CIFAR100_MEAN, std=CIFAR100_STD),
-    "openood_resnet18_224x224.openood_v15_imagenet200": _cfg(
-        "imagenet200", 224, 90, num_classes=200, pool_size=(7, 7), crop_pct=224 / 256, mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "openood_resnet18_32x32.openood_v15_cifar10": _cfg(
+            "cifar10", 32, 100, num_classes=10, pool_size=(4, 4), crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD
+        ),
+        "openood_resnet18_32x32.openood_v15_cifar100": _cfg(
+            "cifar100", 32, 100, num_classes=100, pool_size=(4, 4), crop_pct=1.0, mean=CIFAR100_MEAN, std=CIFAR100_STD
+        ),
+        "openood_resnet18_224x224.openood_v15_imagenet200": _cfg(
+            "imagenet200",
+            224,
+            90,
+            num_classes=200,
+            pool_size=(7, 7),
+            crop_pct=224 / 256,
+            mean=IMAGENET_DEFAULT_MEAN,
+            std=IMAGENET_DEFAULT_STD,
+        ),
+    }
+)
 
 
 def _no_download(name: str, pretrained: bool) -> None:
     if pretrained:
-        raise ValueError(f"{name} weights are not downloadable by timm: pass pretrained=False and checkpoint_path="
-                         "<OpenOOD v1.5 best.ckpt> (see ash_lightning/models/openood_resnet.py)")
+        raise ValueError(
+            f"{name} weights are not downloadable by timm: pass pretrained=False and checkpoint_path="
+            "<OpenOOD v1.5 best.ckpt> (see ash_lightning/models/openood_resnet.py)"
+        )
 
 
 @register_model
 def openood_resnet18_32x32(pretrained: bool = False, **kwargs: object) -> OpenOODResNet18x32:
     """OpenOOD v1.5's CIFAR ResNet-18 (11.2M parameters), 32x32 inputs."""
     _no_download("openood_resnet18_32x32", pretrained)
-    return build_model_with_cfg(OpenOODResNet18x32, "openood_resnet18_32x32", pretrained,
-                                feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
+    return build_model_with_cfg(
+        OpenOODResNet18x32, "openood_resnet18_32x32", pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs
+    )
 
 
 @register_model
 def openood_resnet18_224x224(pretrained: bool = False, **kwargs: object) -> ResNet:
     """OpenOOD v1.5's ImageNet-200 ResNet-18 (a torchvision ResNet-18 with 200 classes), 224x224 inputs."""
     _no_download("openood_resnet18_224x224", pretrained)
-    return build_model_with_cfg(ResNet, "openood_resnet18_224x224", pretrained, block=BasicBlock,
-                                layers=(2, 2, 2, 2), **kwargs)
+    return build_model_with_cfg(
+        ResNet, "openood_resnet18_224x224", pretrained, block=BasicBlock, layers=(2, 2, 2, 2), **kwargs
+    )
