@@ -1,41 +1,143 @@
-"""Logits for several shapers from one backbone pass.
+"""Logits (and the features the classifier saw) for several shapers from one backbone pass.
 
-With placement ``penultimate`` or ``pre_pool`` on a model with timm's interface, the hook point lies in
-``forward_head``: ``forward_features`` runs once per batch and only the head (pooling and classifier)
-runs per shaper. Any other placement needs the full network once per shaper.
+A forward pass splits into a shared part, run once per batch, and a per-setting part, run once per shaper
+(``split_point``):
+
+* ``"classifier"`` (placement ``penultimate`` on a network with a classifier): shared = the classifier's input h,
+  captured unshaped during one pass of the network; per setting = the classifier applied to h with the shaper
+  attached. It is checked once per network that the classifier applied to h gives the network's logits; where
+  something runs after the classifier, the network runs once per setting instead (with a warning).
+* ``"head"`` (placement ``pre_pool`` on a model with timm's interface): shared = ``forward_features(x)``, per
+  setting = ``forward_head``.
+* ``"network"`` (any other placement): shared = x, per setting = the whole network.
+
+Every setting also yields the input of the classifier as shaped by it (the penultimate features), which
+feature-space detectors read; it is None for a network without a classifier.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ash_lightning.hooks import attach_shaping
+from ash_lightning.hooks import attach_shaping, find_classifier
 from ash_lightning.shaping import Shaper
 
-HEAD_PLACEMENTS = ("penultimate", "pre_pool")
+log = logging.getLogger(__name__)
+
+SplitPoint = Literal["classifier", "head", "network"]
+
+# Per network, checked on its first batch: does its classifier's output give its output? Where not, it runs whole.
+_CLASSIFIER_IS_LAST: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+class SettingOutputs(NamedTuple):
+    """Per setting: ``features`` (S, B, D), the classifier's input as shaped (None without a classifier), and
+    ``logits`` (S, B, K)."""
+
+    features: Tensor | None
+    logits: Tensor
+
+
+def split_point(model: nn.Module, placement: str) -> SplitPoint:
+    """Where ``model``'s forward pass splits into the shared part and the per-setting part for ``placement``."""
+    if placement == "penultimate" and find_classifier(model) is not None and _CLASSIFIER_IS_LAST.get(model, True):
+        return "classifier"
+    if placement == "pre_pool" and callable(getattr(model, "forward_features", None)) and callable(
+        getattr(model, "forward_head", None)
+    ):
+        return "head"
+    return "network"
 
 
 def runs_backbone_once(model: nn.Module, placement: str) -> bool:
-    """True when ``placement`` is inside ``model.forward_head`` (timm interface), so features can be reused."""
-    return (
-        placement in HEAD_PLACEMENTS
-        and callable(getattr(model, "forward_features", None))
-        and callable(getattr(model, "forward_head", None))
-    )
+    """True when a sweep at ``placement`` reuses one backbone pass per batch for every setting."""
+    return split_point(model, placement) != "network"
+
+
+@contextmanager
+def _captured_input(module: nn.Module | None) -> Iterator[list[Tensor]]:
+    """The first positional input of every call of ``module`` while the context is open, as its other forward
+    pre-hooks (e.g. a shaping) left it; nothing is captured for ``module=None``."""
+    seen: list[Tensor] = []
+    if module is None:
+        yield seen
+        return
+
+    def capture(_: nn.Module, args: tuple[Any, ...]) -> None:
+        seen.append(args[0])
+
+    handle = module.register_forward_pre_hook(capture)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def shared_part(model: nn.Module, x: Tensor, placement: str) -> Tensor:
+    """The part of the forward pass that every setting shares (see the module docstring), computed once."""
+    point = split_point(model, placement)
+    if point == "head":
+        return model.forward_features(x)
+    if point == "network":
+        return x
+    classifier = find_classifier(model)
+    with _captured_input(classifier) as seen:
+        logits = model(x)
+    features = seen[-1]
+    if model not in _CLASSIFIER_IS_LAST:
+        _CLASSIFIER_IS_LAST[model] = _classifier_is_last(classifier, features, logits)
+    if not _CLASSIFIER_IS_LAST[model]:
+        log.warning(
+            "%s's classifier output is not the network's output, so the whole network runs once per shaping setting",
+            type(model).__name__,
+        )
+        return x
+    return features
+
+
+def _classifier_is_last(classifier: nn.Module, features: Tensor, logits: Any) -> bool:
+    """Whether ``classifier(features)`` is the network's output ``logits`` (up to rounding)."""
+    if not isinstance(logits, Tensor):
+        return False
+    again = classifier(features)
+    return again.shape == logits.shape and torch.allclose(again, logits, rtol=1e-5, atol=1e-6)
+
+
+def setting_part(model: nn.Module, shared: Tensor, shaper: Shaper, placement: str) -> tuple[Tensor | None, Tensor]:
+    """``(features, logits)`` of one setting from the shared part: the classifier's input as ``shaper`` left it
+    (None without a classifier) and the logits."""
+    classifier, point = find_classifier(model), split_point(model, placement)
+    with attach_shaping(model, shaper, placement), _captured_input(classifier) as seen:
+        if point == "classifier":
+            logits = classifier(shared)
+        elif point == "head":
+            logits = model.forward_head(shared)
+        else:
+            logits = model(shared)
+    return (seen[-1] if seen else None), logits
+
+
+def shaped_outputs(model: nn.Module, x: Tensor, shapers: Sequence[Shaper], placement: str) -> SettingOutputs:
+    """Features and logits of ``model`` on ``x`` with each of ``shapers`` attached at ``placement`` in turn, from
+    one backbone pass where the split point allows it."""
+    return outputs_from_shared(model, shared_part(model, x, placement), shapers, placement)
+
+
+def outputs_from_shared(model: nn.Module, shared: Tensor, shapers: Sequence[Shaper], placement: str) -> SettingOutputs:
+    """``shaped_outputs`` from an already computed ``shared_part`` (e.g. read from a feature cache)."""
+    per_setting = [setting_part(model, shared, shaper, placement) for shaper in shapers]
+    features = [f for f, _ in per_setting]
+    stacked = torch.stack(features) if all(f is not None for f in features) else None
+    return SettingOutputs(stacked, torch.stack([logits for _, logits in per_setting]))
 
 
 def shaped_logits(model: nn.Module, x: Tensor, shapers: Sequence[Shaper], placement: str) -> Tensor:
     """Stack of logits (S, B, K), one per shaper: ``model`` with that shaper attached at ``placement``."""
-    if runs_backbone_once(model, placement):
-        features = model.forward_features(x)
-        run = model.forward_head
-    else:
-        features, run = x, model
-    outputs = []
-    for shaper in shapers:
-        with attach_shaping(model, shaper, placement):
-            outputs.append(run(features))
-    return torch.stack(outputs)
+    return shaped_outputs(model, x, shapers, placement).logits

@@ -142,7 +142,8 @@ def test_collect_stats_options_and_subsample(monkeypatch):
     torch.testing.assert_close(stats.mean, kept.double().mean(0))
     monkeypatch.setattr(calibration, "MAX_VALUES", 55)  # 11 samples x 5 units: still exact
     stats = collect_stats(Net(), "penultimate", Fit(x)(), calibration.StatsRequest(frozenset({90.0})))
-    assert stats.percentiles[90.0] == pytest.approx(react_threshold_reference(x.numpy(), 90), rel=1e-12, abs=0)
+    # The authors interpolate float32 activations in float32, we in float64: equal up to float32 rounding.
+    assert stats.percentiles[90.0] == pytest.approx(react_threshold_reference(x.numpy(), 90), rel=1e-6, abs=0)
 
 
 def test_subsample_keeps_whole_random_samples():
