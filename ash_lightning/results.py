@@ -107,17 +107,19 @@ def _pct(value: float | None) -> str:
 
 
 def format_table(results: Mapping[str, Any]) -> str:
-    """Markdown: per-set metrics of the best run (or the only one); for sweeps, also all runs ranked."""
+    """Markdown: per-set metrics of the run selected on validation data (without validation sets: the best on the
+    test sets, or the only one); for sweeps, also all runs ranked."""
     fkey = fpr_key(results["tpr"])
     runs = results["runs"]
-    best = runs[results["ranking"][0]]
+    selected = "selected" in results
+    best = runs[results["selected"]["run"] if selected else results["ranking"][0]]
     head = f"| OOD set | {fkey.upper()} ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |\n|---|---:|---:|---:|---:|\n"
     rows = [(name, m) for name, m in best["ood"].items()]
     rows += [(f"*{g}*", m) for g, m in best["groups"].items()] + [("**mean**", best["mean"])]
     lines = [f"**Warning: {note}**\n" for note in results.get("warnings", [])]
     lines += [
-        f"### {best['shaping']} + {best['score']}  (ID accuracy {_pct(best['id_accuracy'])}%, "
-        f"convention {results['convention']})",
+        f"### {best['shaping']} + {best['score']}{' (selected on validation data)' if selected else ''}  "
+        f"(ID accuracy {_pct(best['id_accuracy'])}%, convention {results['convention']})",
         "",
         head.rstrip("\n"),
     ]

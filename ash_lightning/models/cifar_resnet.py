@@ -8,12 +8,13 @@ expect 32x32 inputs in [0, 1] normalised with the ImageNet mean and std, which t
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
+
+from ash_lightning.models.local_weights import refuse_download
 
 __all__ = ["CifarResNet"]
 
@@ -120,11 +121,9 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create(depth: int, pretrained: bool, **kwargs: object) -> CifarResNet:
-    if pretrained:
-        raise ValueError(
-            f"cifar_resnet{depth} weights are not downloadable: pass pretrained=False and "
-            "checkpoint_path=<akamaster_resnet{depth}-*.th> (e.g. $DATASETS/checkpoints/...)"
-        )
+    refuse_download(
+        f"cifar_resnet{depth}", pretrained, f"<akamaster resnet{depth} .th file, e.g. under $DATASETS/checkpoints>"
+    )
     return build_model_with_cfg(
         CifarResNet,
         f"cifar_resnet{depth}",

@@ -25,6 +25,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, ResNet
 from torch import Tensor, nn
 
+from ash_lightning.models.local_weights import refuse_download
+
+_OPENOOD_CHECKPOINT = "<OpenOOD v1.5 best.ckpt, see the README's OpenOOD v1.5 section>"
+
 __all__ = ["OpenOODResNet18x32"]
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -133,18 +137,10 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _no_download(name: str, pretrained: bool) -> None:
-    if pretrained:
-        raise ValueError(
-            f"{name} weights are not downloadable by timm: pass pretrained=False and checkpoint_path="
-            "<OpenOOD v1.5 best.ckpt> (see ash_lightning/models/openood_resnet.py)"
-        )
-
-
 @register_model
 def openood_resnet18_32x32(pretrained: bool = False, **kwargs: object) -> OpenOODResNet18x32:
     """OpenOOD v1.5's CIFAR ResNet-18 (11.2M parameters), 32x32 inputs."""
-    _no_download("openood_resnet18_32x32", pretrained)
+    refuse_download("openood_resnet18_32x32", pretrained, _OPENOOD_CHECKPOINT)
     return build_model_with_cfg(
         OpenOODResNet18x32, "openood_resnet18_32x32", pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs
     )
@@ -153,7 +149,7 @@ def openood_resnet18_32x32(pretrained: bool = False, **kwargs: object) -> OpenOO
 @register_model
 def openood_resnet18_224x224(pretrained: bool = False, **kwargs: object) -> ResNet:
     """OpenOOD v1.5's ImageNet-200 ResNet-18 (a torchvision ResNet-18 with 200 classes), 224x224 inputs."""
-    _no_download("openood_resnet18_224x224", pretrained)
+    refuse_download("openood_resnet18_224x224", pretrained, _OPENOOD_CHECKPOINT)
     return build_model_with_cfg(
         ResNet, "openood_resnet18_224x224", pretrained, block=BasicBlock, layers=(2, 2, 2, 2), **kwargs
     )
