@@ -138,8 +138,8 @@ class Runtime:
 
 
 class ForwardClock:
-    """While active, hooks on the first conv and the classifier add up the seconds of every forward pass
-    (shaping included); ``take()`` returns them since its previous call."""
+    """While active, hooks on the first conv and the classifier add up the seconds of every forward pass, from the
+    first conv to the last classifier call (shaping included); ``take()`` returns them since its previous call."""
 
     def __init__(self, model: nn.Module, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -160,7 +160,11 @@ class ForwardClock:
         self._began = self.runtime.now()
 
     def _end(self, *_: Any) -> None:
-        self._seconds += self.runtime.now() - self._began
+        """Adds the time since the first conv or the previous classifier call: a sweep calls the classifier once
+        per setting after one backbone pass."""
+        now = self.runtime.now()
+        self._seconds += now - self._began
+        self._began = now
 
     def take(self) -> float:
         """Forward seconds accumulated since the previous call."""

@@ -51,8 +51,10 @@ def test_verbose_keeps_lightnings_lines_and_quiet_drops_only_those(monkeypatch: 
             records.append(record.getMessage())
 
     handler = Collect()
-    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    logger.addHandler(handler)
+    # With both packages installed, pytorch_lightning's rank_zero_info may log under lightning.pytorch's name.
+    loggers = [logging.getLogger(f"{p}.utilities.rank_zero") for p in ("pytorch_lightning", "lightning.pytorch")]
+    for logger in loggers:
+        logger.addHandler(handler)
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
     monkeypatch.setattr(sys, "argv", ["main.py", "test", "--verbose"])
     try:
@@ -65,7 +67,8 @@ def test_verbose_keeps_lightnings_lines_and_quiet_drops_only_those(monkeypatch: 
         rank_zero_info("GPU available: False, used: False")
         assert records[-1] == "GPU available: False, used: False"
     finally:
-        logger.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
         monkeypatch.delenv(VERBOSE_ENV, raising=False)
         quiet_unless_verbose([])
 

@@ -223,7 +223,7 @@ def test_imglist_reads_openood_lines(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "spec_edit, expected",
     [
-        ({"list": "$DATASETS_MISSING/list.txt"}, "unset environment variable"),
+        ({"list": "$DATASETS_MISSING/list.txt"}, "DATASETS_MISSING, which is not set"),
         ({"list": "nowhere.txt"}, "does not exist"),
         ({"root": None}, "needs `root`"),
         ({"list": "img"}, "is not a file"),

@@ -118,10 +118,10 @@ class OODMetricsCallback(*CALLBACK_BASES):
         unknown length, when the next dataloader starts."""
         if self._current is not None and dataloader_idx != self._current:
             self._finish_unfinished(trainer, self._current)
+        first_batch, self._current = self._current is None, dataloader_idx
         parsed = self._parse(outputs, batch, trainer)
-        if self._current is None and (warning := constant_score_warning(parsed["scores"], self._runs)):
+        if first_batch and (warning := constant_score_warning(parsed["scores"], self._runs)):
             warnings.warn(warning, stacklevel=2)
-        self._current = dataloader_idx
         self._batches.setdefault(dataloader_idx, []).append(parsed)
         if batch_idx + 1 == _num_batches(trainer, dataloader_idx):
             self._finish_loader(trainer, dataloader_idx)
