@@ -48,6 +48,7 @@ class _CLI:
         class OODCLI(LightningCLI):
             def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
                 parser.add_lightning_class_args(OODMetricsCallback, "ood_metrics")
+                parser.set_defaults({"ood_metrics.verbose": False})  # after_test prints the table
                 parser.link_arguments("model.backbone", "data.backbone")
 
             def before_instantiate_classes(self) -> None:
@@ -60,6 +61,9 @@ class _CLI:
 
             def after_test(self) -> None:
                 check_batches_evaluated(self.trainer.num_test_batches)
+                metrics = [cb for cb in self.trainer.callbacks if isinstance(cb, OODMetricsCallback)]
+                if self.trainer.is_global_zero and metrics and metrics[0].summary:
+                    print(metrics[0].summary)
 
         OODCLI(
             OODEvalModule,

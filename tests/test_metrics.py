@@ -293,7 +293,7 @@ def test_oodmetrics_errors() -> None:
     with pytest.raises(ValueError, match="is_id has shape"):
         metric.update(torch.tensor([0.0, 1.0]), torch.tensor([True]))
     with pytest.raises(ValueError, match="1-D"):
-        metric.update(torch.zeros(2, 2), True)
+        metric.update(torch.zeros(2, 2, 2), True)
     with pytest.raises(ValueError, match="convention"):
         OODMetrics(convention="nope")
     assert OODMetrics.full_state_update is False
