@@ -74,7 +74,7 @@ def test_help_lists_the_commands_one_line_each() -> None:
     proc = _main("--help")
     assert proc.returncode == 0
     commands = [line.split()[0] for line in proc.stdout.split("commands:\n")[1].split("\n\n")[0].splitlines()]
-    assert commands == ["test", "predict", "report"]
+    assert commands == ["test", "predict", "report", "list"]
 
 
 def test_report_help_prints_its_usage(capsys: pytest.CaptureFixture[str]) -> None:

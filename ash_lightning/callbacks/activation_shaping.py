@@ -19,7 +19,7 @@ from ash_lightning.calibration import (
 from ash_lightning.errors import UserError
 from ash_lightning.hooks import ShapingHandle, attach_shaping, find_classifier
 from ash_lightning.lightning_packages import CALLBACK_BASES
-from ash_lightning.shaping import get_shaping
+from ash_lightning.shaping_specs import get_shaping
 
 
 class ActivationShapingCallback(*CALLBACK_BASES):

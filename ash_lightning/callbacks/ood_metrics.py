@@ -42,7 +42,7 @@ from ash_lightning.metrics import CONVENTIONS, OODMetrics
 from ash_lightning.options import check_choice, check_range
 from ash_lightning.plots import curves_figure, sweep_figure
 from ash_lightning.results import format_table, results_from_store, save_scores, stopped_message, write_results
-from ash_lightning.scores import get_score
+from ash_lightning.score_specs import get_score
 
 NONFINITE_POLICIES = ("raise", "drop")
 STEP_SCORES = "scores from test_step"
