@@ -204,7 +204,22 @@ def attach_shaping(
 ) -> ShapingHandle:
     """Shape ``model``'s activations at ``placement`` with ``shaping`` (a spec string such as
     ``"ash_s@90"`` or a callable) on every forward pass, until the returned handle is removed. A
-    ``LogitShaper`` replaces the classifier's output instead and needs ``placement="penultimate"``."""
+    ``LogitShaper`` replaces the classifier's output instead and needs ``placement="penultimate"``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from ash_lightning import attach_shaping
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x = torch.randn(2, 4)
+        >>> with attach_shaping(model, "react@0.1") as handle:  # clips the input of the last nn.Linear
+        ...     shaped = model(x)
+        >>> handle
+        ShapingHandle('react@0.1', placement='penultimate')
+        >>> clipped = model[2](model[1](model[0](x)).clamp(max=0.1))
+        >>> torch.allclose(shaped, clipped), torch.allclose(model(x), clipped)  # removed on exit
+        (True, False)
+    """
     shaper = get_shaping(shaping)
     if isinstance(shaper, LogitShaper):
         if placement != "penultimate":

@@ -81,6 +81,11 @@ def ood_metrics(
       sum of (R_i - R_{i-1}) (P_i + P_{i-1}) / 2 (``auc(recall, precision)``), same positives as above.
 
     Both: ``auroc`` = P(s_id > s_ood) + 0.5 P(s_id = s_ood) (the ROC trapezoid).
+
+    Example:
+        >>> from ash_lightning import ood_metrics
+        >>> ood_metrics([4.0, 3.0, 2.0, 1.0], [2.5, 0.5], tpr=0.75)  # t = 2 keeps 2.5; 6 of 8 pairs ordered
+        {'fpr75': 0.5, 'auroc': 0.75, 'aupr_in': 0.8875, 'aupr_out': 0.75}
     """
     _check_options(tpr, convention)
     id64 = _as_float64(id_scores, "ID")

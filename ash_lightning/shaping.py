@@ -148,7 +148,17 @@ def _ash_s(x: Tensor, percentile: float, caller: str) -> Tensor:
 
 def ash_s(x: Tensor, percentile: float = 65) -> Tensor:
     """ASH-S: keep the top-k values of each sample times ``exp(s1 / s2)`` (s1, s2 = sums before and
-    after pruning), zero the rest."""
+    after pruning), zero the rest.
+
+    Example:
+        >>> import torch
+        >>> from ash_lightning import ash_s
+        >>> x = torch.tensor([[1.0, 4.0, 2.0, 3.0]])  # s1 = 10; at 50%, k = 2 keeps 4 and 3: s2 = 7
+        >>> ash_s(x, percentile=50)
+        tensor([[ 0.0000, 16.6909,  0.0000, 12.5182]])
+        >>> torch.allclose(ash_s(x, 50)[0, 1], 4 * torch.exp(torch.tensor(10 / 7)))
+        True
+    """
     return _ash_s(x, percentile, "ash_s")
 
 

@@ -32,6 +32,27 @@ class ActivationShapingCallback(*CALLBACK_BASES):
     Calibrated specs (``react@p90``, ``dice@90``, ``vra@10@90``, ``lts@90``) are fitted first on ID data:
     ``fit_dataloader`` (a DataLoader, or a callable returning one), else the data module's ``fit_dataloader()``
     (``OODDataModule`` with ``data.fit``, whose statistics are cached by the network's weights).
+
+    Example:
+        >>> import torch
+        >>> import pytorch_lightning as pl
+        >>> from torch.utils.data import DataLoader
+        >>> from ash_lightning.callbacks import ActivationShapingCallback
+        >>> class Classifier(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        ...     def predict_step(self, batch, batch_idx):
+        ...         return self.net(batch)
+        >>> shaping = ActivationShapingCallback("ash_s@90")  # at "penultimate": the input of net[2]
+        >>> trainer = pl.Trainer(logger=False, callbacks=[shaping], enable_progress_bar=False)
+        >>> module, x = Classifier(), torch.rand(8, 4)
+        >>> (logits,) = trainer.predict(module, DataLoader(x, batch_size=8))
+        >>> from ash_lightning import ash_s
+        >>> torch.allclose(logits, module.net[2](ash_s(module.net[1](module.net[0](x)), 90)), atol=1e-5)
+        True
+        >>> torch.allclose(module.net(x), logits)  # detached again when predicting ends
+        False
     """
 
     def __init__(
