@@ -78,13 +78,7 @@ class Registry(Mapping[str, T]):
         """A decorator adding its target under ``name`` (``form`` defaults to the name, ``description`` to the
         target's docstring's first line) and returning it unchanged. A ValueError for a name that is empty, holds
         ``@`` or is registered already (unless ``replace=True``)."""
-        if not name or "@" in name:
-            raise ValueError(f"{self.kind.capitalize()} name {name!r} must be non-empty and must not contain '@'.")
-        if name in self._entries and not replace:
-            raise ValueError(
-                f"{self.kind.capitalize()} {name!r} is already registered ({self._entries[name].form}); pass "
-                "replace=True to override it."
-            )
+        self.check_name(name, replace=replace)
 
         def add(target: T) -> T:
             text = describe(target) if description is None else description
@@ -92,6 +86,16 @@ class Registry(Mapping[str, T]):
             return target
 
         return add
+
+    def check_name(self, name: str, *, replace: bool = False) -> None:
+        """A ValueError unless ``name`` can be registered: non-empty, without ``@``, new or ``replace=True``."""
+        if not name or "@" in name:
+            raise ValueError(f"{self.kind.capitalize()} name {name!r} must be non-empty and must not contain '@'.")
+        if name in self._entries and not replace:
+            raise ValueError(
+                f"{self.kind.capitalize()} {name!r} is already registered ({self._entries[name].form}); pass "
+                "replace=True to override it."
+            )
 
     def entries(self) -> list[Registered[T]]:
         """Every registered name with its target, form and description, in registration order."""

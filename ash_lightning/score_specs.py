@@ -51,6 +51,7 @@ def register_score(name: str, *, description: str | None = None, replace: bool =
     annotated on ``fn``'s parameters after the logits. The form (``name[@<param>=default]``) comes from the
     signature, the description from the docstring's first line. An existing name is replaced only with
     ``replace=True``."""
+    SCORES.check_name(name, replace=replace)
 
     def add(fn: ScoreFn) -> ScoreFn:
         form = spec_form(name, fn, [p.name for p in _params(fn)])

@@ -336,3 +336,18 @@ def test_figures_are_files_whatever_the_logger(tmp_path: Path) -> None:
     run_dir = tmp_path / "csv" / "v"
     assert {"sweep.png", "curves.png", "ood_results.json", "metrics.csv"} <= {p.name for p in run_dir.iterdir()}
     assert "ash_s@80|energy/ood/mean/auroc" in (run_dir / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_state_dict_round_trip_keeps_the_results(tmp_path: Path) -> None:
+    metrics = OODMetricsCallback(ood_names=["far"], output_dir=str(tmp_path), log_figures=False, verbose=False)
+    assert metrics.state_dict() == {"results": None}
+    trainer = lp.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[metrics]
+    )
+    with pytest.warns(UserWarning, match="cannot read labels"):
+        trainer.test(ScoresOnly(), dataloaders=_dict_loaders(), verbose=False)
+    torch.save(metrics.state_dict(), tmp_path / "state.pt")
+    restored = OODMetricsCallback()
+    restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    assert restored.results == metrics.results and restored.results["runs"][0]["ood"]["far"]["auroc"] >= 0
+    assert json.loads((tmp_path / "ood_results.json").read_text())["counts"] == restored.results["counts"]
