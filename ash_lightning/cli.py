@@ -37,10 +37,10 @@ class _CLI:
     def run(args: list[str] | None) -> None:
         from pytorch_lightning.cli import LightningCLI
 
+        from ash_lightning.callbacks import OODMetricsCallback
         from ash_lightning.data import OODDataModule
         from ash_lightning.interrupt import StopAfterBatchOnCtrlC
         from ash_lightning.module import OODEvalModule
-        from ash_lightning.callbacks import OODMetricsCallback
         from ash_lightning.yaml_config import use_strict_yaml
 
         use_strict_yaml()

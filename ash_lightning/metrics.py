@@ -190,6 +190,9 @@ class OODMetrics(Metric):
     higher_is_better = None  # mixed: FPR is lower-is-better, AUROC/AUPR are higher-is-better
     full_state_update = False
     OPTIONAL_COLUMNS = ("index", "targets", "preds")
+    scores: list[Tensor]
+    is_id: list[Tensor]
+    finite: list[Tensor]
 
     def __init__(self, tpr: float = 0.95, convention: str = "paper", **kwargs: Any) -> None:
         super().__init__(**kwargs)

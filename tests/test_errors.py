@@ -19,6 +19,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from ash_lightning.callbacks import OODMetricsCallback
 from ash_lightning.cli import main, user_error
 from ash_lightning.data.sources import CorruptImageError
 from ash_lightning.errors import UserError
@@ -27,7 +28,6 @@ from ash_lightning.module import OODEvalModule
 from ash_lightning.results import load_scores
 from ash_lightning.scores import get_score
 from ash_lightning.shaping import get_shaping
-from ash_lightning.callbacks import OODMetricsCallback
 from tests.conftest import REPO, main_in_process, run_main, tiny_config, write_image_folder, write_npz
 
 TRACEBACK = "Traceback (most recent call last)"

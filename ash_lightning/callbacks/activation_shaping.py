@@ -22,7 +22,7 @@ from ash_lightning.lightning_packages import CALLBACK_BASES
 from ash_lightning.shaping_specs import get_shaping
 
 
-class ActivationShapingCallback(*CALLBACK_BASES):
+class ActivationShapingCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback of every installed package
     """Attach ``spec`` (e.g. ``"ash_s@90"``) at ``placement`` when testing/predicting starts, remove it at the end.
 
     ``module`` names the network inside the LightningModule (e.g. ``"model"``). By default it is the first child

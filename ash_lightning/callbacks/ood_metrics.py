@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
@@ -46,10 +46,11 @@ from ash_lightning.score_specs import get_score
 
 NONFINITE_POLICIES = ("raise", "drop")
 STEP_SCORES = "scores from test_step"
-Trainer = LightningModule = Any  # of either Lightning package (see ash_lightning.lightning_packages)
+Trainer: TypeAlias = Any  # of either Lightning package (see ash_lightning.lightning_packages)
+LightningModule: TypeAlias = Any
 
 
-class OODMetricsCallback(*CALLBACK_BASES):
+class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback of every installed package
     """Accumulate scores per test dataloader and report FPR@TPR, AUROC, AUPR-In/Out per OOD set.
 
     Args:
@@ -110,7 +111,7 @@ class OODMetricsCallback(*CALLBACK_BASES):
         if nonfinite not in NONFINITE_POLICIES:
             raise UserError(f"nonfinite={nonfinite!r}; use one of {NONFINITE_POLICIES}.")
         self.id_dataloader_idx, self.ood_names, self.groups = id_dataloader_idx, ood_names, groups
-        self.score = get_score(score)
+        self.score: Any = get_score(score)  # a Score, or the user's callable with a .name
         check_range("ood_metrics.tpr", tpr, 0, 1, low_open=True, high_open=False, example=0.95)
         check_choice("ood_metrics.convention", convention, CONVENTIONS)
         self.tpr, self.convention, self.nonfinite = tpr, convention, nonfinite
@@ -170,9 +171,9 @@ class OODMetricsCallback(*CALLBACK_BASES):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for idx in range(len(self._loaders)):
             self._finish_unfinished(trainer, idx)
-        self.results = results_from_store(self._store, self._meta(trainer, pl_module))
+        self.results = results = results_from_store(self._store, self._meta(trainer, pl_module))
         if trainer.is_global_zero:
-            self._report(trainer)
+            self._report(trainer, results)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self._loaders:
@@ -222,6 +223,7 @@ class OODMetricsCallback(*CALLBACK_BASES):
                 "'logits' and/or 'scores'. Fix: `return self(x)` at the end of test_step."
             )
         if scores is None:
+            assert logits is not None  # one of the two is set (checked above)
             scores = self.score(logits)
         elif not self._module_runs:
             self._runs = [{**run, "score": STEP_SCORES} for run in self._runs]
@@ -339,8 +341,7 @@ class OODMetricsCallback(*CALLBACK_BASES):
             "config": config,
         }
 
-    def _report(self, trainer: Trainer) -> None:
-        results = self.results
+    def _report(self, trainer: Trainer, results: dict[str, Any]) -> None:
         directory = self._out()
         json_path, csv_path = write_results(results, directory)
         self._log(trainer, results)

@@ -8,7 +8,6 @@ expect 32x32 inputs in [0, 1] normalised with the ImageNet mean and std, which t
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d
