@@ -3,22 +3,13 @@
 The functional API mirrors the original ASH code: ``from ash_lightning import ash_b, get_score``.
 """
 
+import ash_lightning.calibration  # noqa: F401  (registers react@p<q>, dice, vra, lts)
 from ash_lightning.hooks import ShapingHandle, attach_shaping, resolve_hook_point
 from ash_lightning.metrics import OODMetrics, ood_metrics, summarize, unique_by_index
-from ash_lightning.scores import energy, gen, get_score, max_logit, msp, neg_entropy
-from ash_lightning.shaping import (
-    Shaper,
-    ash_b,
-    ash_p,
-    ash_rand,
-    ash_s,
-    get_shaping,
-    react,
-    react_and_ash,
-    register_shaping,
-    scale,
-)
-import ash_lightning.calibration  # noqa: F401  (registers react@p<q>, dice, vra, lts)
+from ash_lightning.score_specs import get_score, list_scores, register_score
+from ash_lightning.scores import energy, gen, max_logit, msp, neg_entropy
+from ash_lightning.shaping import ash_b, ash_p, ash_rand, ash_s, react, react_and_ash, scale
+from ash_lightning.shaping_specs import Shaper, get_shaping, list_shapings, register_shaping
 
 __version__ = "0.1.0"
 __all__ = [
@@ -34,12 +25,15 @@ __all__ = [
     "gen",
     "get_score",
     "get_shaping",
+    "list_scores",
+    "list_shapings",
     "max_logit",
     "msp",
     "neg_entropy",
     "ood_metrics",
     "react",
     "react_and_ash",
+    "register_score",
     "register_shaping",
     "resolve_hook_point",
     "scale",

@@ -28,9 +28,8 @@ from ``get_shaping`` unfitted: their ``params`` are the spec's numbers and using
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -38,19 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ash_lightning.errors import UserError
-from ash_lightning.hooks import LogitShaper, _classifier
-from ash_lightning.shaping import (
-    Shaper,
-    _accumulation_dtype,
-    _BuiltinFactory,
-    _check_percentile,
-    _format_number,
-    _parse_number,
-    _prune,
-    _saturate_,
-    react,
-    register_shaping,
-)
+from ash_lightning.hooks import LogitShaper, classifier_of
+from ash_lightning.registry import format_number, parse_number
+from ash_lightning.shaping import accumulation_dtype, check_percentile, prune_top_k, react, saturate_
+from ash_lightning.shaping_specs import FunctionFactory, Shaper, register_shaping
 
 __all__ = [
     "IDStats",
@@ -91,8 +81,8 @@ def lts_factor(features: Tensor, percentile: float) -> Tensor:
     """LTS factor per sample, ``(s1 / s2)²`` with s1 the sum of ``relu(features)`` and s2 the sum of its top-k
     values (k as in ASH, at least 1), as ``lts`` in andrijazz/lts ``lts.py``; 1 where s2 = 0 (no positive feature,
     where the authors' code divides 0 by 0). Computed in float32 or wider."""
-    flat, values, _ = _prune(F.relu(features), percentile, "lts")
-    acc = _accumulation_dtype(features.dtype)
+    flat, values, _ = prune_top_k(F.relu(features), percentile, "lts")
+    acc = accumulation_dtype(features.dtype)
     s1, s2 = flat.sum(1, dtype=acc), values.sum(1, dtype=acc)
     return torch.where(s2 != 0, s1 / s2, 1.0).square()
 
@@ -100,7 +90,7 @@ def lts_factor(features: Tensor, percentile: float) -> Tensor:
 def lts(features: Tensor, logits: Tensor, percentile: float) -> Tensor:
     """LTS logit scaling: ``logits * lts_factor(features, percentile)`` per sample, saturating in the logits' dtype."""
     factor = lts_factor(features, percentile)
-    return _saturate_(logits.to(factor.dtype) * factor[:, None], logits.dtype)
+    return saturate_(logits.to(factor.dtype) * factor[:, None], logits.dtype)
 
 
 @dataclass(frozen=True)
@@ -191,7 +181,7 @@ def _fit_vra(stats: IDStats, model: nn.Module, *, spec: str, low: float, high: f
 
 
 def _fit_dice(stats: IDStats, model: nn.Module, *, spec: str, sparsity: float) -> LogitShaper:
-    classifier = _classifier(model)
+    classifier = classifier_of(model)
     weight = getattr(classifier, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != stats.mean.numel():
         raise ValueError(
@@ -208,12 +198,12 @@ def _expect(usage: str, args: tuple[str, ...], names: tuple[str, ...]) -> tuple[
     """Parse ``args`` as the numbers ``names`` of ``usage``."""
     if len(args) != len(names):
         raise ValueError(f"{usage} takes {len(names)} argument(s), got {len(args)}")
-    return tuple(_parse_number(arg, name) for arg, name in zip(args, names))
+    return tuple(parse_number(arg, name) for arg, name in zip(args, names))
 
 
 def _check_id_percentile(q: float, name: str) -> None:
     if not 0 <= q <= 100:
-        raise ValueError(f"<{name}>={_format_number(q)} is outside [0, 100]; pass a percentile, e.g. 90")
+        raise ValueError(f"<{name}>={format_number(q)} is outside [0, 100]; pass a percentile, e.g. 90")
 
 
 def _calibrated(
@@ -227,30 +217,33 @@ def _calibrated(
     return cls(_Unfitted(spec, request, fit), spec, params, percentile)
 
 
-_FIXED_REACT = _BuiltinFactory("react", react, ("threshold",))
+_FIXED_REACT = FunctionFactory("react", react, ("threshold",))
 
 
+@register_shaping("react", "react@<threshold>|react@p<percentile>", replace=True)
 def _react_factory(*args: str) -> Shaper:
-    """``react@<threshold>`` (fixed) or ``react@p<percentile>`` (calibrated)."""
+    """ReAct: clip activations at a fixed threshold, or at a percentile of the ID activations (calibrated)."""
     if not (args and args[0].startswith("p")):
         return _FIXED_REACT(*args)
     (q,) = _expect("react@p<percentile>", (args[0][1:], *args[1:]), ("percentile",))
     _check_id_percentile(q, "percentile")
-    spec = f"react@p{_format_number(q)}"
+    spec = f"react@p{format_number(q)}"
     return _calibrated(
         Shaper, spec, (q,), StatsRequest(frozenset({q})), functools.partial(_fit_react, spec=spec, q=q), q
     )
 
 
+@register_shaping("vra", "vra@<low_percentile>@<high_percentile>")
 def _vra_factory(*args: str) -> Shaper:
+    """VRA: zero activations below the low ID percentile, clip them at the high one (calibrated)."""
     low, high = _expect("vra", args, ("low_percentile", "high_percentile"))
     _check_id_percentile(low, "low_percentile")
     _check_id_percentile(high, "high_percentile")
     if low > high:
         raise ValueError(
-            f"vra needs <low_percentile> <= <high_percentile>, got {_format_number(low)} > {_format_number(high)}"
+            f"vra needs <low_percentile> <= <high_percentile>, got {format_number(low)} > {format_number(high)}"
         )
-    spec = f"vra@{_format_number(low)}@{_format_number(high)}"
+    spec = f"vra@{format_number(low)}@{format_number(high)}"
     return _calibrated(
         Shaper,
         spec,
@@ -260,10 +253,12 @@ def _vra_factory(*args: str) -> Shaper:
     )
 
 
+@register_shaping("dice", "dice@<sparsity>")
 def _dice_factory(*args: str) -> Shaper:
+    """DICE: mask the classifier's weights with the smallest contributions on ID features (calibrated)."""
     (sparsity,) = _expect("dice", args, ("sparsity",))
-    _check_percentile(sparsity, "dice")
-    spec = f"dice@{_format_number(sparsity)}"
+    check_percentile(sparsity, "dice")
+    spec = f"dice@{format_number(sparsity)}"
     return _calibrated(
         LogitShaper,
         spec,
@@ -274,18 +269,14 @@ def _dice_factory(*args: str) -> Shaper:
     )
 
 
+@register_shaping("lts", "lts@<percentile>")
 def _lts_factory(*args: str) -> LogitShaper:
+    """LTS: scale the logits by (s1 / s2)² of the penultimate features, as ASH-S prunes them."""
     (percentile,) = _expect("lts", args, ("percentile",))
-    _check_percentile(percentile, "lts")
+    check_percentile(percentile, "lts")
     return LogitShaper(
         functools.partial(_lts_head, percentile=percentile),
-        f"lts@{_format_number(percentile)}",
+        f"lts@{format_number(percentile)}",
         (percentile,),
         percentile,
     )
-
-
-register_shaping("react", _react_factory, "react@<threshold>|react@p<percentile>", replace=True)
-register_shaping("vra", _vra_factory, "vra@<low_percentile>@<high_percentile>")
-register_shaping("dice", _dice_factory, "dice@<sparsity>")
-register_shaping("lts", _lts_factory, "lts@<percentile>")

@@ -34,10 +34,10 @@ import logging
 import operator
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,8 +59,8 @@ from ash_lightning.calibrated import (
 )
 from ash_lightning.errors import UserError
 from ash_lightning.files import expand_user_vars, write_atomically
-from ash_lightning.hooks import LogitShaper, _activation_tensor, _classifier, resolve_hook_point
-from ash_lightning.shaping import Shaper, get_shaping
+from ash_lightning.hooks import LogitShaper, activation_tensor, classifier_of, resolve_hook_point
+from ash_lightning.shaping_specs import Shaper, get_shaping
 
 __all__ = [
     "CACHE_ENV",
@@ -234,7 +234,7 @@ class _Tap:
         self.sink(args[0])
 
     def output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        self.sink(_activation_tensor(output, module, self.placement))
+        self.sink(activation_tensor(output, module, self.placement))
 
     def attach(self, module: nn.Module, side: str) -> RemovableHandle:
         """Hook ``module``'s ``side`` ("input" or "output") ahead of its other hooks."""
@@ -273,7 +273,7 @@ def collect_stats(
     if request.percentiles:
         hook_points.append((_Tap(values.add, placement), *resolve_hook_point(model, placement)))
     if request.mean:
-        hook_points.append((_Tap(unit_mean.add, "penultimate"), _classifier(model), "input"))
+        hook_points.append((_Tap(unit_mean.add, "penultimate"), classifier_of(model), "input"))
     hooks = [tap.attach(module, side) for tap, module, side in hook_points]
     was_training, seen = model.training, 0
     try:

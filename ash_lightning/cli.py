@@ -37,10 +37,10 @@ class _CLI:
     def run(args: list[str] | None) -> None:
         from pytorch_lightning.cli import LightningCLI
 
+        from ash_lightning.callbacks import OODMetricsCallback
         from ash_lightning.data import OODDataModule
         from ash_lightning.interrupt import StopAfterBatchOnCtrlC
         from ash_lightning.module import OODEvalModule
-        from ash_lightning.callbacks import OODMetricsCallback
         from ash_lightning.yaml_config import use_strict_yaml
 
         use_strict_yaml()
@@ -48,6 +48,7 @@ class _CLI:
         class OODCLI(LightningCLI):
             def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
                 parser.add_lightning_class_args(OODMetricsCallback, "ood_metrics")
+                parser.set_defaults({"ood_metrics.verbose": False})  # after_test prints the table
                 parser.link_arguments("model.backbone", "data.backbone")
 
             def before_instantiate_classes(self) -> None:
@@ -60,6 +61,9 @@ class _CLI:
 
             def after_test(self) -> None:
                 check_batches_evaluated(self.trainer.num_test_batches)
+                metrics = [cb for cb in self.trainer.callbacks if isinstance(cb, OODMetricsCallback)]
+                if self.trainer.is_global_zero and metrics and metrics[0].summary:
+                    print(metrics[0].summary)
 
         OODCLI(
             OODEvalModule,
@@ -143,6 +147,29 @@ def report(args: list[str]) -> None:
     print(format_table(results) + f"\n\nRecomputed from saved scores; written to {json_path}{missing}")
 
 
+LIST_USAGE = """usage: main.py list
+
+Print every spec form main.py and the callbacks accept, with a one-line description: shapings (model.shaping,
+ActivationShapingCallback), scores (model.score, ood_metrics.score) and detectors (model.shaping)."""
+
+
+def list_specs(args: list[str]) -> None:
+    """Print every shaping, score and detector spec form with its one-line description."""
+    from ash_lightning.detectors.spec import list_detectors
+    from ash_lightning.score_specs import list_scores
+    from ash_lightning.shaping_specs import list_shapings
+
+    if args:
+        raise UserError(f"main.py list takes no arguments, got {' '.join(args)}. Usage: main.py list")
+    sections = {"shapings": list_shapings(), "scores": list_scores(), "detectors": list_detectors()}
+    width = max(len(entry.form) for entries in sections.values() for entry in entries)
+    blocks = [
+        f"{title}:\n" + "\n".join(f"  {entry.form:<{width}}  {entry.description}" for entry in entries)
+        for title, entries in sections.items()
+    ]
+    print("\n\n".join(blocks))
+
+
 # Lightning's informational lines that a user of this tool cannot act on: the litlogger/litmodels tips, the
 # accelerator inventory and the seed line. They are logged (rank_zero_info) to these loggers.
 LIGHTNING_CHATTER = re.compile(r"💡 Tip:|(GPU|TPU|HPU|IPU|MPS) available|Seed set to")
@@ -189,6 +216,7 @@ commands:
   test      OOD metrics per data set of a config: main.py test --config configs/X.yaml
   predict   per-sample logits and OOD scores of a config's test data, without metrics
   report    recompute the metrics table from a run directory or scores.npz, without the model
+  list      every shaping, score and detector spec form, with a one-line description
 
 options:
   -h, --help  show this message and exit
@@ -208,14 +236,15 @@ TRAINING_COMMANDS = ("fit", "validate")
 
 
 def command_help(args: list[str]) -> int | None:
-    """Answer ``main.py``, ``main.py --help``, ``main.py report --help`` and the training commands ``fit`` and
+    """Answer ``main.py``, ``main.py --help``, ``main.py report|list --help`` and the training commands ``fit`` and
     ``validate`` (one error line, exit 2: this tool evaluates trained models); the exit status, or None for a
     command line that the commands themselves handle."""
     if not args or args[0] in ("-h", "--help"):
         print(COMMANDS_HELP, file=sys.stdout if args else sys.stderr)
         return 0 if args else 2
-    if args[0] == "report" and any(a in ("-h", "--help") for a in args[1:]):
-        print(REPORT_USAGE)
+    usages = {"report": REPORT_USAGE, "list": LIST_USAGE}
+    if args[0] in usages and any(a in ("-h", "--help") for a in args[1:]):
+        print(usages[args[0]])
         return 0
     if args[0] in TRAINING_COMMANDS:
         print(
@@ -314,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args[:1] == ["report"]:
             report(args[1:])
+        elif args[:1] == ["list"]:
+            list_specs(args[1:])
         else:
             keep_freed_memory_unless_disabled()
             _CLI.run(None if argv is None else args)

@@ -17,15 +17,24 @@ and returns new logits. Only placement ``"penultimate"`` is valid for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .shaping import Shaper, get_shaping
+from ash_lightning.shaping_specs import Shaper, get_shaping
 
-__all__ = ["LogitShaper", "ShapingHandle", "attach_shaping", "find_classifier", "resolve_hook_point"]
+__all__ = [
+    "LogitShaper",
+    "ShapingHandle",
+    "activation_tensor",
+    "attach_shaping",
+    "classifier_of",
+    "find_classifier",
+    "resolve_hook_point",
+]
 
 _POOL_NAMES = ("global_pool", "head.global_pool", "avgpool")
 
@@ -59,7 +68,8 @@ def find_classifier(model: nn.Module) -> nn.Module | None:
     return linears[-1] if linears else None
 
 
-def _classifier(model: nn.Module) -> nn.Module:
+def classifier_of(model: nn.Module) -> nn.Module:
+    """``find_classifier(model)``, or a ValueError saying why there is none and which module to name instead."""
     classifier = find_classifier(model)
     if classifier is not None:
         return classifier
@@ -92,7 +102,7 @@ def resolve_hook_point(model: nn.Module, placement: str) -> tuple[nn.Module, str
     """The module where ``placement`` shapes activations and which side: ``"input"`` for
     ``"penultimate"`` and ``"pre_pool"``, ``"output"`` for a dotted module name."""
     if placement == "penultimate":
-        return _classifier(model), "input"
+        return classifier_of(model), "input"
     if placement == "pre_pool":
         return _global_pool(model), "input"
     try:
@@ -130,7 +140,7 @@ class _ShapeInput:
         return (self.shaping(args[0]), *args[1:])
 
 
-def _activation_tensor(output: Any, module: nn.Module, placement: str) -> Tensor:
+def activation_tensor(output: Any, module: nn.Module, placement: str) -> Tensor:
     """``output`` of the module at ``placement``, which must be a tensor."""
     if not isinstance(output, Tensor):
         raise ValueError(
@@ -148,7 +158,7 @@ class _ShapeOutput:
     placement: str
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor:
-        return self.shaping(_activation_tensor(output, module, self.placement))
+        return self.shaping(activation_tensor(output, module, self.placement))
 
 
 @dataclass(frozen=True)
@@ -194,7 +204,22 @@ def attach_shaping(
 ) -> ShapingHandle:
     """Shape ``model``'s activations at ``placement`` with ``shaping`` (a spec string such as
     ``"ash_s@90"`` or a callable) on every forward pass, until the returned handle is removed. A
-    ``LogitShaper`` replaces the classifier's output instead and needs ``placement="penultimate"``."""
+    ``LogitShaper`` replaces the classifier's output instead and needs ``placement="penultimate"``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from ash_lightning import attach_shaping
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> x = torch.randn(2, 4)
+        >>> with attach_shaping(model, "react@0.1") as handle:  # clips the input of the last nn.Linear
+        ...     shaped = model(x)
+        >>> handle
+        ShapingHandle('react@0.1', placement='penultimate')
+        >>> clipped = model[2](model[1](model[0](x)).clamp(max=0.1))
+        >>> torch.allclose(shaped, clipped), torch.allclose(model(x), clipped)  # removed on exit
+        (True, False)
+    """
     shaper = get_shaping(shaping)
     if isinstance(shaper, LogitShaper):
         if placement != "penultimate":
@@ -202,7 +227,7 @@ def attach_shaping(
                 f"{shaper.spec} shapes the logits from the penultimate features and the classifier, so it only "
                 f"works at placement 'penultimate', not {placement!r}. Fix: set placement: penultimate."
             )
-        module = _classifier(model)
+        module = classifier_of(model)
         hook = module.register_forward_hook(_ShapeLogits(shaper))
     else:
         module, side = resolve_hook_point(model, placement)

@@ -18,7 +18,7 @@ The two packages ship the same code under two names, and each Trainer and Lightn
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 PACKAGES = ("pytorch_lightning", "lightning.pytorch")
@@ -38,6 +38,12 @@ def installed_packages() -> tuple[Any, ...]:
 
 
 CALLBACK_BASES: tuple[type, ...] = tuple(package.Callback for package in installed_packages())
+
+_RANK_ZERO = importlib.import_module(f"{installed_packages()[0].__name__}.utilities.rank_zero")
+#: Lightning's ``rank_zero_info`` (to Lightning's logger, on global rank 0 only) and ``rank_zero_warn`` (a Python
+#: warning, on global rank 0 only), of the first installed package (both packages share one implementation).
+rank_zero_info: Callable[..., None] = _RANK_ZERO.rank_zero_info
+rank_zero_warn: Callable[..., None] = _RANK_ZERO.rank_zero_warn
 
 
 def tensorboard_writer(loggers: Iterable[Any]) -> Any | None:

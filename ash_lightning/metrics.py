@@ -7,7 +7,8 @@ exact for scores of any range (energies around 5..40, logits around -1000, heavy
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 __all__ = ["CONVENTIONS", "OODMetrics", "fpr_key", "ood_metrics", "summarize", "unique_by_index"]
 
-ScoresLike = Union[Tensor, np.ndarray, Sequence[float]]
+ScoresLike = Tensor | np.ndarray | Sequence[float]
 
 #: ``"paper"``: ID is the positive class (ASH, ReAct, Energy papers).
 #: ``"openood"``: OOD is the positive class (OpenOOD v1.5).
@@ -80,6 +81,11 @@ def ood_metrics(
       sum of (R_i - R_{i-1}) (P_i + P_{i-1}) / 2 (``auc(recall, precision)``), same positives as above.
 
     Both: ``auroc`` = P(s_id > s_ood) + 0.5 P(s_id = s_ood) (the ROC trapezoid).
+
+    Example:
+        >>> from ash_lightning import ood_metrics
+        >>> ood_metrics([4.0, 3.0, 2.0, 1.0], [2.5, 0.5], tpr=0.75)  # t = 2 keeps 2.5; 6 of 8 pairs ordered
+        {'fpr75': 0.5, 'auroc': 0.75, 'aupr_in': 0.8875, 'aupr_out': 0.75}
     """
     _check_options(tpr, convention)
     id64 = _as_float64(id_scores, "ID")
@@ -160,60 +166,119 @@ def unique_by_index(index: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 class OODMetrics(Metric):
-    """Accumulates scores with their ID/OOD flag (and optional sample index) and computes :func:`ood_metrics`.
+    """Accumulates per-sample scores with their ID/OOD flag (and optional sample index, labels, predictions and
+    finite flag) and computes :func:`ood_metrics`; :meth:`samples` returns the per-sample rows themselves.
 
     States are lists gathered with ``dist_reduce_fx="cat"``, so DDP needs nothing extra. When ``index``
     is passed to :meth:`update`, each (is_id, index) pair is counted once, which undoes the repeated
-    samples that ``DistributedSampler`` pads shards with.
+    samples that ``DistributedSampler`` pads shards with. ``scores`` may hold one column per setting (B, R);
+    :meth:`compute` needs a single column.
+
+    Example:
+        >>> import torch
+        >>> from ash_lightning import OODMetrics
+        >>> metric = OODMetrics(tpr=0.95)
+        >>> metric.update(torch.tensor([3.0, 2.5, 2.0]), True, index=torch.tensor([0, 1, 2]))
+        >>> metric.update(torch.tensor([1.0, 1.5, 1.0]), False, index=torch.tensor([0, 1, 0]))  # a padded repeat
+        >>> metric.compute()
+        {'fpr95': 0.0, 'auroc': 1.0, 'aupr_in': 1.0, 'aupr_out': 1.0}
+        >>> metric.samples()["index"].tolist()  # ID samples, then OOD ones, each once, in index order
+        [0, 1, 2, 0, 1]
     """
 
     is_differentiable = False
     higher_is_better = None  # mixed: FPR is lower-is-better, AUROC/AUPR are higher-is-better
     full_state_update = False
+    OPTIONAL_COLUMNS = ("index", "targets", "preds")
+    scores: list[Tensor]
+    is_id: list[Tensor]
+    finite: list[Tensor]
 
     def __init__(self, tpr: float = 0.95, convention: str = "paper", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         _check_options(tpr, convention)
         self.tpr = tpr
         self.convention = convention
-        self.add_state("scores", default=[], dist_reduce_fx="cat")
-        self.add_state("is_id", default=[], dist_reduce_fx="cat")
-        self.add_state("index", default=[], dist_reduce_fx="cat")
+        for name in ("scores", "is_id", "finite", *self.OPTIONAL_COLUMNS):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, scores: Tensor, is_id: Tensor | bool, index: Tensor | None = None) -> None:
-        """Add a batch of 1-D ``scores``; ``is_id`` is a bool per sample or one bool for the batch."""
-        if scores.ndim != 1:
-            raise ValueError(f"scores must be 1-D (batch,), got shape {tuple(scores.shape)}.")
+    def update(
+        self,
+        scores: Tensor,
+        is_id: Tensor | bool,
+        index: Tensor | None = None,
+        *,
+        targets: Tensor | None = None,
+        preds: Tensor | None = None,
+        finite: Tensor | None = None,
+    ) -> None:
+        """Add a batch of ``scores`` (B,) or (B, R); ``is_id`` is a bool per sample or one bool for the batch.
+        ``index`` (integer sample ids), ``targets`` and ``preds`` are kept per sample when given (for every batch
+        or for none); ``finite`` (B,) defaults to "every score of the sample is finite"."""
+        if scores.ndim not in (1, 2):
+            raise ValueError(f"scores must be 1-D (batch,) or 2-D (batch, columns), got shape {tuple(scores.shape)}.")
+        rows = scores.shape[:1]
         if isinstance(is_id, bool):
-            is_id = torch.full(scores.shape, is_id, dtype=torch.bool, device=scores.device)
-        if is_id.shape != scores.shape:
+            is_id = torch.full(rows, is_id, dtype=torch.bool, device=scores.device)
+        if is_id.shape != rows:
             raise ValueError(f"is_id has shape {tuple(is_id.shape)} but scores have {tuple(scores.shape)}.")
-        if len(self.scores) and (index is not None) != (len(self.index) > 0):
-            raise ValueError("Pass `index` to OODMetrics.update for every batch or for none, not for some only.")
-        if index is not None:
-            if index.shape != scores.shape or index.is_floating_point():
-                raise ValueError(
-                    f"index must be an integer tensor shaped like scores {tuple(scores.shape)}, "
-                    f"got dtype {index.dtype} and shape {tuple(index.shape)}."
-                )
-            self.index.append(index.detach().long())
+        if index is not None and (index.shape != rows or index.is_floating_point()):
+            raise ValueError(
+                f"index must be an integer tensor shaped like scores {tuple(rows)}, "
+                f"got dtype {index.dtype} and shape {tuple(index.shape)}."
+            )
+        optional = {"index": index, "targets": targets, "preds": preds}
+        for name, column in optional.items():
+            if len(self.scores) and (column is not None) != (len(getattr(self, name)) > 0):
+                raise ValueError(f"Pass `{name}` to OODMetrics.update for every batch or for none, not for some only.")
+            if column is not None and column.shape[:1] != rows:
+                raise ValueError(f"{name} has {len(column)} rows but scores have {rows[0]}.")
+        if finite is None:
+            finite = torch.isfinite(scores.reshape(rows[0], -1)).all(dim=1)
+        for name, column in optional.items():
+            if column is not None:
+                getattr(self, name).append(column.detach().long())
         self.scores.append(scores.detach().double())
         self.is_id.append(is_id.detach().bool())
+        self.finite.append(finite.detach().bool())
+
+    def _rows(self) -> dict[str, Tensor]:
+        """The accumulated states (local, or synced inside ``sync_context``) concatenated; with an index, each
+        (is_id, index) once, ID rows first, each part in index order. Empty when there is no row."""
+        rows = {name: dim_zero_cat(state) for name in self._defaults if len(state := getattr(self, name))}
+        if not len(rows.get("scores", ())):
+            return {}
+        rows.update({name: rows[name].long() for name in self.OPTIONAL_COLUMNS if name in rows})
+        if "index" not in rows:
+            return rows
+        others = [name for name in rows if name != "index"]
+        parts = [
+            unique_by_index(rows["index"][mask], *(rows[n][mask] for n in others))
+            for mask in (rows["is_id"], ~rows["is_id"])
+        ]
+        return {name: torch.cat([part[i] for part in parts]) for i, name in enumerate(["index", *others])}
+
+    def samples(self) -> dict[str, Tensor]:
+        """The per-sample rows of every process (gathered under DDP), each (is_id, index) once: ``scores``,
+        ``is_id``, ``finite`` and those of ``index``/``targets``/``preds`` that were given; empty when nothing
+        was accumulated."""
+        with self.sync_context():
+            return self._rows()
 
     def compute(self) -> dict[str, float]:
         """:func:`ood_metrics` over everything accumulated (de-duplicated by index when given)."""
         if len(self.scores) == 0:
             raise ValueError("OODMetrics has no scores; call update() with ID and OOD batches before compute().")
-        scores = dim_zero_cat(self.scores)
-        is_id = dim_zero_cat(self.is_id)
-        index = dim_zero_cat(self.index) if len(self.index) else None
-        per_set = []
-        for mask in (is_id, ~is_id):
-            set_scores = scores[mask]
-            if index is not None:
-                _, set_scores = unique_by_index(index[mask], set_scores)
-            per_set.append(set_scores)
-        return ood_metrics(per_set[0], per_set[1], tpr=self.tpr, convention=self.convention)
+        rows = self._rows()
+        scores, is_id = rows["scores"], rows["is_id"]
+        if scores.ndim == 2:
+            if scores.shape[1] != 1:
+                raise ValueError(
+                    f"compute() needs one score column, got {scores.shape[1]}; take the per-sample scores from "
+                    "samples() and call ood_metrics on each column."
+                )
+            scores = scores[:, 0]
+        return ood_metrics(scores[is_id], scores[~is_id], tpr=self.tpr, convention=self.convention)
 
 
 def _mean_metrics(per_set: dict[str, dict[str, float]], names: Sequence[str]) -> dict[str, float]:

@@ -4,19 +4,18 @@ Higher scores mean "more in-distribution". Half-precision (and integer) logits a
 upcast to float32 before any arithmetic, so the result is float32 (float64 for
 float64 input) and cannot overflow where the half-precision version would.
 
-``get_score`` resolves a score by name, with parameters in the same ``"@"`` syntax
-as the shaping specs: ``"energy"``, ``"energy@2.0"``, ``"gen@0.1@100"``.
+Spec strings naming these functions (``"energy@2.0"``) are resolved by ``ash_lightning.score_specs.get_score``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Score", "energy", "gen", "get_score", "max_logit", "msp", "neg_entropy"]
+__all__ = ["energy", "gen", "max_logit", "msp", "neg_entropy"]
 
 
 def _upcast(logits: Tensor) -> Tensor:
@@ -73,62 +72,13 @@ def neg_entropy(logits: Tensor) -> Tensor:
     return (log_probs.exp() * log_probs).sum(dim=1)
 
 
-# name -> (function, ((parameter name, type), ...)) in positional order after the logits.
-_REGISTRY: dict[str, tuple[Callable[..., Tensor], tuple[tuple[str, type], ...]]] = {
-    "energy": (energy, (("temperature", float),)),
-    "msp": (msp, ()),
-    "max_logit": (max_logit, ()),
-    "gen": (gen, (("gamma", float), ("m", int))),
-    "neg_entropy": (neg_entropy, ()),
-}
-_VALID_FORMS = "'energy', 'energy@T', 'msp', 'max_logit', 'gen', 'gen@gamma', 'gen@gamma@m', 'neg_entropy'"
+# Moved to ash_lightning.score_specs; still importable from here for the modules that import them from here.
+_MOVED = ("Score", "get_score", "list_scores", "register_score")
 
 
-class Score:
-    """A named, picklable score callable: ``Score(fn, args, name)(logits) == fn(logits, *args)``."""
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from ash_lightning import score_specs
 
-    def __init__(self, fn: Callable[..., Tensor], args: tuple = (), name: str | None = None) -> None:
-        self.fn = fn
-        self.args = tuple(args)
-        self.name = name if name is not None else getattr(fn, "__name__", type(fn).__name__)
-
-    def __call__(self, logits: Tensor) -> Tensor:
-        return self.fn(logits, *self.args)
-
-    def __repr__(self) -> str:
-        return f"Score({self.name!r})"
-
-
-def _parse_arg(spec: str, param: str, kind: type, text: str) -> float | int:
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(
-            f"Bad score spec {spec!r}: {param} must be {kind.__name__}, got {text!r}. Valid forms: {_VALID_FORMS}."
-        ) from None
-
-
-def get_score(name: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
-    """Resolve a score spec (``"energy"``, ``"energy@2.0"``, ``"gen@0.1@100"``, ...) to a :class:`Score`.
-
-    A callable is returned as is when it has a ``.name``, else wrapped so that ``.name`` is its
-    ``__name__``. The name of a resolved spec is normalised, e.g. ``"energy@2"`` -> ``"energy@2.0"``.
-    """
-    if callable(name):
-        return name if hasattr(name, "name") else Score(name)
-    if not isinstance(name, str):
-        raise ValueError(f"Score must be a name or a callable, got {type(name).__name__}. Valid forms: {_VALID_FORMS}.")
-    base, *texts = name.strip().split("@")
-    if base not in _REGISTRY:
-        raise ValueError(f"Unknown score {name!r}. Valid forms: {_VALID_FORMS}.")
-    fn, params = _REGISTRY[base]
-    if len(texts) > len(params):
-        raise ValueError(
-            f"Bad score spec {name!r}: {base!r} takes at most {len(params)} parameter(s). Valid forms: {_VALID_FORMS}."
-        )
-    args = tuple(_parse_arg(name, param, kind, text) for (param, kind), text in zip(params, texts))
-    try:
-        fn(torch.zeros(1, 1), *args)  # validates the parameter values with the function's own checks
-    except ValueError as err:
-        raise ValueError(f"Bad score spec {name!r}: {err} Valid forms: {_VALID_FORMS}.") from None
-    return Score(fn, args, "@".join([base, *map(repr, args)]))
+        return getattr(score_specs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

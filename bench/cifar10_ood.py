@@ -33,6 +33,11 @@ import numpy as np
 import torch
 import yaml
 
+from ash_lightning.backbone import create_backbone
+from ash_lightning.data import OODDataModule
+from ash_lightning.hooks import resolve_hook_point
+from ash_lightning.metrics import fpr_key
+
 from _common import (
     GROUPS,
     ID_FILE,
@@ -48,10 +53,6 @@ from _common import (
     pct,
     publish,
 )
-from ash_lightning.backbone import create_backbone
-from ash_lightning.data import OODDataModule
-from ash_lightning.hooks import resolve_hook_point
-from ash_lightning.metrics import fpr_key
 
 DEFAULT_SHAPINGS = [
     "none",

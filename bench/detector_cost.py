@@ -22,7 +22,8 @@ import timm
 import torch
 
 import ash_lightning.models  # noqa: F401  (registers cifar_resnet20 in timm)
-from ash_lightning.detectors import FeaturesAndLogits, FeatureDetector, FittedDetector, parse_detector
+from ash_lightning.detectors import FeatureDetector, FeaturesAndLogits, FittedDetector, parse_detector
+
 from _common import machine_line, markdown_table
 
 FEATURE_SPECS = ("mds", "rmds", "knn@50", "knn@50@0.1", "vim@32", "fdbd", "nnguide@10", "nnguide@100", "gradnorm")

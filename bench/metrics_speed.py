@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve

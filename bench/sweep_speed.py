@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 
+from ash_lightning.callbacks import OODMetricsCallback
 from ash_lightning.data import OODDataModule
 from ash_lightning.module import OODEvalModule
-from ash_lightning.callbacks import OODMetricsCallback
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = [f"{variant}@{p}" for variant in ("ash_p", "ash_b", "ash_s", "scale") for p in (65, 75, 85, 90)]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,24 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("real data absent: set DATASETS or place the benchmark in ../shared/data")
     return path
+
+
+@pytest.fixture
+def lightning_log() -> Iterator[list[str]]:
+    """The messages Lightning's ``rank_zero_info`` logs while the test runs (its handler writes to the stderr of
+    the process as it was when Lightning was imported, which capsys cannot see)."""
+    from lightning_utilities.core import rank_zero
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler, logger = Collect(), rank_zero.log
+    logger.addHandler(handler)
+    yield messages
+    logger.removeHandler(handler)
 
 
 def write_npz(path: Path, n: int, seed: int, brightness: float = 1.0, size: int = 32) -> Path:

@@ -31,11 +31,11 @@ from ash_lightning.calibration import (
     needs_calibration,
     vra,
 )
+from ash_lightning.callbacks import ActivationShapingCallback
 from ash_lightning.errors import UserError
 from ash_lightning.hooks import attach_shaping
 from ash_lightning.shaping import get_shaping
 from ash_lightning.sweep import shaped_logits
-from ash_lightning.callbacks import ActivationShapingCallback
 
 KEY = {"backbone": "net", "checkpoint": None, "fit": "fit.npz"}
 # DICE by hand: mean_ID(h) = [2, 2, 2, 2, 3], contributions W * mean = [[2, -2, 4, 0, 3], [1, 6, -4, 2, -3]]

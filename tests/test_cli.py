@@ -3,7 +3,6 @@ Lightning's lines back, the command list, report's usage, and one error line for
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -39,22 +38,13 @@ def test_test_run_is_quiet_and_ends_with_the_results_table(
     assert lines[0].startswith("### ash_s@90 + energy")  # nothing before the table
 
 
-def test_verbose_keeps_lightnings_lines_and_quiet_drops_only_those(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verbose_keeps_lightnings_lines_and_quiet_drops_only_those(
+    monkeypatch: pytest.MonkeyPatch, lightning_log: list[str]
+) -> None:
     from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
     from ash_lightning.cli import VERBOSE_ENV, quiet_unless_verbose
 
-    records: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record.getMessage())
-
-    handler = Collect()
-    # With both packages installed, pytorch_lightning's rank_zero_info may log under lightning.pytorch's name.
-    loggers = [logging.getLogger(f"{p}.utilities.rank_zero") for p in ("pytorch_lightning", "lightning.pytorch")]
-    for logger in loggers:
-        logger.addHandler(handler)
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
     monkeypatch.setattr(sys, "argv", ["main.py", "test", "--verbose"])
     try:
@@ -62,13 +52,11 @@ def test_verbose_keeps_lightnings_lines_and_quiet_drops_only_those(monkeypatch: 
         rank_zero_info("GPU available: False, used: False")
         rank_zero_info("💡 Tip: try installing litlogger")
         rank_zero_info("Restoring states from the checkpoint path")
-        assert records == ["Restoring states from the checkpoint path"]
+        assert lightning_log == ["Restoring states from the checkpoint path"]
         assert quiet_unless_verbose(["test", "--verbose"]) == ["test"] and sys.argv == ["main.py", "test"]
         rank_zero_info("GPU available: False, used: False")
-        assert records[-1] == "GPU available: False, used: False"
+        assert lightning_log[-1] == "GPU available: False, used: False"
     finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
         monkeypatch.delenv(VERBOSE_ENV, raising=False)
         quiet_unless_verbose([])
 
@@ -77,7 +65,7 @@ def test_help_lists_the_commands_one_line_each() -> None:
     proc = _main("--help")
     assert proc.returncode == 0
     commands = [line.split()[0] for line in proc.stdout.split("commands:\n")[1].split("\n\n")[0].splitlines()]
-    assert commands == ["test", "predict", "report"]
+    assert commands == ["test", "predict", "report", "list"]
 
 
 def test_report_help_prints_its_usage(capsys: pytest.CaptureFixture[str]) -> None:

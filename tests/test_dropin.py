@@ -96,7 +96,7 @@ def test_a_user_project_with_its_own_callbacks_module(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = project / "out"
     assert "the user's own callback ran" in proc.stdout
-    assert f"no logger, so the results go to trainer.default_root_dir: {out}" in proc.stdout
+    assert f"no logger, so the results go to trainer.default_root_dir: {out}" in proc.stderr  # Lightning's log
     assert {"ood_results.json", "ood_results.csv", "scores.npz", "curves.png"} <= {p.name for p in out.iterdir()}
     results = json.loads((out / "ood_results.json").read_text())
     (run,) = results["runs"]
@@ -299,7 +299,7 @@ def _dict_loaders() -> list[DataLoader]:
     ]
 
 
-def test_scores_from_test_step_and_unreadable_labels(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_scores_from_test_step_and_unreadable_labels(tmp_path: Path, lightning_log: list[str]) -> None:
     metrics = OODMetricsCallback(ood_names=["far"])
     trainer = lp.Trainer(
         accelerator="cpu",
@@ -316,8 +316,9 @@ def test_scores_from_test_step_and_unreadable_labels(tmp_path: Path, capsys: pyt
     assert sum("cannot read labels" in str(w.message) for w in caught) == 1  # once, not per batch
     (run,) = metrics.results["runs"]
     assert (run["shaping"], run["score"]) == ("none", "scores from test_step") and run["id_accuracy"] is None
-    printed = capsys.readouterr().out
-    assert "### none + scores from test_step" in printed and str(tmp_path) in printed
+    logged = "\n".join(lightning_log)
+    assert "### none + scores from test_step" in logged and str(tmp_path) in logged and logged.endswith("scores.npz")
+    assert metrics.summary is not None and metrics.summary in logged
     assert {"ood_results.json", "scores.npz", "curves.png"} <= {p.name for p in tmp_path.iterdir()}
 
 
@@ -335,3 +336,18 @@ def test_figures_are_files_whatever_the_logger(tmp_path: Path) -> None:
     run_dir = tmp_path / "csv" / "v"
     assert {"sweep.png", "curves.png", "ood_results.json", "metrics.csv"} <= {p.name for p in run_dir.iterdir()}
     assert "ash_s@80|energy/ood/mean/auroc" in (run_dir / "metrics.csv").read_text().splitlines()[0]
+
+
+def test_state_dict_round_trip_keeps_the_results(tmp_path: Path) -> None:
+    metrics = OODMetricsCallback(ood_names=["far"], output_dir=str(tmp_path), log_figures=False, verbose=False)
+    assert metrics.state_dict() == {"results": None}
+    trainer = lp.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[metrics]
+    )
+    with pytest.warns(UserWarning, match="cannot read labels"):
+        trainer.test(ScoresOnly(), dataloaders=_dict_loaders(), verbose=False)
+    torch.save(metrics.state_dict(), tmp_path / "state.pt")
+    restored = OODMetricsCallback()
+    restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    assert restored.results == metrics.results and restored.results["runs"][0]["ood"]["far"]["auroc"] >= 0
+    assert json.loads((tmp_path / "ood_results.json").read_text())["counts"] == restored.results["counts"]

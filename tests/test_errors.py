@@ -19,6 +19,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from ash_lightning.callbacks import OODMetricsCallback
 from ash_lightning.cli import main, user_error
 from ash_lightning.data.sources import CorruptImageError
 from ash_lightning.errors import UserError
@@ -27,7 +28,6 @@ from ash_lightning.module import OODEvalModule
 from ash_lightning.results import load_scores
 from ash_lightning.scores import get_score
 from ash_lightning.shaping import get_shaping
-from ash_lightning.callbacks import OODMetricsCallback
 from tests.conftest import REPO, main_in_process, run_main, tiny_config, write_image_folder, write_npz
 
 TRACEBACK = "Traceback (most recent call last)"
@@ -299,7 +299,7 @@ def test_corrupt_image_on_a_later_set_stops_the_run_and_keeps_earlier_scores(
     (message,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert f"cannot decode image {str(bad)!r}" in message and "skip_corrupt: true" in message
     run_dir = _run_dir(tmp_path)
-    assert f"python main.py report {run_dir}" in proc.stdout
+    assert f"python main.py report {run_dir}" in proc.stderr  # logged by Lightning's rank_zero_info
     store, _ = load_scores(str(run_dir))
     assert set(store) == {"id", "dark"}
     assert len(store["id"]["index"]) == 101 and len(store["dark"]["index"]) == 67
@@ -395,7 +395,7 @@ def _plain_run(tmp_path: Path, module: pl.LightningModule, nonfinite: str = "rai
     return callback
 
 
-def test_interrupt_on_a_later_set_keeps_the_earlier_scores(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_interrupt_on_a_later_set_keeps_the_earlier_scores(tmp_path: Path, lightning_log: list[str]) -> None:
     sigint = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as exited:  # Lightning turns Ctrl+C into exit status 1
@@ -405,7 +405,7 @@ def test_interrupt_on_a_later_set_keeps_the_earlier_scores(tmp_path: Path, capsy
     assert exited.value.code == 1
     store, _ = load_scores(str(tmp_path))
     assert set(store) == {"id"} and np.array_equal(store["id"]["index"], np.arange(40))
-    out = capsys.readouterr().out  # only the ID set is saved: no report can work, and none is suggested
+    out = "\n".join(lightning_log)  # only the ID set is saved: no report can work, and none is suggested
     assert "before its first OOD set was finished" in out and "main.py report" not in out
 
 

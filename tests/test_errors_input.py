@@ -472,7 +472,7 @@ def test_signal_stops_the_run_non_zero_with_finished_sets_reportable(
     proc, scores = _start_and_signal(config, tmp_path, signum, whole_group)
     assert proc.returncode == status, proc.stderr[-3000:]
     assert TRACEBACK not in proc.stderr and f"stopped by {signum.name}" in proc.stderr
-    assert f"python main.py report {_run_dir(tmp_path)}" in proc.stdout
+    assert f"python main.py report {_run_dir(tmp_path)}" in proc.stderr  # logged by Lightning's rank_zero_info
     store, _ = load_scores(str(scores))
     assert {"id", "a"} <= set(store) and "b" not in store
     assert main(["report", str(_run_dir(tmp_path))]) == 0

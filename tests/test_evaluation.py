@@ -15,9 +15,9 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ash_lightning.backbone import create_backbone
+from ash_lightning.callbacks import ActivationShapingCallback, OODMetricsCallback
 from ash_lightning.data import OODDataModule
 from ash_lightning.results import load_scores
-from ash_lightning.callbacks import ActivationShapingCallback, OODMetricsCallback
 from tests.conftest import REPO, run_main, tiny_config
 
 METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")

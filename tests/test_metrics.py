@@ -293,7 +293,7 @@ def test_oodmetrics_errors() -> None:
     with pytest.raises(ValueError, match="is_id has shape"):
         metric.update(torch.tensor([0.0, 1.0]), torch.tensor([True]))
     with pytest.raises(ValueError, match="1-D"):
-        metric.update(torch.zeros(2, 2), True)
+        metric.update(torch.zeros(2, 2, 2), True)
     with pytest.raises(ValueError, match="convention"):
         OODMetrics(convention="nope")
     assert OODMetrics.full_state_update is False
@@ -327,3 +327,42 @@ def test_summarize_mean_and_groups() -> None:
         summarize({})
     with pytest.raises(ValueError, match="metric keys"):
         summarize({"a": {"fpr95": 0.1}, "b": {"fpr90": 0.1}})
+
+
+def test_oodmetrics_samples_are_the_rows_of_every_rank_each_once() -> None:
+    """Per-sample columns (scores (B, R), targets, preds, finite) survive accumulation and DistributedSampler
+    padding, each (is_id, index) once in index order, as the callback saves them to scores.npz."""
+    generator = torch.Generator().manual_seed(1)
+    n, world = 10, 3  # 10 samples on 3 ranks: 12 slots, two padded repeats
+    scores = torch.randn(n, 2, generator=generator)
+    scores[4, 1] = float("nan")
+    targets, preds = torch.arange(n) % 3, (torch.arange(n) + 1) % 3
+    ranks = [OODMetrics() for _ in range(world)]
+    for rank, metric in enumerate(ranks):
+        index = torch.tensor(_sharded(n, world, rank))
+        metric.update(scores[index], True, index=index, targets=targets[index], preds=preds[index])
+    merged = ranks[0]
+    for other in ranks[1:]:
+        merged.merge_state(other)
+    assert sum(len(t) for t in merged.index) == 12
+    rows = merged.samples()
+    assert set(rows) == {"scores", "is_id", "finite", "index", "targets", "preds"}
+    assert torch.equal(rows["index"], torch.arange(n))
+    torch.testing.assert_close(rows["scores"], scores.double(), equal_nan=True)
+    assert torch.equal(rows["targets"], targets) and torch.equal(rows["preds"], preds) and bool(rows["is_id"].all())
+    assert rows["finite"].tolist() == [i != 4 for i in range(n)]
+    with pytest.raises(ValueError, match="one score column"):
+        merged.compute()
+
+
+def test_oodmetrics_samples_empty_and_optional_columns_all_or_none() -> None:
+    metric = OODMetrics()
+    assert metric.samples() == {}
+    metric.update(torch.tensor([[1.0], [2.0]]), False, finite=torch.tensor([True, False]))
+    assert metric.samples()["finite"].tolist() == [True, False]
+    with pytest.raises(ValueError, match="`targets` to OODMetrics.update for every batch or for none"):
+        metric.update(torch.tensor([[0.0]]), False, targets=torch.tensor([1]))
+    with pytest.raises(ValueError, match="preds has 1 rows but scores have 2"):
+        OODMetrics().update(torch.zeros(2), True, preds=torch.zeros(1))
+    metric.update(torch.tensor([[3.0]]), True)
+    assert metric.compute() == ood_metrics([3.0], [1.0, 2.0])  # a single column is fine

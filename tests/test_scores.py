@@ -8,7 +8,8 @@ import pickle
 import pytest
 import torch
 
-from ash_lightning.scores import Score, energy, gen, get_score, max_logit, msp, neg_entropy
+from ash_lightning.score_specs import Score, get_score
+from ash_lightning.scores import energy, gen, max_logit, msp, neg_entropy
 
 # Row 0: uniform over 4 classes. Row 1: softmax = (0.1, 0.2, 0.3, 0.4).
 LOGITS = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(1), math.log(2), math.log(3), math.log(4)]])
@@ -128,4 +129,4 @@ def test_get_score_callables() -> None:
 def test_get_score_errors(spec, match: str) -> None:
     with pytest.raises(ValueError, match=match) as info:
         get_score(spec)
-    assert "Valid forms: 'energy', 'energy@T'" in str(info.value)
+    assert "Valid forms: energy[@<temperature>=1], msp, max_logit, gen[@<gamma>=0.1][@<m>=100]" in str(info.value)

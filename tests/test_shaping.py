@@ -11,19 +11,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from ash_lightning import shaping
-from ash_lightning.shaping import (
-    Shaper,
-    ash_b,
-    ash_p,
-    ash_rand,
-    ash_s,
-    get_shaping,
-    react,
-    react_and_ash,
-    register_shaping,
-    scale,
-)
+from ash_lightning import shaping, shaping_specs
+from ash_lightning.registry import Registry
+from ash_lightning.shaping import ash_b, ash_p, ash_rand, ash_s, react, react_and_ash, scale
+from ash_lightning.shaping_specs import Shaper, get_shaping, register_shaping
 
 LAYOUTS = [(6, 40), (3, 8, 5, 5), (4, 9, 12)]
 ASH = {"ash_p": ash_p, "ash_b": ash_b, "ash_s": ash_s}
@@ -292,10 +283,18 @@ class _Clip:
         return Shaper(lambda x: x.clamp(max=float(arg)), f"clip@{arg}", (float(arg),))
 
 
+def _halve():
+    """Halve every activation (a factory returning a plain callable). Its first sentence describes it."""
+    return lambda x: x / 2
+
+
 def test_register_shaping(monkeypatch):
-    monkeypatch.setattr(shaping, "_REGISTRY", dict(shaping._REGISTRY))
-    register_shaping("clip", _Clip(), "clip@<threshold>|clip@p<percentile>")
-    register_shaping("halve", lambda: lambda x: x / 2, "halve")
+    registry = Registry("shaping")
+    for entry in shaping_specs.SHAPINGS.entries():
+        registry.register(entry.name, entry.form, description=entry.description)(entry.target)
+    monkeypatch.setattr(shaping_specs, "SHAPINGS", registry)
+    register_shaping("clip", "clip@<threshold>|clip@p<percentile>")(_Clip())
+    register_shaping("halve", "halve")(_halve)
     assert get_shaping("clip@2").params == (2.0,)
     assert torch.equal(get_shaping("clip@2")(torch.tensor([[1.0, 3.0]])), torch.tensor([[1.0, 2.0]]))
     wrapped = get_shaping("halve")
@@ -303,8 +302,12 @@ def test_register_shaping(monkeypatch):
     with pytest.raises(ValueError, match=r"needs calibration first\. Valid forms: .*clip@p<percentile>"):
         get_shaping("clip@p90")
     with pytest.raises(ValueError, match="already registered.*replace=True"):
-        register_shaping("ash_s", _Clip(), "ash_s@<x>")
-    register_shaping("ash_s", _Clip(), "ash_s@<x>", replace=True)
+        register_shaping("ash_s", "ash_s@<x>")
+    register_shaping("ash_s", "ash_s@<x>", replace=True)(_Clip())
     assert get_shaping("ash_s@3").spec == "clip@3"
     with pytest.raises(ValueError, match="must not contain '@'"):
-        register_shaping("a@b", _Clip(), "a@b")
+        register_shaping("a@b", "a@b")
+    assert [e.name for e in shaping_specs.list_shapings()][-2:] == ["clip", "halve"]
+    assert (
+        shaping_specs.list_shapings()[-1].description == "Halve every activation (a factory returning a plain callable)"
+    )

@@ -19,10 +19,10 @@ from ash_lightning.calibration import (
 from ash_lightning.errors import UserError
 from ash_lightning.hooks import ShapingHandle, attach_shaping, find_classifier
 from ash_lightning.lightning_packages import CALLBACK_BASES
-from ash_lightning.shaping import get_shaping
+from ash_lightning.shaping_specs import get_shaping
 
 
-class ActivationShapingCallback(*CALLBACK_BASES):
+class ActivationShapingCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback of every installed package
     """Attach ``spec`` (e.g. ``"ash_s@90"``) at ``placement`` when testing/predicting starts, remove it at the end.
 
     ``module`` names the network inside the LightningModule (e.g. ``"model"``). By default it is the first child
@@ -32,6 +32,27 @@ class ActivationShapingCallback(*CALLBACK_BASES):
     Calibrated specs (``react@p90``, ``dice@90``, ``vra@10@90``, ``lts@90``) are fitted first on ID data:
     ``fit_dataloader`` (a DataLoader, or a callable returning one), else the data module's ``fit_dataloader()``
     (``OODDataModule`` with ``data.fit``, whose statistics are cached by the network's weights).
+
+    Example:
+        >>> import torch
+        >>> import pytorch_lightning as pl
+        >>> from torch.utils.data import DataLoader
+        >>> from ash_lightning.callbacks import ActivationShapingCallback
+        >>> class Classifier(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        ...     def predict_step(self, batch, batch_idx):
+        ...         return self.net(batch)
+        >>> shaping = ActivationShapingCallback("ash_s@90")  # at "penultimate": the input of net[2]
+        >>> trainer = pl.Trainer(logger=False, callbacks=[shaping], enable_progress_bar=False)
+        >>> module, x = Classifier(), torch.rand(8, 4)
+        >>> (logits,) = trainer.predict(module, DataLoader(x, batch_size=8))
+        >>> from ash_lightning import ash_s
+        >>> torch.allclose(logits, module.net[2](ash_s(module.net[1](module.net[0](x)), 90)), atol=1e-5)
+        True
+        >>> torch.allclose(module.net(x), logits)  # detached again when predicting ends
+        False
     """
 
     def __init__(

@@ -8,7 +8,13 @@ sample whose logits or scores are NaN/Inf stops the run (``nonfinite="raise"``) 
 (``"drop"``). At the end: metrics per OOD set, their mean and group means, ID accuracy; scalars to every
 logger, histograms and figures to TensorBoard (either Lightning package's logger), ``ood_results.json``/``.csv``,
 ``curves.png`` (and ``sweep.png`` for sweeps) and a Markdown table. Files go to ``output_dir``, else the logger's
-log directory, else (no logger) ``trainer.default_root_dir``, whose path is printed.
+log directory, else (no logger) ``trainer.default_root_dir``, whose path is logged. Messages go through
+Lightning's ``rank_zero_info``/``rank_zero_warn``; with ``verbose`` (the default) the results table is logged at the
+end (``main.py test`` prints it itself, from ``summary``).
+
+Accumulation, gathering from all ranks and de-duplication by index are ``OODMetrics``' (one per dataloader, its
+``samples()`` once the set is finished); this callback decides which loader is which set, when a set is finished,
+what is kept (corrupt files, non-finite samples), saved and logged.
 
 Works with any LightningModule whose ``test_step`` returns logits or a dict holding ``logits`` and/or ``scores``
 (and optionally ``preds``, ``targets``, ``index``). Labels and sample indices are otherwise read from the batch
@@ -20,33 +26,31 @@ are labelled "scores from test_step" unless the module declares ``runs``.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
-import matplotlib.pyplot as plt
-import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from ash_lightning.batches import batch_part, describe_batch, expected_layout
+from ash_lightning.callbacks.activation_shaping import ActivationShapingCallback
 from ash_lightning.constant_scores import constant_score_warning
 from ash_lightning.errors import UserError
 from ash_lightning.files import writable_directory
-from ash_lightning.lightning_packages import CALLBACK_BASES, tensorboard_writer
-from ash_lightning.metrics import CONVENTIONS, unique_by_index
+from ash_lightning.lightning_packages import CALLBACK_BASES, rank_zero_info, rank_zero_warn, tensorboard_writer
+from ash_lightning.metrics import CONVENTIONS, OODMetrics
 from ash_lightning.options import check_choice, check_range
 from ash_lightning.plots import curves_figure, sweep_figure
 from ash_lightning.results import format_table, results_from_store, save_scores, stopped_message, write_results
-from ash_lightning.scores import get_score
+from ash_lightning.score_specs import get_score
 
 NONFINITE_POLICIES = ("raise", "drop")
 STEP_SCORES = "scores from test_step"
-Trainer = LightningModule = Any  # of either Lightning package (see ash_lightning.lightning_packages)
+Trainer: TypeAlias = Any  # of either Lightning package (see ash_lightning.lightning_packages)
+LightningModule: TypeAlias = Any
 
 
-class OODMetricsCallback(*CALLBACK_BASES):
+class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback of every installed package
     """Accumulate scores per test dataloader and report FPR@TPR, AUROC, AUPR-In/Out per OOD set.
 
     Args:
@@ -59,6 +63,36 @@ class OODMetricsCallback(*CALLBACK_BASES):
             samples and records them in the results.
         output_dir: where files go (default: the logger's log directory, else ``trainer.default_root_dir``).
         log_figures: write ``curves.png`` (and ``sweep.png``) and add them to TensorBoard.
+        verbose: log the results table and the files written (``rank_zero_info``) at the end; ``summary``
+            holds that text either way.
+
+    After testing, ``results`` holds the results (also in ``ood_results.json``) and ``summary`` the table.
+
+    Example:
+
+    Example:
+        >>> import tempfile, torch
+        >>> import pytorch_lightning as pl
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from ash_lightning.callbacks import OODMetricsCallback
+        >>> class Linear(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = torch.nn.Linear(4, 3)
+        ...     def test_step(self, batch, batch_idx, dataloader_idx=0):
+        ...         return self.net(batch[0])
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> def loader(shift):  # (x, y, index) batches
+        ...     x = torch.randn(32, 4) + shift
+        ...     return DataLoader(TensorDataset(x, torch.zeros(32, dtype=torch.long), torch.arange(32)), batch_size=8)
+        >>> metrics = OODMetricsCallback(ood_names=["far"], output_dir=tempfile.mkdtemp(), verbose=False)
+        >>> trainer = pl.Trainer(logger=False, callbacks=[metrics], enable_progress_bar=False)
+        >>> _ = trainer.test(Linear(), dataloaders=[loader(0.0), loader(3.0)], verbose=False)
+        >>> sorted(metrics.results["runs"][0]["ood"]["far"])
+        ['aupr_in', 'aupr_out', 'auroc', 'fpr95']
+        >>> metrics.results["counts"]
+        {'id': 32, 'far': 32}
     """
 
     def __init__(
@@ -72,21 +106,24 @@ class OODMetricsCallback(*CALLBACK_BASES):
         nonfinite: str = "raise",
         output_dir: str | None = None,
         log_figures: bool = True,
+        verbose: bool = True,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise UserError(f"nonfinite={nonfinite!r}; use one of {NONFINITE_POLICIES}.")
         self.id_dataloader_idx, self.ood_names, self.groups = id_dataloader_idx, ood_names, groups
-        self.score = get_score(score)
+        self.score: Any = get_score(score)  # a Score, or the user's callable with a .name
         check_range("ood_metrics.tpr", tpr, 0, 1, low_open=True, high_open=False, example=0.95)
         check_choice("ood_metrics.convention", convention, CONVENTIONS)
         self.tpr, self.convention, self.nonfinite = tpr, convention, nonfinite
-        self.output_dir, self.log_figures = output_dir, log_figures
+        self.output_dir, self.log_figures, self.verbose = output_dir, log_figures, verbose
         self.results: dict[str, Any] | None = None
+        self.summary: str | None = None
         self._reset()
 
     def _reset(self) -> None:
-        self._batches: dict[int, list[dict[str, Tensor]]] = {}
-        self._store: dict[str, dict[str, np.ndarray]] = {}
+        self._sets: list[OODMetrics] = []
+        self._seen: dict[int, int] = {}
+        self._store: dict[str, dict[str, Any]] = {}
         self._skipped: dict[str, list[str]] = {}
         self._dropped: dict[str, int] = {}
         self._current: int | None = None
@@ -98,12 +135,16 @@ class OODMetricsCallback(*CALLBACK_BASES):
     # ------------------------------------------------------------------ hooks
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset()
+        self.results = self.summary = None
         self._loaders = self._resolve_loaders(trainer)
+        self._sets = [OODMetrics(self.tpr, self.convention) for _ in self._loaders]
         self._runs = self._resolve_runs(trainer, pl_module)
         self._directory = os.path.abspath(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # collective
         writable_directory(self._directory, "ood_metrics.output_dir" if self.output_dir else "the logger's save_dir")
-        if not trainer.loggers and not self.output_dir and trainer.is_global_zero:
-            print(f"OODMetricsCallback: no logger, so the results go to trainer.default_root_dir: {self._directory}")
+        if not trainer.loggers and not self.output_dir:
+            rank_zero_info(
+                f"OODMetricsCallback: no logger, so the results go to trainer.default_root_dir: {self._directory}"
+            )
 
     def on_test_batch_end(
         self,
@@ -114,34 +155,42 @@ class OODMetricsCallback(*CALLBACK_BASES):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Collect the batch; a dataloader's set is finished (saved) after its last batch, or, for loaders of
-        unknown length, when the next dataloader starts."""
+        """Add the batch to its set; a set is finished (saved) after its dataloader's last batch, or, for
+        loaders of unknown length, when the next dataloader starts."""
         if self._current is not None and dataloader_idx != self._current:
             self._finish_unfinished(trainer, self._current)
-        first_batch, self._current = self._current is None, dataloader_idx
-        parsed = self._parse(outputs, batch, trainer)
-        if first_batch and (warning := constant_score_warning(parsed["scores"], self._runs)):
-            warnings.warn(warning, stacklevel=2)
-        self._batches.setdefault(dataloader_idx, []).append(parsed)
+        rows = self._parse(outputs, batch, trainer, dataloader_idx)
+        if self._current is None and (warning := constant_score_warning(rows["scores"], self._runs)):
+            rank_zero_warn(warning)
+        self._current = dataloader_idx
+        self._seen[dataloader_idx] = self._seen.get(dataloader_idx, 0) + len(rows["scores"])
+        self._sets[dataloader_idx].update(is_id=self._loaders[dataloader_idx]["role"].endswith("id"), **rows)
         if batch_idx + 1 == _num_batches(trainer, dataloader_idx):
             self._finish_loader(trainer, dataloader_idx)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for idx in range(len(self._loaders)):
             self._finish_unfinished(trainer, idx)
-        self.results = results_from_store(self._store, self._meta(trainer, pl_module))
+        self.results = results = results_from_store(self._store, self._meta(trainer, pl_module))
         if trainer.is_global_zero:
-            self._report(trainer)
+            self._report(trainer, results)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if trainer.is_global_zero and self._loaders:
-            stopped = stopped_message(exception.__class__.__name__, list(self._store), self._loaders, self._directory)
-            print("\n" + stopped)
+        if self._loaders:
+            rank_zero_info(
+                "\n" + stopped_message(exception.__class__.__name__, list(self._store), self._loaders, self._directory)
+            )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        """The results of the last test (None before one), so that a checkpoint keeps them."""
         return {"results": self.results}
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        self.results = state_dict.get("results")
+
+    # ------------------------------------------------------------------ sets and samples
     def _resolve_loaders(self, trainer: Trainer) -> list[dict[str, str]]:
         declared = getattr(trainer.datamodule, "loaders", None)
         if declared:
@@ -160,10 +209,12 @@ class OODMetricsCallback(*CALLBACK_BASES):
         self._module_runs = bool(runs)
         if runs:
             return [dict(r) for r in runs]
-        specs = [cb.spec for cb in trainer.callbacks if hasattr(cb, "spec") and hasattr(cb, "placement")]
+        specs = [cb.spec for cb in trainer.callbacks if isinstance(cb, ActivationShapingCallback)]
         return [{"shaping": specs[0] if specs else "none", "score": self.score.name}]
 
-    def _parse(self, outputs: Any, batch: Any, trainer: Trainer) -> dict[str, Tensor]:
+    def _parse(self, outputs: Any, batch: Any, trainer: Trainer, dataloader_idx: int) -> dict[str, Tensor]:
+        """The ``OODMetrics.update`` columns of a batch: scores (B, R), finite (of the logits and scores), targets
+        (-1 when unknown), preds when known, index (synthesised when the batches carry none)."""
         out = {"logits": outputs} if isinstance(outputs, Tensor) else dict(outputs or {})
         logits, scores = out.get("logits"), out.get("scores")
         if logits is None and scores is None:
@@ -172,6 +223,7 @@ class OODMetricsCallback(*CALLBACK_BASES):
                 "'logits' and/or 'scores'. Fix: `return self(x)` at the end of test_step."
             )
         if scores is None:
+            assert logits is not None  # one of the two is set (checked above)
             scores = self.score(logits)
         elif not self._module_runs:
             self._runs = [{**run, "score": STEP_SCORES} for run in self._runs]
@@ -182,35 +234,34 @@ class OODMetricsCallback(*CALLBACK_BASES):
         finite = torch.isfinite(scores).all(dim=1)
         if logits is not None:
             finite &= torch.isfinite(logits.reshape(len(logits), -1)).all(dim=1)
-        fields = {"scores": scores, "finite": finite}
+        rows = {"scores": scores, "finite": finite}
         if preds is not None:
-            fields["preds"] = preds.reshape(len(preds), -1).expand(-1, scores.shape[1])
+            rows["preds"] = preds.reshape(len(preds), -1).expand(-1, scores.shape[1])
         targets = out["targets"] if out.get("targets") is not None else batch_part(batch, "labels")
         if targets is None:
-            self._warn_no_labels(batch)
-        fields["targets"] = targets if targets is not None else torch.full((len(scores),), -1)
+            self._warn_no_labels(batch, dataloader_idx)
+        rows["targets"] = targets if targets is not None else torch.full((len(scores),), -1)
         index = out["index"] if out.get("index") is not None else batch_part(batch, "index")
         if index is None:
             if trainer.world_size > 1 and not self._warned_no_index:
-                warnings.warn(
+                rank_zero_warn(
                     "batches carry no sample index, so samples that DistributedSampler repeats to pad "
                     "shards are counted twice. Fix: yield (x, y, index) batches (OODDataModule does)."
                 )
                 self._warned_no_index = True
-            start = sum(len(b["scores"]) for b in self._batches.get(self._current, []))
+            start = self._seen.get(dataloader_idx, 0)
             index = torch.arange(start, start + len(scores)) * trainer.world_size + trainer.global_rank
-        fields["index"] = index
-        return {k: v.detach().to("cpu", non_blocking=False) for k, v in fields.items()}
+        rows["index"] = index
+        return {k: v.detach().to("cpu", non_blocking=False) for k, v in rows.items()}
 
-    def _warn_no_labels(self, batch: Any) -> None:
+    def _warn_no_labels(self, batch: Any, dataloader_idx: int) -> None:
         """Warn once when a batch of the ID set carries no labels that can be read."""
-        if self._warned_no_labels or self._loaders[self._current]["role"] != "id":
+        if self._warned_no_labels or self._loaders[dataloader_idx]["role"] != "id":
             return
-        warnings.warn(
+        rank_zero_warn(
             f"OODMetricsCallback cannot read labels from the ID set's batches ({describe_batch(batch)}), "
             "so id_accuracy is not computed. Fix: return 'targets' from test_step, or give the labels "
-            f"as {expected_layout('labels')}.",
-            stacklevel=2,
+            f"as {expected_layout('labels')}."
         )
         self._warned_no_labels = True
 
@@ -220,30 +271,26 @@ class OODMetricsCallback(*CALLBACK_BASES):
             self._finish_loader(trainer, idx)
 
     def _finish_loader(self, trainer: Trainer, idx: int) -> None:
-        """Gather one dataloader's samples from all ranks, de-duplicate, drop skipped corrupt files, check
-        finiteness (of the logits and scores), save to disk. A UserError if no sample is left to evaluate."""
+        """Take one set's samples (all ranks', each once) from its ``OODMetrics``, drop skipped corrupt files
+        (negative index), apply the ``nonfinite`` policy, save to disk. A UserError if no sample is left."""
         name = self._loaders[idx]["name"]
-        batches = self._batches.pop(idx, [])
-        fields = {k: torch.cat([b[k] for b in batches]) for k in batches[0]} if batches else None
-        if trainer.world_size > 1:
-            fields = self._gather(fields)
-        if fields is None or not len(fields["index"]):
+        rows = self._sets[idx].samples()  # collective
+        self._sets[idx].reset()
+        if not rows:
             raise UserError(
                 f"data set {name!r} produced no samples. Fix: check that it is not empty and that "
                 "limit_test_batches does not skip it."
             )
-        corrupt = fields["index"] < 0
+        del rows["is_id"]
+        corrupt = rows["index"] < 0
         if corrupt.any():
-            bad = sorted(set((-fields["index"][corrupt] - 1).tolist()))
+            bad = sorted((-rows["index"][corrupt] - 1).tolist())
             datamodule = trainer.datamodule
             self._skipped[name] = (
                 datamodule.sample_paths(name, bad) if hasattr(datamodule, "sample_paths") else [str(i) for i in bad]
             )
-            fields = {k: v[~corrupt] for k, v in fields.items()}
-        keys = [k for k in fields if k != "index"]
-        index, *values = unique_by_index(fields["index"], *(fields[k] for k in keys))
-        fields = {"index": index, **dict(zip(keys, values))}
-        finite = fields.pop("finite")
+            rows = {k: v[~corrupt] for k, v in rows.items()}
+        finite = rows.pop("finite")
         if not finite.all():
             count = int((~finite).sum())
             if self.nonfinite == "raise":
@@ -253,26 +300,16 @@ class OODMetricsCallback(*CALLBACK_BASES):
                     "ood_metrics.nonfinite: drop to drop and record them."
                 )
             self._dropped[name] = count
-            fields = {k: v[finite] for k, v in fields.items()}
-        if not len(fields["index"]):
+            rows = {k: v[finite] for k, v in rows.items()}
+        if not len(rows["index"]):
             raise UserError(
                 f"data set {name!r} has no sample left to evaluate: {len(self._skipped.get(name, []))} "
                 f"corrupt files skipped, {self._dropped.get(name, 0)} non-finite samples dropped. "
                 "Fix: check the data set and the model."
             )
-        self._store[name] = {k: v.numpy() for k, v in fields.items()}
+        self._store[name] = {k: v.numpy() for k, v in rows.items()}
         if trainer.is_global_zero:
             save_scores(os.path.join(self._out(), "scores.npz"), self._store, self._meta(trainer, None))
-
-    @staticmethod
-    def _gather(fields: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
-        """Concatenate every rank's tensors (uneven lengths allowed); ranks without samples send empty ones."""
-        has = torch.tensor([0 if fields is None else 1])
-        if not int(torch.stack(gather_all_tensors(has)).sum()):
-            return None
-        if fields is None:
-            raise RuntimeError("a rank saw no batches of a dataloader that others saw")
-        return {k: torch.cat(gather_all_tensors(v.contiguous())) for k, v in fields.items()}
 
     # ------------------------------------------------------------------ output
     def _out(self) -> str:
@@ -304,15 +341,14 @@ class OODMetricsCallback(*CALLBACK_BASES):
             "config": config,
         }
 
-    def _report(self, trainer: Trainer) -> None:
-        results = self.results
+    def _report(self, trainer: Trainer, results: dict[str, Any]) -> None:
         directory = self._out()
         json_path, csv_path = write_results(results, directory)
         self._log(trainer, results)
-        print(
-            "\n" + format_table(results) + f"\n\nResults: {json_path}, {csv_path}; scores: "
-            f"{os.path.join(directory, 'scores.npz')}"
-        )
+        scores = os.path.join(directory, "scores.npz")
+        self.summary = f"{format_table(results)}\n\nResults: {json_path}, {csv_path}; scores: {scores}"
+        if self.verbose:
+            rank_zero_info("\n" + self.summary)
 
     def _log(self, trainer: Trainer, results: Mapping[str, Any]) -> None:
         single = len(results["runs"]) == 1
@@ -350,7 +386,6 @@ class OODMetricsCallback(*CALLBACK_BASES):
                 fig.savefig(os.path.join(self._out(), filename), dpi=120)
                 if writer is not None:
                     writer.add_figure(tag, fig, trainer.global_step)
-                plt.close(fig)
         if writer is not None:
             writer.flush()
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ash_lightning.errors import UserError
-from ash_lightning.hooks import _classifier
+from ash_lightning.hooks import classifier_of
 
 __all__ = ["FeaturesAndLogits", "ForwardWithFeatures", "gradient_leaf"]
 
@@ -29,7 +29,7 @@ class FeaturesAndLogits:
         def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
             captured.append(args[0])
 
-        with _classifier(self.model).register_forward_pre_hook(capture):
+        with classifier_of(self.model).register_forward_pre_hook(capture):
             logits = self.model(x)
         return captured[-1], logits
 

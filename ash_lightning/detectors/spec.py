@@ -1,10 +1,14 @@
 """Detector spec strings: ``name[@param...]``, parameters in the order of the detector's spec fields, trailing
 ones optional when they have defaults. ``parse_detector("knn@50@0.1") == KNN(k=50, fraction=0.1)``.
+
+Detector classes are registered in ``DETECTORS`` (an ``ash_lightning.registry.Registry``: name -> class) with
+``register_detector``, resolved by ``get_detector`` (also ``parse_detector``) and listed by ``list_detectors``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,12 +21,21 @@ from ash_lightning.detectors.mahalanobis import MDS, RMDS
 from ash_lightning.detectors.odin import ODIN
 from ash_lightning.detectors.vim import ViM
 from ash_lightning.errors import UserError
+from ash_lightning.registry import Registered, Registry, describe
 
-__all__ = ["DETECTORS", "is_detector_spec", "load_fitted", "parse_detector", "valid_forms"]
+__all__ = [
+    "DETECTORS",
+    "get_detector",
+    "is_detector_spec",
+    "list_detectors",
+    "load_fitted",
+    "parse_detector",
+    "register_detector",
+    "valid_forms",
+]
 
-DETECTORS: dict[str, type[Detector]] = {
-    cls.name: cls for cls in (MDS, RMDS, KNN, ViM, FDBD, NNGuide, ODIN, GradNorm, AdaScale)
-}
+#: name -> detector class.
+DETECTORS: Registry[type[Detector]] = Registry("detector")
 _PARAM_LABELS = {"k": "K", "dim": "D", "temperature": "T", "epsilon": "eps", "lmbda": "lambda"}
 
 
@@ -39,9 +52,26 @@ def _form(cls: type[Detector]) -> str:
     return form + "]" * optional
 
 
+def register_detector(cls: type[Detector], *, replace: bool = False) -> type[Detector]:
+    """Register a detector class under its ``name``, with the form of its spec fields, described by the first
+    sentence of its module's docstring (which names the method and paper; the class docstring states the formula);
+    usable as a class decorator."""
+    return DETECTORS.register(cls.name, _form(cls), description=describe(inspect.getmodule(cls)), replace=replace)(cls)
+
+
+def list_detectors() -> list[Registered[type[Detector]]]:
+    """Every detector name with its form and description, in registration order."""
+    return DETECTORS.entries()
+
+
+for _cls in (MDS, RMDS, KNN, ViM, FDBD, NNGuide, ODIN, GradNorm, AdaScale):
+    register_detector(_cls)
+del _cls
+
+
 def valid_forms() -> str:
     """Every detector's spec form, for error messages."""
-    return ", ".join(_form(cls) for cls in DETECTORS.values())
+    return DETECTORS.forms()
 
 
 def is_detector_spec(spec: str) -> bool:
@@ -61,7 +91,7 @@ def _parse_value(spec: str, f: dataclasses.Field, text: str) -> Any:
         ) from None
 
 
-def parse_detector(spec: str) -> Detector:
+def get_detector(spec: str) -> Detector:
     """The detector a spec names (``mds``, ``knn@50@0.1``, ``odin@1000@0.0014`` ...); a ``UserError`` (a
     ValueError) naming the valid forms for an unknown name, a wrong parameter count or a bad value."""
     if not isinstance(spec, str):
@@ -83,6 +113,9 @@ def parse_detector(spec: str) -> Detector:
         return cls(**values)
     except UserError as err:
         raise UserError(f"bad detector spec {spec!r}: {err} Valid forms: {valid_forms()}.") from None
+
+
+parse_detector = get_detector  # the name module.py and sweep.py call
 
 
 def load_fitted(state: Mapping[str, Any]) -> FittedDetector:
