@@ -117,8 +117,8 @@ class CachedSet:
     shape: tuple[int, ...]
 
     def rows(self, at: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Features (B, *shape), targets and index of the samples at positions ``at``."""
-        at = at.cpu().numpy()
+        """Features (B, *shape), targets and index of the samples at ``at`` (positions, or the data module's index)."""
+        at = positions(at).cpu().numpy()
         raw = torch.from_numpy(np.ascontiguousarray(self.features[at]))
         features = raw.view(self.dtype).reshape(len(at), *self.shape)
         return features, torch.from_numpy(self.targets[at]), torch.from_numpy(self.index[at])
@@ -317,12 +317,18 @@ class FeatureCache:
 def check_placement(model: nn.Module, placement: str) -> None:
     """UserError when ``placement``'s shared part is the input itself (nothing to cache): a placement inside
     the network, or a classifier whose output is not the network's (known after the first batch)."""
-    if split_point(model, placement) == "network":
-        raise UserError(
-            f"model.feature_cache: placement {placement!r} shapes inside the network, so every shaping setting "
-            "reruns the whole network from the images and there are no shared features to cache. Fix: use "
-            "placement: penultimate or pre_pool, or remove model.feature_cache."
-        )
+    if split_point(model, placement) != "network":
+        return
+    reason = (
+        f"{type(model).__name__}'s output is not its classifier's output"
+        if placement == "penultimate"
+        else f"placement {placement!r} shapes inside the network"
+    )
+    raise UserError(
+        f"model.feature_cache: {reason}, so every shaping setting reruns the whole network from the images and "
+        "there are no shared features to cache. Fix: use placement: penultimate or pre_pool, or remove "
+        "model.feature_cache."
+    )
 
 
 def open_feature_cache(

@@ -129,6 +129,10 @@ def main() -> None:
             "",
             f"cached re-run / first run: {ratio:.1f}x faster ({verdict} the >= 10x target)",
             "",
+            "What the cached re-run still does: parse the config, build the model and load the .npz arrays, apply the "
+            "16 heads to every batch, write the result files and figures. On a shared machine its time, and so the "
+            "ratio, varies with the other jobs' load.",
+            "",
             f"The ID set's test loader alone ({args.limit} images): {with_images:.2f} s with images ({mib:.0f} MiB of "
             f"tensors decoded and collated), {without_images:.3f} s without (the index-only batches of a cached set).",
         ]

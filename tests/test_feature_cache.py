@@ -19,7 +19,15 @@ import torch
 from ash_lightning.callbacks import OODMetricsCallback
 from ash_lightning.data import OODDataModule
 from ash_lightning.errors import UserError
-from ash_lightning.feature_cache import MARKER, entry_dir, network_key, open_feature_cache, set_key
+from ash_lightning.feature_cache import (
+    MARKER,
+    EntryWriter,
+    entry_dir,
+    network_key,
+    open_feature_cache,
+    read_entry,
+    set_key,
+)
 from ash_lightning.module import OODEvalModule
 from tests.conftest import main_in_process, tiny_config
 
@@ -214,3 +222,18 @@ def test_incomplete_sets_and_multi_process_runs_are_not_cached(
     trainer = SimpleNamespace(world_size=2, is_global_zero=True, datamodule=None)
     with pytest.warns(UserWarning, match="feature_cache is not used: this run has 2 processes"):
         assert open_feature_cache(str(cache), "cifar_resnet20", module.model, "penultimate", trainer, 8) is None
+
+
+def test_any_dtype_round_trips_bit_for_bit(tmp_path: Path):
+    features = torch.randn(5, 3, 2).to(torch.bfloat16)  # numpy has no bfloat16: rows are stored as raw bytes
+    index, targets = torch.tensor([0, 1, -3, 3, 4]), torch.tensor([1, 2, -1, 4, 5])  # position 2: a corrupt file
+    key = {"k": 1}
+    writer = EntryWriter(tmp_path / "e", key, 5, features.dtype, (3, 2))
+    writer.add(features[3:], targets[3:], index[3:])
+    assert not writer.complete and read_entry(tmp_path / "e", key) is None  # nothing readable before commit
+    writer.add(features[:3], targets[:3], index[:3])
+    assert writer.complete
+    writer.commit()
+    got, got_targets, got_index = read_entry(tmp_path / "e", key).rows(torch.tensor([4, 2, 0]))
+    assert got.dtype == torch.bfloat16 and torch.equal(got, features[[4, 2, 0]])
+    assert got_targets.tolist() == [5, -1, 1] and got_index.tolist() == [4, -3, 0]
