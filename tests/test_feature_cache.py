@@ -29,7 +29,7 @@ from ash_lightning.feature_cache import (
     set_key,
 )
 from ash_lightning.module import OODEvalModule
-from tests.conftest import main_in_process, tiny_config
+from tests.conftest import main_in_process, tiny_config, write_image_folder
 
 GRID = ["none", "ash_s@90", "react@1.0"]
 
@@ -121,6 +121,24 @@ def test_result_files_equal_uncached_run(tiny_data: dict[str, Path], tiny_checkp
                 assert _without_cache_option(meta[0]) == _without_cache_option(meta[1])
             else:
                 assert np.array_equal(scores[name][key], scores["uncached"][key]), (name, key)
+
+
+def test_skipped_corrupt_files_are_recorded_alike_from_the_cache(
+    tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path
+):
+    bad = write_image_folder(tmp_path / "images", 5, 0, truncated=("img001_cut.jpg",))
+    results, markers = [], []
+    for out in ("m", "h"):
+        config = tiny_config(tiny_data, tiny_checkpoint, tmp_path / out, feature_cache=str(tmp_path / "cache"))
+        config["data"]["ood"]["folder"] = {"kind": "folder", "path": str(tmp_path / "images")}
+        config["data"]["skip_corrupt"] = True
+        with warnings.catch_warnings(record=True):
+            status, _, err = main_in_process(config, tmp_path)
+        assert status == 0, err
+        results.append(json.loads((tmp_path / out / "run" / "v" / "ood_results.json").read_text()))
+        markers.append({m: m.stat().st_mtime_ns for m in (tmp_path / "cache").glob(f"*/{MARKER}")})
+    assert len(markers[0]) == 4 and markers[1] == markers[0]  # all four sets stored, then read, not rewritten
+    assert results[0]["skipped"] == {"folder": [str(bad[0])]} and results[1] == results[0]
 
 
 def _key(model: torch.nn.Module, spec: Any, **change: Any) -> dict:
