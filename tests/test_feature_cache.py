@@ -219,6 +219,11 @@ def test_unfit_placement_and_limit_are_refused(tiny_data: dict[str, Path], tiny_
         tiny_config(tiny_data, tiny_checkpoint, tmp_path / "o", placement="layer3", feature_cache=str(cache)), tmp_path
     )
     assert status == 2 and "placement 'layer3'" in err and "no shared features to cache" in err
+    (tmp_path / "a_file").write_text("")
+    status, _, err = main_in_process(
+        tiny_config(tiny_data, tiny_checkpoint, tmp_path / "o", feature_cache=str(tmp_path / "a_file")), tmp_path
+    )
+    assert status == 2 and "model.feature_cache: output folder" in err and "is a file" in err
     with pytest.raises(UserError, match="feature_cache_max_gib"):
         OODEvalModule("cifar_resnet20", feature_cache=str(cache), feature_cache_max_gib=0)
     with pytest.raises(UserError, match=r"16.0 KiB per sample \(shape \(64, 8, 8\)\).*over the limit") as raised:
