@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -21,11 +22,12 @@ from torch import Tensor
 from ash_lightning.backbone import create_backbone, warn_if_random_weights
 from ash_lightning.calibration import calibrate_shapers, fit_loader_of, make_cache_key, needs_calibration
 from ash_lightning.errors import UserError
+from ash_lightning.feature_cache import DEFAULT_MAX_GIB, FeatureCache, check_placement, open_feature_cache
 from ash_lightning.hooks import attach_shaping
-from ash_lightning.options import check_int
+from ash_lightning.options import check_int, check_range
 from ash_lightning.scores import get_score
 from ash_lightning.shaping import get_shaping
-from ash_lightning.sweep import runs_backbone_once, shaped_logits
+from ash_lightning.sweep import outputs_from_shared, runs_backbone_once, shaped_logits, shared_part
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,9 @@ class OODEvalModuleMixin:
         placement: ``"penultimate"``, ``"pre_pool"`` or a dotted module name.
         score: a score name or a list of them (``"energy"``, ``"msp"``, ...).
         calibration_samples: at most this many ID fit samples for calibrated methods (default: all of data.fit).
+        feature_cache: a folder for each test set's shared features (``ash_lightning.feature_cache``): a later run
+            with the same backbone, weights, placement and data reads them and runs only the per-setting part.
+        feature_cache_max_gib: refuse to cache a set whose features would take more than this many GiB.
     """
 
     def __init__(
@@ -87,6 +92,8 @@ class OODEvalModuleMixin:
         placement: str = "penultimate",
         score: str | list[str] = "energy",
         calibration_samples: int | None = None,
+        feature_cache: str | None = None,
+        feature_cache_max_gib: float = DEFAULT_MAX_GIB,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -112,6 +119,12 @@ class OODEvalModuleMixin:
             _user_spec(lambda p, s=shaper: attach_shaping(self.model, s, p).remove(), placement, "placement")
         warn_if_random_weights(backbone, pretrained=pretrained, checkpoint_path=checkpoint_path)
         self.placement = placement
+        if feature_cache is not None:
+            check_placement(self.model, placement)
+            limit = "model.feature_cache_max_gib"
+            check_range(limit, feature_cache_max_gib, 0, math.inf, low_open=True, high_open=True, example=8)
+        self._feature_cache: FeatureCache | None = None
+        self.sets_without_images: frozenset[str] = frozenset()  # read by OODDataModule.test_dataloader
         self.runs = [
             {"shaping": sh.spec, "score": sc.name} for sh, sc in itertools.product(self.requested_shapers, self.scores)
         ]
@@ -119,6 +132,26 @@ class OODEvalModuleMixin:
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the backbone with the first shaper attached."""
         return shaped_logits(self.model, x, self.shapers[:1], self.placement)[0]
+
+    def setup(self, stage: str) -> None:
+        """Open the feature cache for a test run: the sets it holds need no images."""
+        hp, self._feature_cache = self.hparams, None
+        if hp.feature_cache is not None and stage == "test":
+            self._feature_cache = open_feature_cache(
+                hp.feature_cache, hp.backbone, self.model, self.placement, self.trainer, hp.feature_cache_max_gib
+            )
+        self.sets_without_images = self._feature_cache.complete_sets if self._feature_cache else frozenset()
+
+    def on_test_end(self) -> None:
+        if self._feature_cache is not None:
+            self._feature_cache.close()
+
+    def _shared(self, x: Tensor, targets: Tensor, index: Tensor, dataloader_idx: int) -> tuple[Tensor, ...]:
+        """``(shared_part, targets, index)`` of a batch, from the feature cache where it holds the set."""
+        compute = lambda: shared_part(self.model, x, self.placement)  # noqa: E731
+        if self._feature_cache is None:
+            return compute(), targets, index
+        return self._feature_cache.shared(dataloader_idx, targets, index, compute)
 
     def on_test_start(self) -> None:
         if len(self.shapers) > 1 and not runs_backbone_once(self.model, self.placement):
@@ -148,8 +181,8 @@ class OODEvalModuleMixin:
             )
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        x, targets, index = batch
-        logits = shaped_logits(self.model, x, self.shapers, self.placement)  # (S, B, K)
+        shared, targets, index = self._shared(*batch, dataloader_idx)
+        logits = outputs_from_shared(self.model, shared, self.shapers, self.placement).logits  # (S, B, K)
         scores = torch.stack([score(lg) for lg in logits for score in self.scores], dim=1)  # (B, R)
         preds = logits.argmax(-1).repeat_interleave(len(self.scores), dim=0).T  # (B, R)
         single = len(self.runs) == 1

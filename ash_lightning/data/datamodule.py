@@ -2,7 +2,9 @@
 
 Dataloader 0 is the ID set, then one dataloader per OOD set in the given order, then (optionally) the
 ID-validation set and the OOD-validation sets used to select a setting without touching the test sets.
-Every batch is ``(images, targets, index)``; a negative index marks a corrupt file that was skipped.
+Every batch is ``(images, targets, index)``; a negative index marks a corrupt file that was skipped. A set the
+LightningModule lists in ``sets_without_images`` (its features come from the feature cache) is loaded without
+decoding: ``(empty (B, 0) tensor, -1, index)`` batches, in the main process.
 
 The code lives in ``OODDataModuleMixin``; ``OODDataModule`` here is its ``pytorch_lightning`` class and
 ``ash_lightning.lightning.OODDataModule`` its ``lightning.pytorch`` one (see ``ash_lightning.lightning_packages``).
@@ -44,16 +46,26 @@ class LoaderInfo:
 class IndexedDataset(Dataset):
     """``(transform(image), target, index)``. An undecodable file raises its ``CorruptImageError`` with
     ``on_corrupt="raise"``; otherwise it gives a blank image with index -(i+1), after a warning with ``"skip"``
-    and silently with ``"mark"`` (the data module then raises when the batch is evaluated)."""
+    and silently with ``"mark"`` (the data module then raises when the batch is evaluated). With
+    ``images=False`` nothing is read: ``(empty tensor, -1, index)``."""
 
-    def __init__(self, source: Source, transform: Any, on_corrupt: OnCorrupt, blank_shape: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        source: Source,
+        transform: Any,
+        on_corrupt: OnCorrupt,
+        blank_shape: tuple[int, ...],
+        images: bool = True,
+    ) -> None:
         self.source, self.transform, self.on_corrupt = source, transform, on_corrupt
-        self.blank_shape = blank_shape
+        self.blank_shape, self.images = blank_shape, images
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        if not self.images:
+            return torch.empty(0), -1, i
         try:
             image, target = self.source.dataset[i]
         except CorruptImageError as err:
@@ -123,6 +135,7 @@ class OODDataModuleMixin:
             specs += [(f"val_ood.{n}", LoaderInfo(f"val_{n}", "val_ood"), s) for n, s in (val_ood or {}).items()]
         _check_unique_names(specs)
         self._specs = specs
+        self.specs: dict[str, DatasetSpec] = {info.name: spec for _, info, spec in specs}
         self.loaders: list[LoaderInfo] = [info for _, info, _ in specs]
         self.sources: dict[str, Source] = {}
 
@@ -153,29 +166,34 @@ class OODDataModuleMixin:
         for what, info, spec in self._specs:
             self.sources[info.name] = build_source(spec, f"data.{what}")
 
-    def _loader(self, source: Source, on_corrupt: OnCorrupt) -> DataLoader:
+    def _loader(self, source: Source, on_corrupt: OnCorrupt, images: bool = True) -> DataLoader:
         cfg = self.data_config()
         dataset = IndexedDataset(
             source,
             create_transform(**cfg, is_training=False),
             "skip" if self.hparams.skip_corrupt else on_corrupt,
             tuple(cfg["input_size"]),
+            images,
         )
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=False,
-            num_workers=self.hparams.num_workers,
+            num_workers=self.hparams.num_workers if images else 0,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=False,
         )
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per data set; attached to a trainer, corrupt files are marked and raised by
-        ``on_before_batch_transfer`` when their batch is evaluated (unless ``skip_corrupt``)."""
+        ``on_before_batch_transfer`` when their batch is evaluated (unless ``skip_corrupt``). The sets named in
+        the module's ``sets_without_images`` load no images."""
         self.setup("test")
         on_corrupt = "raise" if self.trainer is None else "mark"
-        return [self._loader(self.sources[info.name], on_corrupt) for info in self.loaders]
+        cached = getattr(getattr(self.trainer, "lightning_module", None), "sets_without_images", frozenset())
+        return [
+            self._loader(self.sources[info.name], on_corrupt, images=info.name not in cached) for info in self.loaders
+        ]
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Unless ``skip_corrupt``, raise the ``CorruptImageError`` of the first file marked corrupt (negative

@@ -1,0 +1,357 @@
+"""Feature cache: each test set's shared part of the forward pass (``ash_lightning.sweep.shared_part``: the
+classifier's input for ``penultimate``, ``forward_features`` for ``pre_pool``), stored by one run and read by
+later runs with the same key, which then run only the per-setting part and decode no images.
+
+An entry is a folder ``<root>/<digest>/`` (digest: SHA-256 of the key's JSON) holding ``features.npy`` (N rows of
+the raw bytes of each sample's features, any torch dtype), ``targets.npy``, ``index.npy`` (the data module's
+index: negative for a skipped corrupt file) and, written last, ``complete.json``: the key, dtype, sample shape
+and every file's size and SHA-256. Files are written under temporary names and renamed (``write_atomically``).
+An entry is read only when its marker is present and every file matches it; otherwise (an interrupted write, a
+truncated or altered file) a one-line warning names the problem and the entry is rebuilt.
+
+The key (``set_key``) holds what the stored values depend on: the backbone name and a fingerprint of its weights,
+the placement and split point, the parameter dtype, trainer precision and device type, the data set spec (paths
+expanded, each existing file's or folder's size and modification time), the transform config, ``skip_corrupt``
+and the number of samples; a change of any of them reads another entry. Only single-process runs use the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ash_lightning.calibration import weights_fingerprint
+from ash_lightning.errors import UserError
+from ash_lightning.files import expand_user_vars, writable_directory, write_atomically
+from ash_lightning.sweep import split_point
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # part of every key: bump it when what is stored changes
+DEFAULT_MAX_GIB = 8.0
+MARKER = "complete.json"
+FILES = ("features.npy", "targets.npy", "index.npy")
+GIB = 2**30
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def data_identity(spec: Any) -> Any:
+    """``spec`` with ``~`` and ``$VARS`` expanded in every string, and each string that names an existing file or
+    folder paired with its size and modification time (a file replaced in place changes the identity)."""
+    if isinstance(spec, Mapping):
+        return {str(k): data_identity(v) for k, v in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        return [data_identity(v) for v in spec]
+    if not isinstance(spec, str):
+        return spec
+    expanded = expand_user_vars(spec)
+    path = expanded.split(":", 1)[1] if ":" in expanded and not os.path.exists(expanded) else expanded
+    if not os.path.exists(path):
+        return expanded
+    stat = os.stat(path)
+    return {"value": expanded, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def set_key(
+    network: Mapping[str, Any], spec: Any, transform: Mapping[str, Any], skip_corrupt: bool, num_samples: int
+) -> dict[str, Any]:
+    """The key of one data set's entry: ``network`` (see ``network_key``) and the data's identity."""
+    data = {"spec": data_identity(spec), "transform": dict(transform), "skip_corrupt": skip_corrupt}
+    return {"format": FORMAT, **network, "data": data, "num_samples": num_samples}
+
+
+def network_key(backbone: str, model: nn.Module, placement: str, precision: str, device_type: str) -> dict[str, Any]:
+    """The network part of every set's key: name, weights fingerprint, placement, split point, dtype, precision
+    and device type (features computed differently are stored apart)."""
+    dtype = next(model.parameters(), torch.empty(0)).dtype
+    return {
+        "backbone": backbone,
+        "weights": weights_fingerprint(model),
+        "placement": placement,
+        "split_point": split_point(model, placement),
+        "dtype": str(dtype),
+        "precision": precision,
+        "device": device_type,
+    }
+
+
+def entry_dir(root: str | os.PathLike[str], key: Mapping[str, Any]) -> Path:
+    """The folder of ``key``'s entry under ``root``."""
+    return Path(root) / hashlib.sha256(_json(key).encode()).hexdigest()[:32]
+
+
+def positions(index: Tensor) -> Tensor:
+    """Sample positions from the data module's index (``-(i+1)`` marks a skipped corrupt file at position i)."""
+    return torch.where(index >= 0, index, -index - 1)
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+@dataclass(frozen=True)
+class CachedSet:
+    """A complete entry: ``features`` (N, bytes per sample) uint8, memory-mapped, of ``dtype`` and ``shape`` per
+    sample; ``targets`` and ``index`` (N,)."""
+
+    features: np.ndarray
+    targets: np.ndarray
+    index: np.ndarray
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def rows(self, at: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Features (B, *shape), targets and index of the samples at ``at`` (positions, or the data module's index)."""
+        at = positions(at).cpu().numpy()
+        raw = torch.from_numpy(np.ascontiguousarray(self.features[at]))
+        features = raw.view(self.dtype).reshape(len(at), *self.shape)
+        return features, torch.from_numpy(self.targets[at]), torch.from_numpy(self.index[at])
+
+
+def read_entry(directory: Path, key: Mapping[str, Any]) -> CachedSet | None:
+    """The complete entry in ``directory`` for ``key``; None if there is none, and None after a one-line warning
+    when it is partial or corrupt (the caller rebuilds it)."""
+    marker = directory / MARKER
+    if not marker.is_file():
+        if any((directory / name).exists() for name in FILES):
+            _warn(directory, "is partial (no completion marker: an interrupted run?)")
+        return None
+    try:
+        meta = json.loads(marker.read_text())
+        if meta["key"] != json.loads(_json(key)):
+            _warn(directory, "holds another key")
+            return None
+        for name in FILES:
+            path, expected = directory / name, meta["files"][name]
+            if not path.is_file() or path.stat().st_size != expected["bytes"]:
+                found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+                _warn(directory, f"is corrupt ({name}: {found}, expected {expected['bytes']} bytes)")
+                return None
+            if _file_record(path)["sha256"] != expected["sha256"]:
+                _warn(directory, f"is corrupt ({name}: checksum differs)")
+                return None
+        arrays = [np.load(directory / name, mmap_mode="r") for name in FILES]
+        dtype = getattr(torch, meta["dtype"].removeprefix("torch."))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        _warn(directory, f"is unreadable ({err!r})")
+        return None
+    return CachedSet(*arrays, dtype=dtype, shape=tuple(meta["shape"]))
+
+
+def _warn(directory: Path, problem: str) -> None:
+    warnings.warn(f"feature cache {directory} {problem}; rebuilding it.", stacklevel=3)
+
+
+class EntryWriter:
+    """Fills ``key``'s entry in ``directory`` batch by batch (rows go straight to a memory-mapped temporary file)
+    and commits it once every one of ``num_samples`` positions has been written."""
+
+    def __init__(
+        self, directory: Path, key: Mapping[str, Any], num_samples: int, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MARKER).unlink(missing_ok=True)  # an old marker never vouches for new files
+        for leftover in directory.glob(".*"):  # temporary files of an interrupted run
+            leftover.unlink(missing_ok=True)
+        self.directory, self.key, self.dtype, self.shape = directory, dict(key), dtype, shape
+        row_bytes = torch.empty((), dtype=dtype).element_size() * int(np.prod(shape, dtype=np.int64))
+        self._tmp = directory / f".features.{uuid.uuid4().hex}.tmp"
+        self._rows = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=np.uint8, shape=(num_samples, row_bytes))
+        self._targets = np.full(num_samples, -1, dtype=np.int64)
+        self._index = np.zeros(num_samples, dtype=np.int64)
+        self._seen = np.zeros(num_samples, dtype=bool)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._seen.all())
+
+    @property
+    def written(self) -> int:
+        return int(self._seen.sum())
+
+    def add(self, features: Tensor, targets: Tensor, index: Tensor) -> None:
+        """Store one batch: features (B, *shape) and the batch's targets and data module index."""
+        at = positions(index).cpu().numpy()
+        rows = features.detach().cpu().contiguous().reshape(len(at), -1).view(torch.uint8)
+        self._rows[at] = rows.numpy()
+        self._targets[at], self._index[at], self._seen[at] = targets.cpu().numpy(), index.cpu().numpy(), True
+
+    def commit(self) -> None:
+        """Rename the features into place, write targets, index and, last, the completion marker."""
+        self._rows.flush()
+        self._rows = None
+        os.replace(self._tmp, self.directory / FILES[0])
+        for name, array in zip(FILES[1:], (self._targets, self._index), strict=True):
+            write_atomically(self.directory / name, lambda tmp, a=array: np.save(tmp, a), suffix=".npy")
+        meta = {
+            "format": FORMAT,
+            "key": self.key,
+            "dtype": str(self.dtype),
+            "shape": list(self.shape),
+            "files": {name: _file_record(self.directory / name) for name in FILES},
+        }
+        write_atomically(self.directory / MARKER, lambda tmp: Path(tmp).write_text(_json(meta)))
+
+    def discard(self) -> None:
+        """Drop the unfinished entry's temporary file."""
+        self._rows = None
+        self._tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class _Set:
+    name: str
+    key: dict[str, Any]
+    num_samples: int
+    cached: CachedSet | None
+    writer: EntryWriter | None = None
+    failed: bool = False  # writing failed once: the rest of the set runs uncached
+
+
+class FeatureCache:
+    """One test run's use of the cache: per dataloader (``sets``: name, key, number of samples, in dataloader
+    order) a complete entry to read, or an entry to write while the features are computed. Features of a set
+    larger than ``max_bytes`` are refused (UserError) at the first computed batch, before any is stored."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        sets: list[tuple[str, dict[str, Any], int]],
+        max_bytes: float,
+        model: nn.Module,
+        placement: str,
+    ) -> None:
+        self.root, self.max_bytes, self._size_checked = Path(root), max_bytes, False
+        self.model, self.placement = model, placement
+        self.sets = [_Set(name, key, n, read_entry(entry_dir(root, key), key)) for name, key, n in sets]
+
+    @property
+    def complete_sets(self) -> frozenset[str]:
+        """Names of the sets read from the cache: their batches need no images."""
+        return frozenset(s.name for s in self.sets if s.cached is not None)
+
+    def shared(
+        self, loader: int, targets: Tensor, index: Tensor, compute: Callable[[], Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(shared, targets, index)`` of a batch of dataloader ``loader``: read from its entry (``index`` holds
+        positions), else ``compute()``d and stored."""
+        entry = self.sets[loader]
+        if entry.cached is not None:
+            features, targets_, index_ = entry.cached.rows(index)
+            return features.to(index.device), targets_.to(index.device), index_.to(index.device)
+        shared = compute()
+        if not entry.failed:
+            self._store(entry, shared, targets, index)
+        return shared, targets, index
+
+    def _store(self, entry: _Set, shared: Tensor, targets: Tensor, index: Tensor) -> None:
+        try:
+            if entry.writer is None:
+                self._check_size(shared)
+                directory = entry_dir(self.root, entry.key)
+                entry.writer = EntryWriter(directory, entry.key, entry.num_samples, shared.dtype, shared.shape[1:])
+            entry.writer.add(shared, targets, index)
+            if entry.writer.complete:
+                entry.writer.commit()
+                entry.writer = None
+                log.info("feature cache: stored data set %r in %s", entry.name, entry_dir(self.root, entry.key))
+        except OSError as err:
+            entry.failed = True
+            if entry.writer is not None:
+                entry.writer.discard()
+                entry.writer = None
+            warnings.warn(
+                f"could not write the feature cache of data set {entry.name!r} under {self.root} ({err}); the next "
+                "run computes its features again. Fix: point model.feature_cache at a writable folder with space.",
+                stacklevel=3,
+            )
+
+    def _check_size(self, shared: Tensor) -> None:
+        """UserError when the largest set still to be stored would exceed ``max_bytes`` (from this batch's size)."""
+        if self._size_checked:
+            return
+        self._size_checked = True
+        check_placement(self.model, self.placement)  # the first pass may find the classifier is not last
+        per_sample = shared[:1].numel() * shared.element_size()
+        largest = max((s for s in self.sets if s.cached is None), key=lambda s: s.num_samples)
+        need = per_sample * largest.num_samples
+        if need > self.max_bytes:
+            raise UserError(
+                f"model.feature_cache: the features at this placement take {per_sample / 2**10:.1f} KiB per sample "
+                f"(shape {tuple(shared.shape[1:])}), {need / GIB:.2f} GiB for data set {largest.name!r} "
+                f"({largest.num_samples} samples), over the limit model.feature_cache_max_gib = "
+                f"{self.max_bytes / GIB:g} GiB. Fix: raise model.feature_cache_max_gib, use placement: penultimate, "
+                "or remove model.feature_cache."
+            )
+
+    def close(self) -> None:
+        """Drop the entries of sets that were not evaluated whole (e.g. ``limit_test_batches``), with a warning."""
+        for entry in self.sets:
+            if entry.writer is not None:
+                written = entry.writer.written
+                entry.writer.discard()
+                entry.writer = None
+                warnings.warn(
+                    f"feature cache: data set {entry.name!r} not stored: {written} of its {entry.num_samples} "
+                    "samples were evaluated (limit_test_batches?); only whole sets are cached.",
+                    stacklevel=2,
+                )
+
+
+def check_placement(model: nn.Module, placement: str) -> None:
+    """UserError when ``placement``'s shared part is the input itself (nothing to cache): a placement inside
+    the network, or a classifier whose output is not the network's (known after the first batch)."""
+    if split_point(model, placement) != "network":
+        return
+    reason = (
+        f"{type(model).__name__}'s output is not its classifier's output"
+        if placement == "penultimate"
+        else f"placement {placement!r} shapes inside the network"
+    )
+    raise UserError(
+        f"model.feature_cache: {reason}, so every shaping setting reruns the whole network from the images and "
+        "there are no shared features to cache. Fix: use placement: penultimate or pre_pool, or remove "
+        "model.feature_cache."
+    )
+
+
+def open_feature_cache(
+    root: str, backbone: str, model: nn.Module, placement: str, trainer: Any, max_gib: float
+) -> FeatureCache | None:
+    """The cache for ``trainer``'s test run over its ``OODDataModule``; None, with a warning, for a multi-process
+    run (each rank sees one shard) or another data module (its sets' identity is unknown)."""
+    directory = writable_directory(expand_user_vars(root), "model.feature_cache")
+    datamodule = getattr(trainer, "datamodule", None)
+    if trainer.world_size > 1:
+        reason = f"this run has {trainer.world_size} processes, and only single-process runs use it"
+    elif not all(hasattr(datamodule, a) for a in ("specs", "sources", "data_config", "loaders")):
+        reason = "the test data does not come from an OODDataModule, so its identity is unknown"
+    else:
+        reason = None
+    if reason:
+        if trainer.is_global_zero:
+            warnings.warn(f"model.feature_cache is not used: {reason}; features are computed.", stacklevel=2)
+        return None
+    network = network_key(backbone, model, placement, str(trainer.precision), trainer.strategy.root_device.type)
+    transform, skip_corrupt = datamodule.data_config(), bool(datamodule.hparams.skip_corrupt)
+    sets = []
+    for info in datamodule.loaders:
+        n = len(datamodule.sources[info.name])
+        sets.append((info.name, set_key(network, datamodule.specs[info.name], transform, skip_corrupt, n), n))
+    return FeatureCache(directory, sets, max_gib * GIB, model, placement)
