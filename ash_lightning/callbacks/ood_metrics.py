@@ -31,7 +31,10 @@ from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from ash_lightning.batches import batch_part, describe_batch, expected_layout
+from ash_lightning.calibration import FitData
+from ash_lightning.callbacks.detector_features import CapturedFeatureScore
 from ash_lightning.constant_scores import constant_score_warning
+from ash_lightning.detectors import is_detector_spec
 from ash_lightning.errors import UserError
 from ash_lightning.files import writable_directory
 from ash_lightning.lightning_packages import CALLBACK_BASES, tensorboard_writer
@@ -53,7 +56,10 @@ class OODMetricsCallback(*CALLBACK_BASES):
         id_dataloader_idx: the ID dataloader when the data module declares no roles.
         ood_names: names of the other dataloaders (default: the data module's, else ``ood1``, ``ood2``...).
         groups: group name -> OOD set names to average (default: the data module's ``groups``).
-        score: the score computed from logits when ``test_step`` returns no ``scores``.
+        score: the score computed from logits when ``test_step`` returns no ``scores``: a logit score
+            (``energy``) or a feature-space detector (``knn@50``, ``vim@64``; see ``detector_features``).
+        fit_dataloader: ID fit data for a fitted detector (a DataLoader or a callable returning one; default: the
+            data module's ``fit_dataloader()``).
         tpr: the TPR of the FPR metric (0.95 -> ``fpr95``); convention: ``"paper"`` or ``"openood"``.
         nonfinite: ``"raise"`` stops on NaN/Inf scores naming the set and count; ``"drop"`` drops those
             samples and records them in the results.
@@ -72,11 +78,12 @@ class OODMetricsCallback(*CALLBACK_BASES):
         nonfinite: str = "raise",
         output_dir: str | None = None,
         log_figures: bool = True,
+        fit_dataloader: FitData | None = None,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise UserError(f"nonfinite={nonfinite!r}; use one of {NONFINITE_POLICIES}.")
         self.id_dataloader_idx, self.ood_names, self.groups = id_dataloader_idx, ood_names, groups
-        self.score = get_score(score)
+        self.score = CapturedFeatureScore(score, fit_dataloader) if is_detector_spec(score) else get_score(score)
         check_range("ood_metrics.tpr", tpr, 0, 1, low_open=True, high_open=False, example=0.95)
         check_choice("ood_metrics.convention", convention, CONVENTIONS)
         self.tpr, self.convention, self.nonfinite = tpr, convention, nonfinite
@@ -98,6 +105,8 @@ class OODMetricsCallback(*CALLBACK_BASES):
     # ------------------------------------------------------------------ hooks
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset()
+        if isinstance(self.score, CapturedFeatureScore):
+            self.score.start(trainer, pl_module)
         self._loaders = self._resolve_loaders(trainer)
         self._runs = self._resolve_runs(trainer, pl_module)
         self._directory = os.path.abspath(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # collective
@@ -133,7 +142,12 @@ class OODMetricsCallback(*CALLBACK_BASES):
         if trainer.is_global_zero:
             self._report(trainer)
 
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if isinstance(self.score, CapturedFeatureScore):
+            self.score.stop()
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.on_test_end(trainer, pl_module)
         if trainer.is_global_zero and self._loaders:
             stopped = stopped_message(exception.__class__.__name__, list(self._store), self._loaders, self._directory)
             print("\n" + stopped)
