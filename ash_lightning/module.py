@@ -143,6 +143,12 @@ class OODEvalModuleMixin:
                 self.placement,
                 len(self.shapers),
             )
+        if any(map(needs_calibration, self.requested_shapers)) or self.detectors:
+            self._fit_on_id_data()
+
+    def _fit_on_id_data(self) -> None:
+        """Calibrate the calibrated shapers, then fit the detectors per shaping (both cached, keyed by the model,
+        the data module's ``fit`` spec and transform)."""
         hp, datamodule = self.hparams, self.trainer.datamodule
         fit_spec = getattr(datamodule, "hparams", {}).get("fit")
         key = make_cache_key(
