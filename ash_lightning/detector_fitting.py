@@ -34,8 +34,15 @@ from torch import Tensor, nn
 
 from ash_lightning.batches import batch_part, describe_batch, expected_layout
 from ash_lightning.calibration import FitData, cache_dir, calibrate, fit_batches
-from ash_lightning.detectors import AdaScale, Detector, FeatureDetector, FeaturesAndLogits, FittedDetector
-from ash_lightning.detectors import load_fitted, parse_detector
+from ash_lightning.detectors import (
+    AdaScale,
+    Detector,
+    FeatureDetector,
+    FeaturesAndLogits,
+    FittedDetector,
+    load_fitted,
+    parse_detector,
+)
 from ash_lightning.errors import UserError
 from ash_lightning.files import write_atomically
 from ash_lightning.hooks import attach_shaping, find_classifier
@@ -182,7 +189,7 @@ class _FitPass:
         if self.settings:
             with torch.no_grad():
                 outputs = fit.outputs(x, self.settings)
-            for s, features, logits in zip(self.settings, outputs.features, outputs.logits):
+            for s, features, logits in zip(self.settings, outputs.features, outputs.logits, strict=True):
                 self.features[s].append(features.detach().cpu())
                 self.logits[s].append(logits.detach().cpu())
         if self.needs_labels:
@@ -338,5 +345,7 @@ def fit_detector(
         raise UserError(str(err)) from err
     shaper = calibrate(model, shaper, loader, placement, max_samples, device)
     settings = FitSettings.of_shapers(model, [shaper], placement)
-    ((fitted,),) = fit_detectors([detector], settings, lambda: fit_batches(loader), None, placement, max_samples, device)
+    ((fitted,),) = fit_detectors(
+        [detector], settings, lambda: fit_batches(loader), None, placement, max_samples, device
+    )
     return fitted

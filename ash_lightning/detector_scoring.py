@@ -3,8 +3,8 @@
 A feature-space detector reads the setting's penultimate features and logits (from the sweep's one backbone
 pass); an input-space one (``odin``, ``adascale``) runs the model itself, with the setting's shaping attached and
 gradients enabled even inside ``torch.inference_mode`` (Lightning's test loop): the detector clones its input
-batch into a normal tensor, and only the input gets a gradient. ``resolve_score`` reads a ``model.score`` entry: a logit score
-(``energy``) or a detector spec (``knn@50``).
+batch into a normal tensor, and only the input gets a gradient. ``resolve_score`` reads a ``model.score`` entry:
+a logit score (``energy``) or a detector spec (``knn@50``).
 """
 
 from __future__ import annotations
@@ -105,4 +105,6 @@ def detector_scores(
         with torch.no_grad():
             outputs = shaped_outputs(model, x, [shaper], placement)
         features, logits = outputs.features[0], outputs.logits[0]
-    return detector_score(fitted, SettingBatch(model, shaper, placement, x, features, logits, std or [1.0] * x.shape[1]))
+    return detector_score(
+        fitted, SettingBatch(model, shaper, placement, x, features, logits, std or [1.0] * x.shape[1])
+    )

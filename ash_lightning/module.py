@@ -4,8 +4,9 @@
 pass per batch where the placement allows it (see ``ash_lightning.sweep``). A ``score`` entry is a logit score
 (``energy``) or a detector (``knn@50``, ``vim@64``, ``odin``: ``ash_lightning.detectors``), fitted per shaping on
 ``data.fit`` when testing starts (``ash_lightning.detector_fitting``, cached) and scored per batch
-(``ash_lightning.detector_scoring``; ``odin``/``adascale`` take input gradients inside the test loop). ``test_step`` returns per-sample
-``logits``, ``scores``, ``preds``, ``targets`` and ``index``; ``runs`` labels the score columns.
+(``ash_lightning.detector_scoring``; ``odin``/``adascale`` take input gradients inside the test loop).
+``test_step`` returns per-sample ``logits``, ``scores``, ``preds``, ``targets`` and ``index``; ``runs`` labels the
+score columns.
 
 The code lives in ``OODEvalModuleMixin``; ``OODEvalModule`` here is its ``pytorch_lightning`` class and
 ``ash_lightning.lightning.OODEvalModule`` its ``lightning.pytorch`` one (see ``ash_lightning.lightning_packages``).

@@ -42,7 +42,6 @@ import yaml
 
 from _common import (
     GROUPS,
-    interleaved_medians,
     ID_FILE,
     OOD_FILES,
     REPO,
@@ -50,6 +49,7 @@ from _common import (
     checkpoint_file,
     command_line,
     datasets_dir,
+    interleaved_medians,
     machine_line,
     markdown_table,
     npz_spec,

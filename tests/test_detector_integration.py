@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ash_lightning.detector_fitting as detector_fitting
 from ash_lightning import attach_shaping, get_shaping
-from ash_lightning.callbacks import ActivationShapingCallback, OODMetricsCallback
 from ash_lightning.calibration import make_cache_key
+from ash_lightning.callbacks import ActivationShapingCallback, OODMetricsCallback
 from ash_lightning.detector_fitting import FitSettings, fit_detector, fit_detectors
 from ash_lightning.detector_scoring import detector_scores
 from ash_lightning.detectors import ODIN, AdaScale, FeaturesAndLogits, FittedDetector, parse_detector
@@ -350,9 +350,9 @@ def _results(out: Path) -> dict:
 
 def test_main_with_detectors_one_and_two_processes(tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path) -> None:
     """main.py with [energy, mds, knn@5, vim@16]: results in the usual layout; DDP (2 CPU processes, each fitting
-    on the whole fit set, separate caches) gives the same scores. (Not with ash_* on these random weights: their pruned features span fewer than
-    D + 1 dimensions on the fit set, so ViM's alpha = mean max-logit / mean residual is ~1e15 and multiplies float32
-    rounding, which depends on the thread count, into the score.)"""
+    on the whole fit set, separate caches) gives the same scores. (Not with ash_* on these random weights: their
+    pruned features span fewer than D + 1 dimensions on the fit set, so ViM's alpha = mean max-logit / mean
+    residual is ~1e15 and multiplies float32 rounding, which depends on the thread count, into the score.)"""
     scores = ["energy", "mds", "knn@5", "vim@16"]
     outputs = {}
     for name, extra in (("one", ()), ("two", ("--trainer.devices", "2", "--trainer.strategy", "ddp"))):
@@ -362,7 +362,9 @@ def test_main_with_detectors_one_and_two_processes(tiny_data: dict, tiny_checkpo
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs[name] = tmp_path / name
     one, two = _results(outputs["one"]), _results(outputs["two"])
-    assert [(r["shaping"], r["score"]) for r in one["runs"]] == [(s, c) for s in ("none", get_shaping("react@1.0").spec) for c in scores]
+    assert [(r["shaping"], r["score"]) for r in one["runs"]] == [
+        (s, c) for s in ("none", get_shaping("react@1.0").spec) for c in scores
+    ]
     assert sorted(one["ranking"]) == list(range(8))
     csv = (outputs["one"] / "run" / "v" / "ood_results.csv").read_text()
     assert "knn@5" in csv and "mds" in csv

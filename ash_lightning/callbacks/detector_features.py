@@ -108,7 +108,9 @@ class CapturedFeatureScore:
         """The detector fitted on the ID fit data through the network as it is now (shapings attached)."""
         network, trainer = self._network, self._trainer
         fit = getattr(trainer.datamodule, "hparams", {}).get("fit") if self.fit_dataloader is None else None
-        shapings = [(cb.spec, cb.placement) for cb in trainer.callbacks if hasattr(cb, "spec") and hasattr(cb, "placement")]
+        shapings = [
+            (cb.spec, cb.placement) for cb in trainer.callbacks if hasattr(cb, "spec") and hasattr(cb, "placement")
+        ]
         key = (
             make_cache_key(type(network).__name__, fit=fit, weights=weights_fingerprint(network))
             if fit is not None
