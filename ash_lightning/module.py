@@ -1,8 +1,12 @@
 """``OODEvalModule``: any timm backbone with activation shaping, evaluated by the test loop.
 
 ``shaping`` and ``score`` may be lists: a test run evaluates their product (a sweep), with one backbone
-pass per batch where the placement allows it (see ``ash_lightning.sweep``). ``test_step`` returns per-sample
-``logits``, ``scores``, ``preds``, ``targets`` and ``index``; ``runs`` labels the score columns.
+pass per batch where the placement allows it (see ``ash_lightning.sweep``). A ``score`` entry is a logit score
+(``energy``) or a detector (``knn@50``, ``vim@64``, ``odin``: ``ash_lightning.detectors``), fitted per shaping on
+``data.fit`` when testing starts (``ash_lightning.detector_fitting``, cached) and scored per batch
+(``ash_lightning.detector_scoring``; ``odin``/``adascale`` take input gradients inside the test loop).
+``test_step`` returns per-sample ``logits``, ``scores``, ``preds``, ``targets`` and ``index``; ``runs`` labels the
+score columns.
 
 The code lives in ``OODEvalModuleMixin``; ``OODEvalModule`` here is its ``pytorch_lightning`` class and
 ``ash_lightning.lightning.OODEvalModule`` its ``lightning.pytorch`` one (see ``ash_lightning.lightning_packages``).
@@ -17,15 +21,18 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from timm.data import resolve_data_config
 from torch import Tensor
 
 from ash_lightning.backbone import create_backbone, warn_if_random_weights
 from ash_lightning.calibration import calibrate_shapers, fit_loader_of, make_cache_key, needs_calibration
+from ash_lightning.detector_fitting import FitSettings, check_detectors, fit_detectors
+from ash_lightning.detector_scoring import SettingBatch, detector_score, resolve_score, score_name
+from ash_lightning.detectors import Detector, FittedDetector
 from ash_lightning.errors import UserError
 from ash_lightning.feature_cache import DEFAULT_MAX_GIB, FeatureCache, check_placement, open_feature_cache
 from ash_lightning.hooks import attach_shaping
 from ash_lightning.options import check_int, check_range
-from ash_lightning.scores import get_score
 from ash_lightning.shaping import get_shaping
 from ash_lightning.sweep import outputs_from_shared, runs_backbone_once, shaped_logits, shared_part
 
@@ -74,8 +81,9 @@ class OODEvalModuleMixin:
         num_classes: override the classifier size (default: the model's).
         shaping: a shaping spec or a list of them (``"ash_s@90"``, ``["none", "ash_b@65"]``).
         placement: ``"penultimate"``, ``"pre_pool"`` or a dotted module name.
-        score: a score name or a list of them (``"energy"``, ``"msp"``, ...).
-        calibration_samples: at most this many ID fit samples for calibrated methods (default: all of data.fit).
+        score: a score name or detector spec, or a list of them (``"energy"``, ``"msp"``, ``"knn@50"``, ...).
+        calibration_samples: at most this many ID fit samples for calibrated methods and fitted detectors
+            (default: all of data.fit).
         feature_cache: a folder for each test set's shared features (``ash_lightning.feature_cache``): a later run
             with the same backbone, weights, placement and data reads them and runs only the per-setting part.
         feature_cache_max_gib: refuse to cache a set whose features would take more than this many GiB.
@@ -99,12 +107,12 @@ class OODEvalModuleMixin:
         self.save_hyperparameters()
         self.requested_shapers = [_user_spec(get_shaping, s, "shaping") for s in _as_list(shaping)]
         self.shapers = list(self.requested_shapers)  # calibrated ones are fitted when testing starts
-        self.scores = [_user_spec(get_score, s, "score") for s in _as_list(score)]
+        self.scores = [_user_spec(resolve_score, s, "score") for s in _as_list(score)]
         if not self.shapers or not self.scores:
             raise UserError("model.shaping and model.score need at least one entry each.")
         _check_options(
             [sh.spec for sh in self.requested_shapers],
-            [sc.name for sc in self.scores],
+            [score_name(sc) for sc in self.scores],
             calibration_samples,
             num_classes,
         )
@@ -117,17 +125,33 @@ class OODEvalModuleMixin:
         )
         for shaper in self.requested_shapers:  # attached and removed at once: an unfit placement fails here
             _user_spec(lambda p, s=shaper: attach_shaping(self.model, s, p).remove(), placement, "placement")
+        check_detectors(self.model, self.detectors, "model.score")
         warn_if_random_weights(backbone, pretrained=pretrained, checkpoint_path=checkpoint_path)
         self.placement = placement
         if feature_cache is not None:
             check_placement(self.model, placement)
+            gradient = [d.spec for d in self.detectors if d.needs_gradients]
+            if gradient:
+                raise UserError(
+                    f"model.score: {', '.join(gradient)} perturb the input images, which a run from "
+                    "model.feature_cache does not load. Fix: remove model.feature_cache for runs with these scores, "
+                    "or score them in a separate run."
+                )
             limit = "model.feature_cache_max_gib"
             check_range(limit, feature_cache_max_gib, 0, math.inf, low_open=True, high_open=True, example=8)
         self._feature_cache: FeatureCache | None = None
         self.sets_without_images: frozenset[str] = frozenset()  # read by OODDataModule.test_dataloader
+        self.fitted: list[dict[str, FittedDetector]] = []  # per shaping: detector spec -> fitted, at test start
+        self._std: tuple[float, ...] = ()  # the data transform's std, for odin
         self.runs = [
-            {"shaping": sh.spec, "score": sc.name} for sh, sc in itertools.product(self.requested_shapers, self.scores)
+            {"shaping": sh.spec, "score": score_name(sc)}
+            for sh, sc in itertools.product(self.requested_shapers, self.scores)
         ]
+
+    @property
+    def detectors(self) -> list[Detector]:
+        """The detectors among the scores, in order."""
+        return [score for score in self.scores if isinstance(score, Detector)]
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the backbone with the first shaper attached."""
@@ -160,16 +184,23 @@ class OODEvalModuleMixin:
                 self.placement,
                 len(self.shapers),
             )
+        if any(map(needs_calibration, self.requested_shapers)) or self.detectors:
+            self._fit_on_id_data()
+
+    def _fit_on_id_data(self) -> None:
+        """Calibrate the calibrated shapers, then fit the detectors per shaping (both cached, keyed by the model,
+        the data module's ``fit`` spec and transform)."""
+        hp, datamodule = self.hparams, self.trainer.datamodule
+        fit_spec = getattr(datamodule, "hparams", {}).get("fit")
+        key = make_cache_key(
+            hp.backbone,
+            hp.checkpoint_path,
+            fit_spec,
+            pretrained=hp.pretrained,
+            num_classes=hp.num_classes,
+            data_config=self._data_config(),
+        )
         if any(map(needs_calibration, self.requested_shapers)):
-            hp, datamodule = self.hparams, self.trainer.datamodule
-            key = make_cache_key(
-                hp.backbone,
-                hp.checkpoint_path,
-                getattr(datamodule, "hparams", {}).get("fit"),
-                pretrained=hp.pretrained,
-                num_classes=hp.num_classes,
-                data_config=datamodule.data_config() if hasattr(datamodule, "data_config") else None,
-            )
             self.shapers = calibrate_shapers(
                 self.requested_shapers,
                 self.model,
@@ -179,11 +210,46 @@ class OODEvalModuleMixin:
                 max_samples=hp.calibration_samples,
                 device=self.device,
             )
+        fitted = fit_detectors(
+            self.detectors,
+            FitSettings.of_shapers(self.model, self.shapers, self.placement),
+            lambda: fit_loader_of(self.trainer),
+            key if fit_spec is not None else None,
+            self.placement,
+            max_samples=hp.calibration_samples,
+            device=self.device,
+        )
+        self.fitted = [{one.spec: one for one in row} for row in fitted]
+        self._std = tuple(self._data_config()["std"])
+
+    def _data_config(self) -> dict[str, Any]:
+        """The data module's transform config, else the backbone's timm config."""
+        datamodule = self.trainer.datamodule
+        if hasattr(datamodule, "data_config"):
+            return datamodule.data_config()
+        return resolve_data_config(model=self.model)
+
+    def _score(self, s: int, j: int, x: Tensor, features: Tensor | None, logits: Tensor) -> Tensor:
+        """The scores (B,) of score ``j`` under shaping setting ``s``."""
+        score = self.scores[j]
+        if not isinstance(score, Detector):
+            return score(logits)
+        batch = SettingBatch(self.model, self.shapers[s], self.placement, x, features, logits, self._std)
+        return detector_score(self.fitted[s][score.spec], batch).to(logits.device)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        x = batch[0]
         shared, targets, index = self._shared(*batch, dataloader_idx)
-        logits = outputs_from_shared(self.model, shared, self.shapers, self.placement).logits  # (S, B, K)
-        scores = torch.stack([score(lg) for lg in logits for score in self.scores], dim=1)  # (B, R)
+        outputs = outputs_from_shared(self.model, shared, self.shapers, self.placement)
+        logits = outputs.logits  # (S, B, K)
+        scores = torch.stack(
+            [
+                self._score(s, j, x, None if outputs.features is None else outputs.features[s], logits[s])
+                for s in range(len(self.shapers))
+                for j in range(len(self.scores))
+            ],
+            dim=1,
+        )  # (B, R)
         preds = logits.argmax(-1).repeat_interleave(len(self.scores), dim=0).T  # (B, R)
         single = len(self.runs) == 1
         return {
@@ -193,6 +259,8 @@ class OODEvalModuleMixin:
             "targets": targets,
             "index": index,
         }
+
+    on_predict_start = on_test_start
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         return self.test_step(batch, batch_idx, dataloader_idx)

@@ -12,8 +12,10 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +125,20 @@ def publish(section: str, text: str, write: bool) -> None:
     )
     BENCHMARKS.write_text(updated)
     print(f"\nwritten to {BENCHMARKS.relative_to(REPO)} between the '{section}' markers")
+
+
+def interleaved_medians(
+    timers: Mapping[str, Callable[[], object]], rounds: int, with_gradients: Sequence[str] = ()
+) -> dict[str, float]:
+    """Median seconds per call of each timer over ``rounds`` rounds that call every timer in turn, after one
+    warm-up round; timers named in ``with_gradients`` run outside ``torch.inference_mode``, the others inside."""
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for round_ in range(rounds + 1):
+        for name, timer in timers.items():
+            with torch.inference_mode(name not in with_gradients):
+                start = time.perf_counter()
+                timer()
+                elapsed = time.perf_counter() - start
+            if round_:  # round 0 warms up
+                times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}

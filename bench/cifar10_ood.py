@@ -14,6 +14,12 @@ Run: ``DATASETS=../shared/data .venv/bin/python bench/cifar10_ood.py``.
 Calibrated methods go to their own section, e.g.
 ``bench/cifar10_ood.py --section cifar10_ood_calibrated --shapings none react@p90 dice@90 --react-percentile 0
 --fit-every 10`` (fit on every 10th ID image, test on the rest; ``--fit NPZ`` sets ``data.fit`` to another file).
+
+``--detectors knn@50 vim@32 odin ...`` (needs fit data) adds a second ``main.py test`` run per model, shaping
+``none`` times the detectors, whose rows join the table; the script then measures, in the same process, each
+detector's extra cost per batch of ``--batch-size`` ID images relative to the backbone's forward pass (median of
+interleaved rounds; feature-space detectors score the batch's features and logits, ``odin``/``adascale`` run their
+own passes), fitted with ``fit_detector`` on the same fit data.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,9 @@ import yaml
 
 from ash_lightning.backbone import create_backbone
 from ash_lightning.data import OODDataModule
+from ash_lightning.detector_fitting import fit_detector
+from ash_lightning.detector_scoring import detector_scores
+from ash_lightning.detectors import FeatureDetector, FeaturesAndLogits
 from ash_lightning.hooks import resolve_hook_point
 from ash_lightning.metrics import fpr_key
 
@@ -47,6 +57,7 @@ from _common import (
     checkpoint_file,
     command_line,
     datasets_dir,
+    interleaved_medians,
     machine_line,
     markdown_table,
     npz_spec,
@@ -99,6 +110,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=["energy", "msp"],
         help="scores; the first is reported for every shaping, the others for 'none' only",
     )
+    parser.add_argument(
+        "--detectors",
+        nargs="+",
+        default=[],
+        help="detector specs (knn@50, vim@32, odin, ...): a second run with shaping none, and their cost",
+    )
+    parser.add_argument("--cost-rounds", type=int, default=5, help="timed rounds of the detector cost")
     parser.add_argument(
         "--react-percentile",
         type=float,
@@ -167,10 +185,16 @@ def penultimate_percentile(backbone: str, percentile: float, data: dict[str, Any
 
 
 def run_sweep(
-    backbone: str, shapings: list[str], data: dict[str, Any], args: argparse.Namespace, out_dir: Path
+    backbone: str,
+    shapings: list[str],
+    scores: list[str],
+    data: dict[str, Any],
+    args: argparse.Namespace,
+    out_dir: Path,
+    version: str,
 ) -> tuple[dict, float, str]:
-    """Write the config (``data`` is its data block), run ``main.py test`` on it; the results, the wall time (s)
-    and the config path."""
+    """Write the config (``data`` is its data block), run ``main.py test`` on it, logging under ``version``; the
+    results, the wall time (s) and the config path."""
     config = {
         "seed_everything": 0,
         "model": {
@@ -178,7 +202,7 @@ def run_sweep(
             "checkpoint_path": f"$DATASETS/{checkpoint_file(backbone)}",
             "shaping": shapings,
             "placement": "penultimate",
-            "score": args.scores,
+            "score": scores,
         },
         "data": data,
         "trainer": {
@@ -190,17 +214,17 @@ def run_sweep(
                 "init_args": {
                     "save_dir": str(out_dir.parent.relative_to(REPO)),
                     "name": out_dir.name,
-                    "version": backbone,
+                    "version": version,
                 },
             },
         },
     }
-    shutil.rmtree(out_dir / backbone, ignore_errors=True)  # the log dir: no stale results or event files
-    config_path = out_dir / f"{backbone}.yaml"
+    shutil.rmtree(out_dir / version, ignore_errors=True)  # the log dir: no stale results or event files
+    config_path = out_dir / f"{version}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     rel_config = str(config_path.relative_to(REPO))
-    log_path = out_dir / f"{backbone}.log"
-    print(f"[{backbone}] python main.py test --config {rel_config}  (log: {log_path.relative_to(REPO)})", flush=True)
+    log_path = out_dir / f"{version}.log"
+    print(f"[{version}] python main.py test --config {rel_config}  (log: {log_path.relative_to(REPO)})", flush=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(
@@ -216,7 +240,7 @@ def run_sweep(
             f"error: main.py test failed for {backbone} (exit {proc.returncode}); the end of "
             f"{log_path}:\n{log_path.read_text()[-3000:]}"
         )
-    results_path = out_dir / backbone / "ood_results.json"
+    results_path = out_dir / version / "ood_results.json"
     return json.loads(results_path.read_text()), wall, rel_config
 
 
@@ -230,12 +254,64 @@ def baseline_accuracy(results: dict[str, Any]) -> float | None:
     return next((r for r in results["runs"] if r["shaping"] == "none"), results["runs"][0])["id_accuracy"]
 
 
+@dataclass(frozen=True)
+class DetectorRun:
+    """The detectors' ``main.py test`` run of one model and their measured cost."""
+
+    results: dict[str, Any]
+    wall: float
+    config: str
+    forward_seconds: float
+    cost: dict[str, float]  # detector spec -> extra seconds per batch / forward-pass seconds
+
+
+def detector_costs(
+    backbone: str, detectors: list[str], data: dict[str, Any], batch_size: int, rounds: int
+) -> tuple[float, dict[str, float]]:
+    """Seconds of the backbone's forward pass on the first ``batch_size`` ID test images, and each detector's
+    extra seconds on that batch divided by it (fitted with ``fit_detector`` on ``data["fit"]``)."""
+    model = create_backbone(backbone, checkpoint_path=f"$DATASETS/{checkpoint_file(backbone)}").eval()
+    datamodule = OODDataModule(
+        id=data["id"], ood=data["ood"], fit=data["fit"], backbone=backbone, batch_size=batch_size
+    )
+    x, _, _ = next(iter(datamodule.test_dataloader()[0]))
+    std = datamodule.data_config()["std"]
+    forward = FeaturesAndLogits(model)
+    with torch.inference_mode():
+        features, logits = forward(x)
+    timers: dict[str, Any] = {"forward": lambda: forward(x)}
+    gradients = []
+    for spec in detectors:
+        fitted = fit_detector(model, spec, datamodule.fit_dataloader())
+        if isinstance(fitted.detector, FeatureDetector):
+            timers[fitted.spec] = lambda f=fitted: f.score(features, logits)
+        else:
+            timers[fitted.spec] = lambda f=fitted: detector_scores(model, f, x, std=std)
+            gradients.append(fitted.spec)
+    median = interleaved_medians(timers, rounds, with_gradients=gradients)
+    base = median.pop("forward")
+    return base, {spec: seconds / base for spec, seconds in median.items()}
+
+
+def _cost(ratio: float | None) -> str:
+    """An extra cost relative to the forward pass: ``+3.2%``, ``+305%``; an em dash for None."""
+    return "—" if ratio is None else f"+{100 * ratio:.1f}%"
+
+
 def model_section(
-    backbone: str, results: dict[str, Any], scores: list[str], wall: float, config: str, react_note: str
+    backbone: str,
+    results: dict[str, Any],
+    scores: list[str],
+    wall: float,
+    config: str,
+    react_note: str,
+    detectors: DetectorRun | None = None,
 ) -> str:
-    """The Markdown of one model: mean and group metrics, then per-set metrics, of the reported runs."""
+    """The Markdown of one model: mean and group metrics, then per-set metrics, of the reported runs (and of the
+    detector runs, with their cost)."""
     fkey = fpr_key(results["tpr"])
-    runs = reported_runs(results, scores)
+    runs = reported_runs(results, scores) + ([] if detectors is None else detectors.results["runs"])
+    cost = {} if detectors is None else detectors.cost
     images = sum(results["counts"].values())
     accuracy = baseline_accuracy(results)
     published = PUBLISHED_ACCURACY.get(backbone)
@@ -248,6 +324,7 @@ def model_section(
             "mean AUPR-In ↑",
             *[f"{g} {fkey.upper()} ↓" for g in results["groups"]],
             "ID acc %",
+            *(["extra cost ÷ forward"] if detectors else []),
         ],
         [
             [
@@ -258,10 +335,11 @@ def model_section(
                 pct(r["mean"]["aupr_in"]),
                 *[pct(m[fkey]) for m in r["groups"].values()],
                 pct(r["id_accuracy"]),
+                *([_cost(cost.get(r["score"]))] if detectors else []),
             ]
             for r in runs
         ],
-        "llrrrrrr",
+        "llrrrrrr" + "r" * bool(detectors),
     )
     per_set = markdown_table(
         ["shaping", "score", *results["ood_sets"]],
@@ -284,6 +362,7 @@ def model_section(
             f"Wall time of `main.py test` (process start to exit, {images:,} images, {len(results['runs'])} "
             f"(shaping, score) runs in one backbone pass per batch): **{wall:.0f} s** ({images / wall:.0f} img/s including start-up).",
             f"Config written and run by the script: `python main.py test --config {config}`.",
+            *([] if detectors is None else [_detector_note(detectors)]),
             "",
             f"Mean over the {len(results['ood_sets'])} OOD sets, in %; groups: "
             + "; ".join(f"{g} = {', '.join(m)}" for g, m in results["groups"].items())
@@ -295,6 +374,18 @@ def model_section(
             "",
             per_set,
         ]
+    )
+
+
+def _detector_note(run: DetectorRun) -> str:
+    """How the detector rows were run and their cost measured."""
+    images = sum(run.results["counts"].values())
+    return (
+        f"Detector rows: a second `main.py test` run (shaping none × {len(run.results['runs'])} detectors, fitted "
+        f"on the fit split), wall time **{run.wall:.0f} s**, config `{run.config}`. Their extra cost is measured "
+        f"in the same script run on one batch of ID test images, relative to the backbone's forward pass "
+        f"({run.forward_seconds * 1e3:.0f} ms per batch; {images:,} images in all): feature-space detectors score "
+        "the batch's features and logits, odin and adascale run their own passes (gradients to the input)."
     )
 
 
@@ -335,6 +426,8 @@ def header(args: argparse.Namespace, data: dict[str, Any], accuracies: dict[str,
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.detectors and not (args.fit or args.fit_every):
+        sys.exit("error: --detectors needs fit data: add --fit-every N (a split of the ID set) or --fit NPZ.")
     files = [ID_FILE, TRAIN_FILE, *OOD_FILES.values(), *map(checkpoint_file, args.models)]
     if args.fit and os.sep not in args.fit:
         files.append(args.fit)
@@ -355,8 +448,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"CIFAR-10 training PNGs (`{TRAIN_FILE}`), rounded to 2 decimals; no test data was used."
             )
             print(f"[{backbone}] {react_note}", flush=True)
-        results, wall, config = run_sweep(backbone, shapings, data, args, out_dir)
-        sections.append(model_section(backbone, results, args.scores, wall, config, react_note))
+        results, wall, config = run_sweep(backbone, shapings, args.scores, data, args, out_dir, backbone)
+        detectors = None
+        if args.detectors:
+            detector_results, detector_wall, detector_config = run_sweep(
+                backbone, ["none"], args.detectors, data, args, out_dir, f"{backbone}_detectors"
+            )
+            print(f"[{backbone}] measuring the detectors' cost per batch", flush=True)
+            forward_seconds, cost = detector_costs(backbone, args.detectors, data, args.batch_size, args.cost_rounds)
+            detectors = DetectorRun(detector_results, detector_wall, detector_config, forward_seconds, cost)
+        sections.append(model_section(backbone, results, args.scores, wall, config, react_note, detectors))
         accuracies[backbone] = baseline_accuracy(results)
     publish(
         args.section,

@@ -14,8 +14,6 @@ Run: ``PYTHONPATH=. python bench/detector_cost.py``
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import timm
@@ -24,18 +22,12 @@ import torch
 import ash_lightning.models  # noqa: F401  (registers cifar_resnet20 in timm)
 from ash_lightning.detectors import FeatureDetector, FeaturesAndLogits, FittedDetector, parse_detector
 
-from _common import machine_line, markdown_table
+from _common import interleaved_medians, machine_line, markdown_table
 
 FEATURE_SPECS = ("mds", "rmds", "knn@50", "knn@50@0.1", "vim@32", "fdbd", "nnguide@10", "nnguide@100", "gradnorm")
 PASS_SPECS = ("odin@1000@0.0014", "adascale")
 TARGET = 0.10
 STD = (0.229, 0.224, 0.225)  # the ImageNet std the CIFAR ResNet checkpoints normalise with
-
-
-def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -76,17 +68,7 @@ def main() -> None:
     timers["odin@1000@0.0014"] = lambda: odin.score(model, x, STD)
     timers["adascale"] = lambda: fitted["adascale"].score(forward, x, weight, bias)
 
-    times: dict[str, list[float]] = {name: [] for name in timers}
-    for round_ in range(args.rounds + 1):
-        for name, timer in timers.items():
-            if name in PASS_SPECS:
-                elapsed = _seconds(timer)
-            else:
-                with torch.inference_mode():
-                    elapsed = _seconds(timer)
-            if round_:  # round 0 warms up
-                times[name].append(elapsed)
-    median = {name: statistics.median(values) for name, values in times.items()}
+    median = interleaved_medians(timers, args.rounds, with_gradients=PASS_SPECS)
 
     base = median["forward"]
     print(machine_line())

@@ -33,8 +33,11 @@ import torch
 from torch import Tensor
 
 from ash_lightning.batches import batch_part, describe_batch, expected_layout
+from ash_lightning.calibration import FitData
 from ash_lightning.callbacks.activation_shaping import ActivationShapingCallback
+from ash_lightning.callbacks.detector_features import CapturedFeatureScore
 from ash_lightning.constant_scores import constant_score_warning
+from ash_lightning.detectors import is_detector_spec
 from ash_lightning.errors import UserError
 from ash_lightning.files import writable_directory
 from ash_lightning.lightning_packages import CALLBACK_BASES, rank_zero_info, rank_zero_warn, tensorboard_writer
@@ -57,7 +60,10 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         id_dataloader_idx: the ID dataloader when the data module declares no roles.
         ood_names: names of the other dataloaders (default: the data module's, else ``ood1``, ``ood2``...).
         groups: group name -> OOD set names to average (default: the data module's ``groups``).
-        score: the score computed from logits when ``test_step`` returns no ``scores``.
+        score: the score computed from logits when ``test_step`` returns no ``scores``: a logit score
+            (``energy``) or a feature-space detector (``knn@50``, ``vim@64``; see ``detector_features``).
+        fit_dataloader: ID fit data for a fitted detector (a DataLoader or a callable returning one; default: the
+            data module's ``fit_dataloader()``).
         tpr: the TPR of the FPR metric (0.95 -> ``fpr95``); convention: ``"paper"`` or ``"openood"``.
         nonfinite: ``"raise"`` stops on NaN/Inf scores naming the set and count; ``"drop"`` drops those
             samples and records them in the results.
@@ -107,11 +113,12 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         output_dir: str | None = None,
         log_figures: bool = True,
         verbose: bool = True,
+        fit_dataloader: FitData | None = None,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise UserError(f"nonfinite={nonfinite!r}; use one of {NONFINITE_POLICIES}.")
         self.id_dataloader_idx, self.ood_names, self.groups = id_dataloader_idx, ood_names, groups
-        self.score: Any = get_score(score)  # a Score, or the user's callable with a .name
+        self.score: Any = CapturedFeatureScore(score, fit_dataloader) if is_detector_spec(score) else get_score(score)
         check_range("ood_metrics.tpr", tpr, 0, 1, low_open=True, high_open=False, example=0.95)
         check_choice("ood_metrics.convention", convention, CONVENTIONS)
         self.tpr, self.convention, self.nonfinite = tpr, convention, nonfinite
@@ -136,6 +143,8 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset()
         self.results = self.summary = None
+        if isinstance(self.score, CapturedFeatureScore):
+            self.score.start(trainer, pl_module)
         self._loaders = self._resolve_loaders(trainer)
         self._sets = [OODMetrics(self.tpr, self.convention) for _ in self._loaders]
         self._runs = self._resolve_runs(trainer, pl_module)
@@ -175,7 +184,12 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         if trainer.is_global_zero:
             self._report(trainer, results)
 
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if isinstance(self.score, CapturedFeatureScore):
+            self.score.stop()
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.on_test_end(trainer, pl_module)
         if self._loaders:
             rank_zero_info(
                 "\n" + stopped_message(exception.__class__.__name__, list(self._store), self._loaders, self._directory)

@@ -1,0 +1,147 @@
+"""A detector as ``OODMetricsCallback``'s score: it reads the penultimate features of the user's network.
+
+``CapturedFeatureScore(spec, fit_dataloader, module)`` finds the network inside the LightningModule as
+``ActivationShapingCallback`` does, captures the input of its classifier (after any shaping attached there, by a
+forward hook: it sees the arguments as the pre-hooks left them) on every call while testing, and scores
+``(features of the last call, logits)`` with the detector. The detector is fitted at the first scored batch, when
+every callback's ``on_test_start`` has run (so the fit sees the same shaping as the test), on ``fit_dataloader``
+or else the data module's ``fit_dataloader()`` (cached by the network's weights, the fit data spec and the
+attached shapings; see ``ash_lightning.detector_fitting``). Checks that need no backbone pass (no classifier, no
+fit data, no labels for mds/rmds) run in ``start``. Only feature-space detectors: odin/adascale need the input
+batch and gradients, which a score of test_step outputs never sees (use ``OODEvalModule`` or the functional API).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ash_lightning.batches import batch_part
+from ash_lightning.calibration import FitData, fit_batches, fit_loader_of, make_cache_key, weights_fingerprint
+from ash_lightning.detector_fitting import FitSettings, check_detectors, fit_detectors
+from ash_lightning.detectors import FeatureDetector, FittedDetector, parse_detector
+from ash_lightning.errors import UserError
+from ash_lightning.hooks import find_classifier
+
+__all__ = ["CapturedFeatureScore"]
+
+
+def find_network(pl_module: nn.Module, module: str | None) -> nn.Module:
+    """The submodule named ``module``, else the first child with a classifier, else ``pl_module`` itself."""
+    if module is not None:
+        try:
+            return pl_module.get_submodule(module)
+        except AttributeError as err:
+            children = [n for n, _ in pl_module.named_children()]
+            raise UserError(
+                f"OODMetricsCallback: {type(pl_module).__name__} has no submodule {module!r}; its children are "
+                f"{children}."
+            ) from err
+    return next((child for child in pl_module.children() if find_classifier(child) is not None), pl_module)
+
+
+class CapturedFeatureScore:
+    """``score(logits)`` = the fitted detector on the features captured from the network's last call (see the
+    module docstring); ``name`` is the detector spec."""
+
+    def __init__(self, spec: str, fit_dataloader: FitData | None = None, module: str | None = None) -> None:
+        detector = parse_detector(spec)
+        if not isinstance(detector, FeatureDetector):
+            raise UserError(
+                f"OODMetricsCallback(score={spec!r}): {detector.spec} needs the input batch and gradients, which a "
+                "callback scoring test_step's outputs does not get. Fix: evaluate it with OODEvalModule "
+                f"(model.score: [{detector.spec}]) or call ash_lightning.detectors.{detector.name} in your test_step."
+            )
+        self.detector, self.name = detector, detector.spec
+        self.fit_dataloader, self.module = fit_dataloader, module
+        self._network: nn.Module | None = None
+        self._handle: RemovableHandle | None = None
+        self._captured: list[Tensor] = []
+        self._fitted: FittedDetector | None = None
+        self._trainer: Any = None
+
+    def start(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Find the network and hook its classifier; UserErrors for what needs no backbone pass to tell."""
+        self.stop()
+        network = find_network(pl_module, self.module)
+        check_detectors(network, [self.detector], "OODMetricsCallback(score=...)")
+        self._network, self._trainer, self._fitted = network, trainer, None
+        if self.detector.needs_fit:
+            loader = self._fit_loader()
+            if self.detector.needs_labels:
+                first = next(iter(loader), None)
+                labels = None if first is None else batch_part(first, "labels")
+                if labels is None or (len(labels) and int(labels.min()) < 0):
+                    raise UserError(
+                        f"OODMetricsCallback(score={self.name!r}) needs the class labels of the ID fit data, but its "
+                        "first batch carries none (or unlabelled ones, -1). Fix: give labelled ID data, e.g. the "
+                        "training loader yielding (x, y), as fit_dataloader; or use knn, vim, fdbd or nnguide."
+                    )
+        self._handle = find_classifier(network).register_forward_hook(self._capture)
+        self._captured = []
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _capture(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._captured[:] = [args[0]]
+
+    def _fit_loader(self) -> Iterable[Any]:
+        """``fit_dataloader``, else the data module's; a UserError naming both ways if neither."""
+        if self.fit_dataloader is not None:
+            return fit_batches(self.fit_dataloader)
+        loader = fit_loader_of(self._trainer)
+        if loader is None:
+            raise UserError(
+                f"OODMetricsCallback(score={self.name!r}) fits on ID data, and the trainer has none. Fix: pass "
+                "OODMetricsCallback(score=..., fit_dataloader=<an ID DataLoader, e.g. the training loader, or a "
+                "callable returning one>)."
+            )
+        return loader
+
+    def _fit(self) -> FittedDetector:
+        """The detector fitted on the ID fit data through the network as it is now (shapings attached)."""
+        network, trainer = self._network, self._trainer
+        fit = getattr(trainer.datamodule, "hparams", {}).get("fit") if self.fit_dataloader is None else None
+        shapings = [
+            (cb.spec, cb.placement) for cb in trainer.callbacks if hasattr(cb, "spec") and hasattr(cb, "placement")
+        ]
+        key = (
+            make_cache_key(type(network).__name__, fit=fit, weights=weights_fingerprint(network))
+            if fit is not None
+            else None
+        )
+        handle, self._handle = self._handle, None
+        handle.remove()  # the fit pass is not a test batch
+        try:
+            ((fitted,),) = fit_detectors(
+                [self.detector],
+                FitSettings.as_attached(network, str(shapings)),
+                self._fit_loader,
+                key,
+                "penultimate",
+                device=next(network.parameters()).device,
+            )
+        finally:
+            self._handle = find_classifier(network).register_forward_hook(self._capture)
+        return fitted
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if self._network is None:
+            raise RuntimeError("CapturedFeatureScore.start(trainer, pl_module) must run before scoring")
+        if not self._captured or self._captured[0].shape[0] != logits.shape[0]:
+            raise UserError(
+                f"OODMetricsCallback(score={self.name!r}) reads the penultimate features of "
+                f"{type(self._network).__name__}, but its classifier did not see this batch of {logits.shape[0]} "
+                "samples in test_step. Fix: compute the logits with that network in test_step, or name the network "
+                "with module=..."
+            )
+        features = self._captured[0].flatten(1)
+        if self._fitted is None:
+            self._fitted = self._fit() if self.detector.needs_fit else FittedDetector(self.detector, {})
+        return self._fitted.score(features, logits)

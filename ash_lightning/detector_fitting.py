@@ -1,0 +1,351 @@
+"""Fit detectors (``ash_lightning.detectors``) on ID data, per shaping setting, with a cache.
+
+``fit_detectors`` fits every (setting, detector) pair: detectors without fit data (``odin``, ``gradnorm``) as they
+are; the others from the cache or, for the pairs it lacks, from ONE pass over the ID fit data that yields the
+penultimate features (the classifier's input as each setting's shaping leaves it), the logits and, where a
+detector needs them, the class labels of every setting at once; ``adascale`` adds its perturbed passes per batch.
+The pass runs in eval mode without gradients (AdaSCALE's input gradients excepted) and leaves normal (not
+inference) tensors, so that the statistics also serve the gradient detectors. Fit data is iterated in full by
+the caller's process: under DDP every rank fits on the whole fit set and holds identical statistics.
+
+The cache holds one ``torch.save``d ``FittedDetector.state_dict()`` per pair under
+``$ASH_CACHE_DIR/detectors`` (see ``ash_lightning.calibration.cache_dir``), named by the SHA-256 of its key:
+the caller's ``cache_key`` (``make_cache_key``: backbone, checkpoint path + size + mtime, fit data spec, ...),
+the placement, the setting's shaping spec, the detector spec and ``max_samples``. Without a ``cache_key``
+nothing is cached. Writes are atomic (DDP ranks may race).
+
+``fit_detector(model, "knn@50", loader)`` is the functional form for one detector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ash_lightning.batches import batch_part, describe_batch, expected_layout
+from ash_lightning.calibration import FitData, cache_dir, calibrate, fit_batches
+from ash_lightning.detectors import (
+    AdaScale,
+    Detector,
+    FeatureDetector,
+    FeaturesAndLogits,
+    FittedDetector,
+    load_fitted,
+    parse_detector,
+)
+from ash_lightning.errors import UserError
+from ash_lightning.files import write_atomically
+from ash_lightning.hooks import attach_shaping, find_classifier
+from ash_lightning.shaping import Shaper, get_shaping
+from ash_lightning.sweep import SettingOutputs, shaped_outputs
+
+__all__ = ["FitSettings", "check_detectors", "classifier_weights", "fit_detector", "fit_detectors"]
+
+log = logging.getLogger(__name__)
+
+_CACHE_FORMAT = 1  # part of every key: bump it when a detector's statistics change definition
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """The settings detectors are fitted for: ``names`` (their shaping specs, part of the cache key);
+    ``outputs(x, settings)``, the features and logits of a fit batch under the listed settings (one backbone pass
+    where possible); ``attached(setting)``, a context under which ``model`` runs that setting (for AdaSCALE)."""
+
+    model: nn.Module
+    names: Sequence[str]
+    outputs: Callable[[Tensor, Sequence[int]], SettingOutputs]
+    attached: Callable[[int], AbstractContextManager[Any]]
+
+    @classmethod
+    def of_shapers(cls, model: nn.Module, shapers: Sequence[Shaper], placement: str) -> FitSettings:
+        """One setting per shaper, attached at ``placement`` in turn (``ash_lightning.sweep``)."""
+        return cls(
+            model,
+            [shaper.spec for shaper in shapers],
+            lambda x, settings: shaped_outputs(model, x, [shapers[s] for s in settings], placement),
+            lambda s: attach_shaping(model, shapers[s], placement),
+        )
+
+    @classmethod
+    def as_attached(cls, model: nn.Module, name: str) -> FitSettings:
+        """One setting: ``model`` as it is (with whatever shaping is attached to it already), named ``name``."""
+
+        def outputs(x: Tensor, settings: Sequence[int]) -> SettingOutputs:
+            features, logits = FeaturesAndLogits(model)(x)
+            return SettingOutputs(features[None], logits[None])
+
+        return cls(model, [name], outputs, lambda s: nullcontext())
+
+
+def check_detectors(model: nn.Module, detectors: Sequence[Detector], what: str) -> None:
+    """A UserError (naming ``what``, e.g. ``model.score``) for a detector that reads the penultimate features or
+    the classifier's weights of a ``model`` that has no classifier (or no (K, D) weight)."""
+    for detector in detectors:
+        reads_features = isinstance(detector, (FeatureDetector, AdaScale))
+        if not reads_features:
+            continue
+        classifier = find_classifier(model)
+        if classifier is None:
+            raise UserError(
+                f"{what}: {detector.spec} reads the penultimate features (the input of the classifier), but "
+                f"{type(model).__name__} has no classifier (no get_classifier() module, no nn.Linear). Fix: use a "
+                "logit score (energy, msp) or odin with this network, or a network with a classifier."
+            )
+        needs_weight = getattr(detector, "needs_classifier", False) or isinstance(detector, AdaScale)
+        weight = getattr(classifier, "weight", None)
+        if needs_weight and not (isinstance(weight, Tensor) and weight.ndim == 2):
+            raise UserError(
+                f"{what}: {detector.spec} needs the classifier's weight matrix (K, D), but "
+                f"{type(model).__name__}'s classifier is a {type(classifier).__name__} without one. Fix: use a "
+                "detector that reads features and logits only (knn, mds, rmds, nnguide, gradnorm)."
+            )
+
+
+def classifier_weights(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The classifier's ``weight`` (K, D) and ``bias`` (K,) (None without one), detached."""
+    classifier = find_classifier(model)
+    bias = getattr(classifier, "bias", None)
+    return classifier.weight.detach(), None if bias is None else bias.detach()
+
+
+def _cache_path(key: dict[str, Any]) -> Path:
+    return cache_dir() / "detectors" / f"{hashlib.sha256(_json(key).encode()).hexdigest()[:32]}.pt"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _read_cache(path: Path, key: dict[str, Any]) -> FittedDetector | None:
+    """The fitted detector cached at ``path`` for ``key``: None if absent (or, with a warning, unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+        if entry["key"] != _json(key):
+            raise ValueError("the file's key differs from the requested one")
+        return load_fitted(entry["fitted"])
+    except Exception as err:  # noqa: BLE001  (any broken file: recompute it)
+        warnings.warn(f"ignoring the unreadable detector cache {path} ({err!r}); fitting again.", stacklevel=3)
+        return None
+
+
+def _write_cache(path: Path, key: dict[str, Any], fitted: FittedDetector) -> None:
+    """Save ``fitted`` atomically; warn (and carry on) where the cache folder is not writable."""
+    entry = {"key": _json(key), "fitted": fitted.to("cpu").state_dict()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda tmp: torch.save(entry, tmp))
+    except OSError as err:
+        warnings.warn(
+            f"could not write the detector cache {path} ({err}); the next run fits again. Fix: set "
+            "ASH_CACHE_DIR to a writable folder.",
+            stacklevel=3,
+        )
+
+
+@dataclass
+class _FitPass:
+    """What one pass over the fit data collects: per setting, features and logits; the labels; per AdaSCALE
+    pair, the Q' values."""
+
+    settings: list[int]
+    adascale: list[tuple[int, AdaScale]]
+    needs_labels: bool
+    features: list[list[Tensor]]
+    logits: list[list[Tensor]]
+    labels: list[Tensor]
+    shifts: dict[tuple[int, str], list[Tensor]]
+
+    def add(self, fit: FitSettings, batch: Any, max_left: int | None, device: torch.device) -> int:
+        """Collect one batch (at most ``max_left`` samples of it); the number of samples taken."""
+        images, index = batch_part(batch, "images"), batch_part(batch, "index")
+        if images is None:
+            raise UserError(
+                f"cannot find the images in a batch of the ID fit data ({describe_batch(batch)}). "
+                f"Fix: yield them as {expected_layout('images')}."
+            )
+        keep = index >= 0 if index is not None and index.shape == images.shape[:1] else None  # corrupt files
+        labels = batch_part(batch, "labels")
+        if self.needs_labels:
+            labels = _checked_labels(labels, images, keep)
+        if keep is not None:
+            images = images[keep]
+        images = images[:max_left]
+        if not len(images):
+            return 0
+        x = images.to(device)
+        if self.settings:
+            with torch.no_grad():
+                outputs = fit.outputs(x, self.settings)
+            for s, features, logits in zip(self.settings, outputs.features, outputs.logits, strict=True):
+                self.features[s].append(features.detach().cpu())
+                self.logits[s].append(logits.detach().cpu())
+        if self.needs_labels:
+            self.labels.append(labels[: len(images)].cpu())
+        for s, detector in self.adascale:
+            with fit.attached(s):
+                shifts = detector.fit_shifts(FeaturesAndLogits(fit.model), x)
+            self.shifts[(s, detector.spec)].append(shifts.detach().cpu())
+        return len(images)
+
+
+def _checked_labels(labels: Tensor | None, images: Tensor, keep: Tensor | None) -> Tensor:
+    """The labels of a fit batch (less corrupt samples); a UserError when it has none or unlabelled (-1) ones."""
+    if labels is None or labels.shape != images.shape[:1]:
+        raise UserError(
+            "mds/rmds need the class labels of the ID fit data, but its batches carry none "
+            f"({describe_batch(labels)} where the labels should be). Fix: give labelled ID data (e.g. the training "
+            f"set) as data.fit or fit_dataloader, with the labels as {expected_layout('labels')}; or use a detector "
+            "without labels (knn, vim, fdbd, nnguide)."
+        )
+    labels = labels if keep is None else labels[keep]
+    if len(labels) and int(labels.min()) < 0:
+        raise UserError(
+            "mds/rmds need the class labels of the ID fit data, but it holds unlabelled samples (label -1, e.g. a "
+            "folder without class sub-folders or an .npz without 'y'). Fix: give labelled ID data as data.fit, or "
+            "use a detector without labels (knn, vim, fdbd, nnguide)."
+        )
+    return labels
+
+
+def fit_detectors(
+    detectors: Sequence[Detector],
+    fit: FitSettings,
+    loader_factory: Callable[[], Iterable[Any] | None],
+    cache_key: dict[str, Any] | None,
+    placement: str,
+    max_samples: int | None = None,
+    device: torch.device | None = None,
+) -> list[list[FittedDetector]]:
+    """``fitted[s][j]``: detector j fitted on the ID fit data under setting s (see the module docstring), its
+    statistics on ``device`` (default: the model's). ``loader_factory`` is called only on a cache miss; a
+    UserError when it returns None or yields no samples."""
+    device = device or next(fit.model.parameters(), torch.empty(0)).device
+    fitted: list[list[FittedDetector | None]] = [
+        [None if d.needs_fit else FittedDetector(d, {}) for d in detectors] for _ in fit.names
+    ]
+    keys = {
+        (s, j): {
+            "key": cache_key,
+            "placement": placement,
+            "shaping": name,
+            "detector": d.spec,
+            "max_samples": max_samples,
+            "format": _CACHE_FORMAT,
+        }
+        for s, name in enumerate(fit.names)
+        for j, d in enumerate(detectors)
+        if d.needs_fit
+    }
+    if cache_key is not None:
+        for (s, j), key in keys.items():
+            fitted[s][j] = _read_cache(_cache_path(key), key)
+    missing = [(s, j) for s, j in keys if fitted[s][j] is None]
+    if missing:
+        log.info("detectors: fitting %s on the ID fit data", sorted({detectors[j].spec for _, j in missing}))
+        with torch.inference_mode(False):
+            new = _fit_missing(detectors, fit, missing, loader_factory, max_samples, device)
+        for (s, j), one in new.items():
+            fitted[s][j] = one
+            if cache_key is not None:
+                _write_cache(_cache_path(keys[(s, j)]), keys[(s, j)], one)
+    elif keys:
+        log.info("detectors: using cached fits")
+    return [[one.to(device) for one in row] for row in fitted]
+
+
+def _fit_missing(
+    detectors: Sequence[Detector],
+    fit: FitSettings,
+    missing: list[tuple[int, int]],
+    loader_factory: Callable[[], Iterable[Any] | None],
+    max_samples: int | None,
+    device: torch.device,
+) -> dict[tuple[int, int], FittedDetector]:
+    """Fit the ``missing`` (setting, detector) pairs from one pass over the fit data."""
+    loader = loader_factory()
+    if loader is None:
+        specs = sorted({detectors[j].spec for _, j in missing})
+        raise UserError(
+            f"{', '.join(specs)} need{'s' if len(specs) == 1 else ''} ID fit data: set data.fit (e.g. the ID "
+            "training set: data.fit: {kind: npz, path: ...}), or pass fit_dataloader=<an ID DataLoader>."
+        )
+    features = [(s, detectors[j]) for s, j in missing if isinstance(detectors[j], FeatureDetector)]
+    collected = _FitPass(
+        settings=sorted({s for s, _ in features}),
+        adascale=[(s, detectors[j]) for s, j in missing if isinstance(detectors[j], AdaScale)],
+        needs_labels=any(detectors[j].needs_labels for _, j in missing),
+        features=[[] for _ in fit.names],
+        logits=[[] for _ in fit.names],
+        labels=[],
+        shifts={(s, detectors[j].spec): [] for s, j in missing if isinstance(detectors[j], AdaScale)},
+    )
+    was_training, seen = fit.model.training, 0
+    try:
+        fit.model.eval()
+        for batch in loader:
+            seen += collected.add(fit, batch, None if max_samples is None else max_samples - seen, device)
+            if seen == max_samples:
+                break
+    finally:
+        fit.model.train(was_training)
+    if not seen:
+        raise UserError(
+            "the ID fit data (data.fit, or the fit_dataloader given) has no samples, so the detectors cannot be "
+            "fitted. Fix: give a non-empty ID data set."
+        )
+    labels = torch.cat(collected.labels) if collected.needs_labels else None
+    weight, bias = classifier_weights(fit.model) if features else (None, None)
+    result: dict[tuple[int, int], FittedDetector] = {}
+    for s, j in missing:
+        detector = detectors[j]
+        if isinstance(detector, AdaScale):
+            result[(s, j)] = detector.fit(torch.cat(collected.shifts[(s, detector.spec)]))
+        else:
+            result[(s, j)] = detector.fit(
+                torch.cat(collected.features[s]),
+                torch.cat(collected.logits[s]),
+                labels,
+                None if weight is None else weight.cpu(),
+                None if bias is None else bias.cpu(),
+            )
+    return result
+
+
+def fit_detector(
+    model: nn.Module,
+    spec: str | Detector,
+    loader: FitData,
+    placement: str = "penultimate",
+    shaping: str | Shaper = "none",
+    max_samples: int | None = None,
+    device: torch.device | None = None,
+) -> FittedDetector:
+    """``spec`` (e.g. ``"knn@50"``) fitted on the ID data ``loader`` (a DataLoader or any iterable of batches, or
+    a callable returning one; at most ``max_samples`` samples) for ``model`` with ``shaping`` attached at
+    ``placement`` (a calibrated shaping is calibrated on the same data first). Score with
+    ``ash_lightning.detector_scoring.detector_scores``. Nothing is cached."""
+    detector = parse_detector(spec) if isinstance(spec, str) else spec
+    check_detectors(model, [detector], "fit_detector")
+    try:
+        shaper = get_shaping(shaping)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    shaper = calibrate(model, shaper, loader, placement, max_samples, device)
+    settings = FitSettings.of_shapers(model, [shaper], placement)
+    ((fitted,),) = fit_detectors(
+        [detector], settings, lambda: fit_batches(loader), None, placement, max_samples, device
+    )
+    return fitted
