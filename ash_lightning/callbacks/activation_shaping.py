@@ -16,8 +16,9 @@ from ash_lightning.calibration import (
     needs_calibration,
     weights_fingerprint,
 )
+from ash_lightning.callbacks.network import find_network
 from ash_lightning.errors import UserError
-from ash_lightning.hooks import ShapingHandle, attach_shaping, find_classifier
+from ash_lightning.hooks import ShapingHandle, attach_shaping
 from ash_lightning.lightning_packages import CALLBACK_BASES
 from ash_lightning.shaping_specs import get_shaping
 
@@ -70,18 +71,6 @@ class ActivationShapingCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the C
         self.fit_dataloader = fit_dataloader
         self._handle: ShapingHandle | None = None
 
-    def _network(self, pl_module: nn.Module) -> nn.Module:
-        if self.module is not None:
-            try:
-                return pl_module.get_submodule(self.module)
-            except AttributeError as err:
-                children = [n for n, _ in pl_module.named_children()]
-                raise UserError(
-                    f"ActivationShapingCallback: {type(pl_module).__name__} has no submodule "
-                    f"{self.module!r}; its children are {children}."
-                ) from err
-        return next((child for child in pl_module.children() if find_classifier(child) is not None), pl_module)
-
     def _fit_loader(self, trainer: Any) -> Iterable[Any]:
         """The ID fit data: ``fit_dataloader``, else the data module's; a UserError naming both ways if neither."""
         if self.fit_dataloader is not None:
@@ -98,7 +87,7 @@ class ActivationShapingCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the C
 
     def _attach(self, trainer: Any, pl_module: nn.Module) -> None:
         self._detach()
-        network, shaper = self._network(pl_module), self.shaper
+        network, shaper = find_network(pl_module, self.module, "ActivationShapingCallback"), self.shaper
         if needs_calibration(shaper):
             fit = getattr(trainer.datamodule, "hparams", {}).get("fit") if self.fit_dataloader is None else None
             key = (

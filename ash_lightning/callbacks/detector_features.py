@@ -21,26 +21,13 @@ from torch.utils.hooks import RemovableHandle
 
 from ash_lightning.batches import batch_part
 from ash_lightning.calibration import FitData, fit_batches, fit_loader_of, make_cache_key, weights_fingerprint
+from ash_lightning.callbacks.network import find_network
 from ash_lightning.detector_fitting import FitSettings, check_detectors, fit_detectors
 from ash_lightning.detectors import FeatureDetector, FittedDetector, parse_detector
 from ash_lightning.errors import UserError
 from ash_lightning.hooks import find_classifier
 
 __all__ = ["CapturedFeatureScore"]
-
-
-def find_network(pl_module: nn.Module, module: str | None) -> nn.Module:
-    """The submodule named ``module``, else the first child with a classifier, else ``pl_module`` itself."""
-    if module is not None:
-        try:
-            return pl_module.get_submodule(module)
-        except AttributeError as err:
-            children = [n for n, _ in pl_module.named_children()]
-            raise UserError(
-                f"OODMetricsCallback: {type(pl_module).__name__} has no submodule {module!r}; its children are "
-                f"{children}."
-            ) from err
-    return next((child for child in pl_module.children() if find_classifier(child) is not None), pl_module)
 
 
 class CapturedFeatureScore:
@@ -66,7 +53,7 @@ class CapturedFeatureScore:
     def start(self, trainer: Any, pl_module: nn.Module) -> None:
         """Find the network and hook its classifier; UserErrors for what needs no backbone pass to tell."""
         self.stop()
-        network = find_network(pl_module, self.module)
+        network = find_network(pl_module, self.module, "OODMetricsCallback")
         check_detectors(network, [self.detector], "OODMetricsCallback(score=...)")
         self._network, self._trainer, self._fitted = network, trainer, None
         if self.detector.needs_fit:
