@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import warnings
+from typing import Any
 
 import timm
 from torch import nn
@@ -30,7 +31,7 @@ def create_backbone(
             f"unknown backbone {name!r}: timm has no such model.{hint} "
             "Fix: pick a name from timm.list_models() (e.g. resnet50.tv_in1k, cifar_resnet20)."
         )
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as err:

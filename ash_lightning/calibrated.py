@@ -150,9 +150,14 @@ class _Unfitted:
         raise UserError(missing_fit_data_message([self.spec]))
 
 
+def unfitted(shaper: Shaper) -> _Unfitted | None:
+    """The unfitted ``fn`` (with its ``request`` and ``fit``) of a calibrated shaper not fitted yet; else None."""
+    return shaper.fn if isinstance(shaper.fn, _Unfitted) else None
+
+
 def needs_calibration(shaper: Shaper) -> bool:
     """True for a calibrated shaper that has not been fitted yet (``calibrate`` fits it)."""
-    return isinstance(shaper.fn, _Unfitted)
+    return unfitted(shaper) is not None
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,7 +167,9 @@ class _DiceHead:
     mask: Tensor
 
     def __call__(self, features: Tensor, logits: Tensor, classifier: nn.Module) -> Tensor:
-        return dice_logits(features, classifier.weight, classifier.bias, self.mask.to(classifier.weight.device))
+        weight, bias = classifier.weight, classifier.bias
+        assert isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor)), "checked by _fit_dice"
+        return dice_logits(features, weight, bias, self.mask.to(weight.device))
 
 
 def _lts_head(features: Tensor, logits: Tensor, classifier: nn.Module, *, percentile: float) -> Tensor:
@@ -182,15 +189,16 @@ def _fit_vra(stats: IDStats, model: nn.Module, *, spec: str, low: float, high: f
 
 def _fit_dice(stats: IDStats, model: nn.Module, *, spec: str, sparsity: float) -> LogitShaper:
     classifier = classifier_of(model)
-    weight = getattr(classifier, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != stats.mean.numel():
+    weight, mean = getattr(classifier, "weight", None), stats.mean
+    assert mean is not None, "dice's StatsRequest(mean=True) makes calibrate_shapers collect the mean"
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != mean.numel():
         raise ValueError(
             f"{spec} masks a linear classifier's (K, D) weight by the mean of its D inputs, but "
             f"{type(model).__name__}'s classifier is {type(classifier).__name__} with weight of shape "
             f"{None if not isinstance(weight, Tensor) else tuple(weight.shape)}. Fix: use DICE on a model whose "
             "get_classifier() is an nn.Linear on the pooled features."
         )
-    mask = dice_mask(weight, stats.mean, sparsity)
+    mask = dice_mask(weight, mean, sparsity)
     return LogitShaper(_DiceHead(mask), spec, (sparsity,), sparsity)
 
 
@@ -198,7 +206,7 @@ def _expect(usage: str, args: tuple[str, ...], names: tuple[str, ...]) -> tuple[
     """Parse ``args`` as the numbers ``names`` of ``usage``."""
     if len(args) != len(names):
         raise ValueError(f"{usage} takes {len(names)} argument(s), got {len(args)}")
-    return tuple(parse_number(arg, name) for arg, name in zip(args, names))
+    return tuple(parse_number(arg, name) for arg, name in zip(args, names, strict=True))
 
 
 def _check_id_percentile(q: float, name: str) -> None:

@@ -55,6 +55,7 @@ from ash_lightning.calibrated import (
     lts_factor,
     missing_fit_data_message,
     needs_calibration,
+    unfitted,
     vra,
 )
 from ash_lightning.errors import UserError
@@ -150,7 +151,7 @@ def calibrate_shapers(
     ``placement`` (the others unchanged). The statistics come from the cache or, on a miss, from one pass over
     ``loader_factory()`` (its first ``max_samples`` samples if given) on ``device`` (default: the model's).
     Without ``cache_key`` (data of unknown identity) nothing is read from or written to the cache."""
-    pending = [shaper.fn for shaper in shapers if needs_calibration(shaper)]
+    pending = [fn for fn in map(unfitted, shapers) if fn is not None]
     if not pending:
         return list(shapers)
     request = functools.reduce(operator.or_, (unfitted.request for unfitted in pending))
@@ -168,7 +169,7 @@ def calibrate_shapers(
             _write_cache(path, key, stats)
     else:
         log.info("calibration: using cached ID statistics %s", path)
-    return [shaper.fn.fit(stats, model) if needs_calibration(shaper) else shaper for shaper in shapers]
+    return [shaper if (fn := unfitted(shaper)) is None else fn.fit(stats, model) for shaper in shapers]
 
 
 class _Subsample:
@@ -297,7 +298,9 @@ def collect_stats(
         )
     qs = np.array(sorted(request.percentiles), dtype=np.float64)  # an array of q: interpolated in float64
     found = np.percentile(values.values().numpy(), qs) if len(qs) else []
-    return IDStats({q: float(v) for q, v in zip(qs, found)}, unit_mean.mean() if request.mean else None, seen)
+    return IDStats(
+        {q: float(v) for q, v in zip(qs, found, strict=True)}, unit_mean.mean() if request.mean else None, seen
+    )
 
 
 def _json(value: Any) -> str:

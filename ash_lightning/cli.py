@@ -19,7 +19,8 @@ import signal
 import sys
 import warnings
 from argparse import ArgumentError
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from ash_lightning.allocator import keep_freed_memory_unless_disabled
 from ash_lightning.errors import UserError
@@ -56,12 +57,15 @@ class _CLI:
 
             def before_test(self) -> None:
                 for logger in self.trainer.loggers:
-                    if getattr(logger, "save_dir", None):
-                        writable_directory(logger.save_dir, "trainer.logger save_dir")
+                    save_dir = getattr(logger, "save_dir", None)
+                    if save_dir:
+                        writable_directory(save_dir, "trainer.logger save_dir")
 
             def after_test(self) -> None:
                 check_batches_evaluated(self.trainer.num_test_batches)
-                metrics = [cb for cb in self.trainer.callbacks if isinstance(cb, OODMetricsCallback)]
+                # Trainer.callbacks is set by Lightning's callback connector, outside the class mypy reads
+                callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
+                metrics = [cb for cb in callbacks if isinstance(cb, OODMetricsCallback)]
                 if self.trainer.is_global_zero and metrics and metrics[0].summary:
                     print(metrics[0].summary)
 
@@ -156,12 +160,17 @@ ActivationShapingCallback), scores (model.score, ood_metrics.score) and detector
 def list_specs(args: list[str]) -> None:
     """Print every shaping, score and detector spec form with its one-line description."""
     from ash_lightning.detectors.spec import list_detectors
+    from ash_lightning.registry import Registered
     from ash_lightning.score_specs import list_scores
     from ash_lightning.shaping_specs import list_shapings
 
     if args:
         raise UserError(f"main.py list takes no arguments, got {' '.join(args)}. Usage: main.py list")
-    sections = {"shapings": list_shapings(), "scores": list_scores(), "detectors": list_detectors()}
+    sections: dict[str, Sequence[Registered[Any]]] = {
+        "shapings": list_shapings(),
+        "scores": list_scores(),
+        "detectors": list_detectors(),
+    }
     width = max(len(entry.form) for entries in sections.values() for entry in entries)
     blocks = [
         f"{title}:\n" + "\n".join(f"  {entry.form:<{width}}  {entry.description}" for entry in entries)
@@ -298,8 +307,10 @@ def user_error(err: BaseException) -> UserError | None:
     chain = _chain(err)
     for cause in chain:
         found = _from_worker(cause)
-        if found is not None or isinstance(cause, UserError):
-            return found or cause
+        if found is not None:
+            return found
+        if isinstance(cause, UserError):
+            return cause
     for cause in chain:
         reason = " ".join(str(cause).split()).rstrip(".")
         if isinstance(cause, ArgumentError):

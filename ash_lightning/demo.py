@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from sklearn.datasets import load_digits, load_sample_images
 from sklearn.model_selection import train_test_split
@@ -99,7 +100,8 @@ def _photo_patches(count: int, rng: np.random.Generator) -> np.ndarray:
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     """Write ``arrays`` to ``path`` atomically (a reader never sees a half-written file)."""
-    write_atomically(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+    named: dict[str, Any] = arrays  # Any: mypy matches ``**named`` against savez's ``allow_pickle: bool`` too
+    write_atomically(path, lambda tmp: np.savez(tmp, **named), suffix=".npz")
 
 
 def build_datasets(directory: Path) -> dict[str, Path]:
@@ -124,7 +126,7 @@ def build_datasets(directory: Path) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------------------- config
-def demo_config(data_dir: str, runs_dir: str = str(DEFAULT_RUNS), version: int | None = None) -> dict[str, Any]:
+def demo_config(data_dir: str, runs_dir: str = str(DEFAULT_RUNS), version: int | str | None = None) -> dict[str, Any]:
     """The ``main.py test`` config of the demo, with data and checkpoint under ``data_dir`` (which may be
     ``$ASH_DEMO_DIR``) and TensorBoard logs under ``runs_dir``/demo (``version`` None: the next free one)."""
     logger_args: dict[str, Any] = {"save_dir": runs_dir, "name": "demo", "default_hp_metric": False}
@@ -190,10 +192,12 @@ class DigitsClassifier(pl.LightningModule):
             flush=True,
         )
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         optimizer = torch.optim.SGD(self.parameters(), lr=LEARNING_RATE, momentum=0.9, nesterov=True, weight_decay=5e-4)
         schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=LEARNING_RATE, total_steps=self.trainer.estimated_stepping_batches
+            optimizer,
+            max_lr=LEARNING_RATE,
+            total_steps=int(self.trainer.estimated_stepping_batches),  # finite: a fixed number of epochs
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

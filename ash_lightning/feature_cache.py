@@ -17,6 +17,7 @@ and the number of samples; a change of any of them reads another entry. Only sin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -101,8 +102,11 @@ def positions(index: Tensor) -> Tensor:
 
 
 def _file_record(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()  # hashlib.file_digest needs Python 3.11; this package supports 3.10
     with open(path, "rb") as f:
-        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 @dataclass(frozen=True)
@@ -118,10 +122,10 @@ class CachedSet:
 
     def rows(self, at: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Features (B, *shape), targets and index of the samples at ``at`` (positions, or the data module's index)."""
-        at = positions(at).cpu().numpy()
-        raw = torch.from_numpy(np.ascontiguousarray(self.features[at]))
-        features = raw.view(self.dtype).reshape(len(at), *self.shape)
-        return features, torch.from_numpy(self.targets[at]), torch.from_numpy(self.index[at])
+        rows = positions(at).cpu().numpy()
+        raw = torch.from_numpy(np.ascontiguousarray(self.features[rows]))
+        features = raw.view(self.dtype).reshape(len(rows), *self.shape)
+        return features, torch.from_numpy(self.targets[rows]), torch.from_numpy(self.index[rows])
 
 
 def read_entry(directory: Path, key: Mapping[str, Any]) -> CachedSet | None:
@@ -146,12 +150,12 @@ def read_entry(directory: Path, key: Mapping[str, Any]) -> CachedSet | None:
             if _file_record(path)["sha256"] != expected["sha256"]:
                 _warn(directory, f"is corrupt ({name}: checksum differs)")
                 return None
-        arrays = [np.load(directory / name, mmap_mode="r") for name in FILES]
+        features, targets, index = (np.load(directory / name, mmap_mode="r") for name in FILES)
         dtype = getattr(torch, meta["dtype"].removeprefix("torch."))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         _warn(directory, f"is unreadable ({err!r})")
         return None
-    return CachedSet(*arrays, dtype=dtype, shape=tuple(meta["shape"]))
+    return CachedSet(features, targets, index, dtype=dtype, shape=tuple(meta["shape"]))
 
 
 def _warn(directory: Path, problem: str) -> None:
@@ -172,7 +176,9 @@ class EntryWriter:
         self.directory, self.key, self.dtype, self.shape = directory, dict(key), dtype, shape
         row_bytes = torch.empty((), dtype=dtype).element_size() * int(np.prod(shape, dtype=np.int64))
         self._tmp = directory / f".features.{uuid.uuid4().hex}.tmp"
-        self._rows = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=np.uint8, shape=(num_samples, row_bytes))
+        self._rows: np.memmap | None = np.lib.format.open_memmap(
+            self._tmp, mode="w+", dtype=np.uint8, shape=(num_samples, row_bytes)
+        )
         self._targets = np.full(num_samples, -1, dtype=np.int64)
         self._index = np.zeros(num_samples, dtype=np.int64)
         self._seen = np.zeros(num_samples, dtype=bool)
@@ -189,16 +195,18 @@ class EntryWriter:
         """Store one batch: features (B, *shape) and the batch's targets and data module index."""
         at = positions(index).cpu().numpy()
         rows = features.detach().cpu().contiguous().reshape(len(at), -1).view(torch.uint8)
+        assert self._rows is not None, "add() after commit() or discard()"
         self._rows[at] = rows.numpy()
         self._targets[at], self._index[at], self._seen[at] = targets.cpu().numpy(), index.cpu().numpy(), True
 
     def commit(self) -> None:
         """Rename the features into place, write targets, index and, last, the completion marker."""
+        assert self._rows is not None, "commit() after commit() or discard()"
         self._rows.flush()
         self._rows = None
         os.replace(self._tmp, self.directory / FILES[0])
         for name, array in zip(FILES[1:], (self._targets, self._index), strict=True):
-            write_atomically(self.directory / name, lambda tmp, a=array: np.save(tmp, a), suffix=".npy")
+            write_atomically(self.directory / name, functools.partial(np.save, arr=array), suffix=".npy")
         meta = {
             "format": FORMAT,
             "key": self.key,
@@ -337,7 +345,7 @@ def open_feature_cache(
     """The cache for ``trainer``'s test run over its ``OODDataModule``; None, with a warning, for a multi-process
     run (each rank sees one shard) or another data module (its sets' identity is unknown)."""
     directory = writable_directory(expand_user_vars(root), "model.feature_cache")
-    datamodule = getattr(trainer, "datamodule", None)
+    datamodule: Any = getattr(trainer, "datamodule", None)  # an OODDataModule of either Lightning package (checked)
     if trainer.world_size > 1:
         reason = f"this run has {trainer.world_size} processes, and only single-process runs use it"
     elif not all(hasattr(datamodule, a) for a in ("specs", "sources", "data_config", "loaders")):

@@ -49,7 +49,7 @@ def writable_directory(path: str | os.PathLike[str], what: str) -> str:
     return path
 
 
-def write_atomically(path: str | os.PathLike[str], write: Callable[[str], None], suffix: str = ".tmp") -> None:
+def write_atomically(path: str | os.PathLike[str], write: Callable[[str], object], suffix: str = ".tmp") -> None:
     """Call ``write(tmp)`` on a new uniquely named file beside ``path`` (its name ends with ``suffix``, e.g.
     ``.npz`` for ``np.savez``), then rename it over ``path``: readers, and other processes writing the same
     file, see the old or the new content, never a half-written one. The temporary file is removed on failure."""

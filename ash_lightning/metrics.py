@@ -7,7 +7,7 @@ exact for scores of any range (energies around 5..40, logits around -1000, heavy
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -288,7 +288,7 @@ def _mean_metrics(per_set: dict[str, dict[str, float]], names: Sequence[str]) ->
 
 def summarize(
     per_set: dict[str, dict[str, float]],
-    groups: dict[str, list[str]] | None = None,
+    groups: Mapping[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Average per-OOD-set metric dicts: ``{"mean": {...}, "groups": {group: {...}}}``.
 

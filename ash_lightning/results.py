@@ -182,7 +182,8 @@ def write_results(results: Mapping[str, Any], directory: str) -> tuple[str, str]
 
 def save_scores(path: str, store: Store, meta: Mapping[str, Any]) -> None:
     """Write the score store and its metadata (runs, loaders, groups, tpr, convention) to ``path`` atomically."""
-    arrays = {f"{name}/{key}": value for name, data in store.items() for key, value in data.items()}
+    # Any: mypy matches ``**arrays`` against savez's ``allow_pickle: bool`` too (the names hold a "/", so never)
+    arrays: dict[str, Any] = {f"{name}/{key}": value for name, data in store.items() for key, value in data.items()}
     write_atomically(path, lambda tmp: np.savez(tmp, __meta__=np.array(json.dumps(meta)), **arrays), suffix=".npz")
 
 

@@ -68,6 +68,7 @@ def _warn_if_negative(x: Tensor, caller: str) -> None:
         f"{caller} are negative (e.g. post-LayerNorm ViT/Swin tokens): pruning by magnitude rank is "
         "then not what the paper evaluated. Shape at a post-ReLU layer or use placement=<module name>.",
         UserWarning,
+        stacklevel=4,  # the caller of ash_p & co. (warn <- _warn_if_negative <- prune_top_k <- ash_p)
     )
 
 

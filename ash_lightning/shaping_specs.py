@@ -40,7 +40,7 @@ class Shaper:
     ``params`` holds its numeric parameters and ``percentile`` its pruning percentile (None if it has none).
     """
 
-    fn: Callable[[Tensor], Tensor]
+    fn: Callable[..., Tensor]  # (x) -> shaped x; LogitShaper's takes (features, logits, classifier)
     spec: str
     params: tuple[float, ...] = ()
     percentile: float | None = None
@@ -101,9 +101,10 @@ class FunctionFactory:
         if not n_required <= len(args) <= len(self.param_names):
             expected = str(n_required) if not defaults else f"{n_required} to {len(self.param_names)}"
             raise ValueError(f"{self.name} takes {expected} argument(s), got {len(args)}")
-        values = tuple(parse_number(a, p) for a, p in zip(args, self.param_names))
+        # strict=False: trailing parameters may be left out (checked above); their defaults follow
+        values = tuple(parse_number(a, p) for a, p in zip(args, self.param_names, strict=False))
         values += defaults[len(args) - n_required :]
-        kwargs = dict(zip(self.param_names, values))
+        kwargs = dict(zip(self.param_names, values, strict=True))
         percentile = kwargs.get("percentile")
         if percentile is not None:
             check_percentile(percentile, self.name)

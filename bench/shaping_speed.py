@@ -9,6 +9,7 @@ Run: ``PYTHONPATH=. python bench/shaping_speed.py``
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -68,7 +69,7 @@ def compare(x: Tensor, variant: str) -> tuple[float, float]:
     ref_times, our_times = [], []
     for rep in range(WARMUP + REPEATS):
         fresh = x.clone()
-        ref_time = _time(lambda: _reference(fresh, variant))
+        ref_time = _time(functools.partial(_reference, fresh, variant))  # binds this rep's clone
         our_time = _time(lambda: ours(x, PERCENTILE))
         if rep >= WARMUP:
             ref_times.append(ref_time)

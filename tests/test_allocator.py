@@ -14,7 +14,7 @@ def test_keep_freed_memory_applies_on_glibc() -> None:
     assert allocator.keep_freed_memory() is True
 
 
-@pytest.mark.parametrize(("env", "applied"), [(None, True), ("1", True), ("0", False)])
+@pytest.mark.parametrize("env, applied", [(None, True), ("1", True), ("0", False)])
 def test_cli_applies_it_before_running_unless_disabled(
     monkeypatch: pytest.MonkeyPatch, env: str | None, applied: bool
 ) -> None:

@@ -362,7 +362,7 @@ def test_sweep_equals_each_setting_alone(resnet, images):
     assert shapers[2].params == (percentile(fit_features, 90),)
     x = images["test"]
     stacked = shaped_logits(resnet, x, shapers, "penultimate")
-    for shaper, logits in zip(shapers, stacked):
+    for shaper, logits in zip(shapers, stacked, strict=True):
         with attach_shaping(resnet, shaper):
             torch.testing.assert_close(logits, resnet(x))
         assert shaper.spec == "none" or not torch.allclose(logits, stacked[0])
@@ -428,7 +428,7 @@ def test_shapers_pickle_and_hooked_models_copy():
     unfitted = [get_shaping(s) for s in specs]
     fitted = calibrate_shapers(unfitted, Net(), "penultimate", Fit(H_FIT), KEY)
     net, x = Net(), 5 * torch.rand(3, 5)
-    for before, after in zip(unfitted, fitted):
+    for before, after in zip(unfitted, fitted, strict=True):
         assert needs_calibration(pickle.loads(pickle.dumps(before))) == (before.spec != "lts@90")
         clone = pickle.loads(pickle.dumps(after))
         assert (type(clone), clone.spec, clone.params) == (type(after), after.spec, after.params)

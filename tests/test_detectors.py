@@ -327,7 +327,7 @@ def _adascale_reference(net: nn.Module, fit_images: torch.Tensor, images: torch.
     percentiles = det.p_min + (1 - ecdf) * (det.p_max - det.p_min)
     x = feature.relu().numpy()
     ks = D_TINY - np.round(D_TINY * percentiles / 100.0).astype(int)
-    top_sums = np.array([np.sort(row)[::-1][:k].sum() for row, k in zip(x, ks)])
+    top_sums = np.array([np.sort(row)[::-1][:k].sum() for row, k in zip(x, ks, strict=True)])
     scaled = feature.numpy() * np.exp(x.sum(1) / top_sums)[:, None]
     return _logsumexp(scaled @ net.fc.weight.detach().numpy().T + net.fc.bias.detach().numpy())
 
@@ -373,7 +373,7 @@ def test_features_and_logits_reads_the_classifier_input(images):
 
 
 @pytest.mark.parametrize(
-    ("spec", "expected"),
+    "spec, expected",
     [
         ("mds", MDS()),
         ("rmds", RMDS()),
@@ -396,7 +396,7 @@ def test_specs_parse_and_round_trip(spec, expected):
 
 
 @pytest.mark.parametrize(
-    ("spec", "cause"),
+    "spec, cause",
     [
         ("knn", "takes 1 to 2 parameter"),
         ("knn@0", "K .* >= 1"),

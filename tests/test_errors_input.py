@@ -326,7 +326,7 @@ def test_shaping_that_makes_every_score_equal_warns_once_with_the_cause(
     small_sets: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     config = tiny_config(small_sets, tiny_checkpoint, tmp_path, shaping=["react@-1", "ash_s@90"])
-    with pytest.warns(UserWarning) as caught:
+    with pytest.warns(UserWarning, match="same score") as caught:
         status, _, stderr = main_in_process(config, tmp_path)
     assert status == 0, stderr[-3000:]
     (equal,) = [str(w.message) for w in caught if "same score" in str(w.message)]

@@ -145,9 +145,8 @@ def test_bad_placements(models):
 def test_module_with_tuple_output():
     lstm = nn.Sequential()
     lstm.add_module("rnn", nn.LSTM(4, 4, batch_first=True))
-    with attach_shaping(lstm, "ash_p@50", "rnn"):
-        with pytest.raises(ValueError, match=r"'rnn' \(LSTM\) outputs a tuple"):
-            lstm(torch.rand(2, 3, 4))
+    with attach_shaping(lstm, "ash_p@50", "rnn"), pytest.raises(ValueError, match=r"'rnn' \(LSTM\) outputs a tuple"):
+        lstm(torch.rand(2, 3, 4))
 
 
 TORCHVISION = {  # name -> (builder with random weights, the classifier that "penultimate" must resolve to)

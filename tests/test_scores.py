@@ -113,7 +113,7 @@ def test_get_score_callables() -> None:
 
 
 @pytest.mark.parametrize(
-    ("spec", "match"),
+    "spec, match",
     [
         ("energi", "Unknown score 'energi'"),
         ("msp@2", "takes at most 0 parameter"),

@@ -58,7 +58,7 @@ def test_grid_runs_backbone_once_and_equals_single_settings(tiny_checkpoint: Pat
             placement=placement,
             score=["energy", "max_logit"],
         )
-        for batch, out in zip(batches, outputs):
+        for batch, out in zip(batches, outputs, strict=True):
             single = alone.test_step(batch, 0)
             torch.testing.assert_close(out["logits"][:, s], single["logits"], rtol=0, atol=1e-5)
             torch.testing.assert_close(out["scores"][:, 2 * s : 2 * s + 2], single["scores"], rtol=0, atol=1e-5)

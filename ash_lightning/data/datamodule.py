@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytorch_lightning as pl
 import timm
@@ -28,6 +28,9 @@ from torch.utils.data import DataLoader, Dataset
 from ash_lightning.data.sources import CorruptImageError, Source, build_source
 from ash_lightning.errors import UserError
 from ash_lightning.options import check_choice, check_int, check_range
+
+if TYPE_CHECKING:
+    from pytorch_lightning.utilities.parsing import AttributeDict
 
 DatasetSpec = str | dict[str, Any]
 ROLES = ("id", "ood", "val_id", "val_ood")
@@ -94,6 +97,12 @@ class OODDataModuleMixin:
             Without it the run stops when the batch holding such a file is evaluated, not while it is loaded
             (loading runs ahead, in workers and by prefetching), so every set before it is complete and saved.
     """
+
+    if TYPE_CHECKING:  # provided by the Lightning package's LightningDataModule that this is combined with
+        hparams: AttributeDict
+        trainer: Any  # that package's Trainer; None until the module is attached to one
+
+        def save_hyperparameters(self, *args: Any, **kwargs: Any) -> None: ...
 
     def __init__(
         self,
@@ -189,8 +198,9 @@ class OODDataModuleMixin:
         ``on_before_batch_transfer`` when their batch is evaluated (unless ``skip_corrupt``). The sets named in
         the module's ``sets_without_images`` load no images."""
         self.setup("test")
-        on_corrupt = "raise" if self.trainer is None else "mark"
-        cached = getattr(getattr(self.trainer, "lightning_module", None), "sets_without_images", frozenset())
+        on_corrupt: OnCorrupt = "raise" if self.trainer is None else "mark"
+        module = getattr(self.trainer, "lightning_module", None)
+        cached: Collection[str] = getattr(module, "sets_without_images", frozenset())
         return [
             self._loader(self.sources[info.name], on_corrupt, images=info.name not in cached) for info in self.loaders
         ]

@@ -27,8 +27,8 @@ def to_rgb8(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
         if image.mode == "F":
-            low, high = (0.0, 1.0) if 0.0 <= low and high <= 1.0 else (low, high)
+            low, high = (0.0, 1.0) if low >= 0.0 and high <= 1.0 else (low, high)
         else:
-            low, high = (0.0, _SIXTEEN_BIT) if 0.0 <= low and high <= _SIXTEEN_BIT else (low, high)
+            low, high = (0.0, _SIXTEEN_BIT) if low >= 0.0 and high <= _SIXTEEN_BIT else (low, high)
         return Image.fromarray(_scaled_to_uint8(values, low, high)).convert("RGB")
     return image.convert("RGB")

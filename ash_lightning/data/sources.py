@@ -8,9 +8,9 @@ environment variables. Every source yields ``(PIL RGB image, int target)``; unla
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -21,8 +21,8 @@ from torchvision import datasets as tvd
 from ash_lightning.data.images import to_rgb8
 from ash_lightning.data.imglist import imglist_source
 from ash_lightning.errors import UserError
-from ash_lightning.options import check_int
 from ash_lightning.files import expand_set_vars
+from ash_lightning.options import check_int
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -35,7 +35,7 @@ class Source:
     paths: list[str] | None = None
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(cast(Sized, self.dataset))  # torch's Dataset declares no __len__; these are all map-style
 
 
 def expand_path(path: str | os.PathLike, what: str) -> str:
@@ -117,7 +117,7 @@ class _RGB(Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(cast(Sized, self.dataset))  # torch's Dataset declares no __len__; these are all map-style
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         img, target = self.dataset[i]
@@ -316,7 +316,7 @@ def build_source(spec: str | Mapping[str, Any], what: str) -> Source:
     then ``limit: N`` keeps a fixed, seeded random subset of N samples."""
     spec = parse_spec(spec, what)
     source = SOURCES[spec["kind"]](spec, what)
-    positions = range(len(source))
+    positions: Sequence[int] = range(len(source))
     if "select" in spec:
         positions = positions[_slice(spec["select"], what, "select")]
     if "exclude" in spec:

@@ -8,6 +8,8 @@ expect 32x32 inputs in [0, 1] normalised with the ImageNet mean and std, which t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d
@@ -47,6 +49,10 @@ class _BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 images with timm's model interface."""
+
+    layer1: nn.Sequential  # added by name in __init__
+    layer2: nn.Sequential
+    layer3: nn.Sequential
 
     def __init__(
         self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, global_pool: str = "avg", **_: object
@@ -98,7 +104,7 @@ class CifarResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _cfg(**kwargs: object) -> dict:
+def _cfg(**kwargs: Any) -> dict:
     return {
         "num_classes": 10,
         "input_size": (3, 32, 32),
@@ -120,7 +126,7 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-def _create(depth: int, pretrained: bool, **kwargs: object) -> CifarResNet:
+def _create(depth: int, pretrained: bool, **kwargs: Any) -> CifarResNet:
     refuse_download(
         f"cifar_resnet{depth}", pretrained, f"<akamaster resnet{depth} .th file, e.g. under $DATASETS/checkpoints>"
     )
@@ -135,24 +141,24 @@ def _create(depth: int, pretrained: bool, **kwargs: object) -> CifarResNet:
 
 
 @register_model
-def cifar_resnet20(pretrained: bool = False, **kwargs: object) -> CifarResNet:
+def cifar_resnet20(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-20 for CIFAR (0.27M parameters)."""
     return _create(20, pretrained, **kwargs)
 
 
 @register_model
-def cifar_resnet32(pretrained: bool = False, **kwargs: object) -> CifarResNet:
+def cifar_resnet32(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-32 for CIFAR (0.46M parameters)."""
     return _create(32, pretrained, **kwargs)
 
 
 @register_model
-def cifar_resnet44(pretrained: bool = False, **kwargs: object) -> CifarResNet:
+def cifar_resnet44(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-44 for CIFAR (0.66M parameters)."""
     return _create(44, pretrained, **kwargs)
 
 
 @register_model
-def cifar_resnet56(pretrained: bool = False, **kwargs: object) -> CifarResNet:
+def cifar_resnet56(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-56 for CIFAR (0.85M parameters)."""
     return _create(56, pretrained, **kwargs)

@@ -18,6 +18,8 @@ normalised with the per-benchmark mean and std given there.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d
@@ -58,6 +60,11 @@ class _BasicBlock(nn.Module):
 
 class OpenOODResNet18x32(nn.Module):
     """OpenOOD's ResNet18_32x32 with timm's model interface (``forward_features`` gives the 512x4x4 map)."""
+
+    layer1: nn.Sequential  # added by name in __init__
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, global_pool: str = "avg", **_: object) -> None:
         super().__init__()
@@ -103,7 +110,7 @@ _ORIGIN = (
 )
 
 
-def _cfg(benchmark: str, size: int, epochs: int, **kwargs: object) -> dict:
+def _cfg(benchmark: str, size: int, epochs: int, **kwargs: Any) -> dict:
     return {
         "input_size": (3, size, size),
         "interpolation": "bilinear",
@@ -138,7 +145,7 @@ default_cfgs = generate_default_cfgs(
 
 
 @register_model
-def openood_resnet18_32x32(pretrained: bool = False, **kwargs: object) -> OpenOODResNet18x32:
+def openood_resnet18_32x32(pretrained: bool = False, **kwargs: Any) -> OpenOODResNet18x32:
     """OpenOOD v1.5's CIFAR ResNet-18 (11.2M parameters), 32x32 inputs."""
     refuse_download("openood_resnet18_32x32", pretrained, _OPENOOD_CHECKPOINT)
     return build_model_with_cfg(
@@ -147,7 +154,7 @@ def openood_resnet18_32x32(pretrained: bool = False, **kwargs: object) -> OpenOO
 
 
 @register_model
-def openood_resnet18_224x224(pretrained: bool = False, **kwargs: object) -> ResNet:
+def openood_resnet18_224x224(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """OpenOOD v1.5's ImageNet-200 ResNet-18 (a torchvision ResNet-18 with 200 classes), 224x224 inputs."""
     refuse_download("openood_resnet18_224x224", pretrained, _OPENOOD_CHECKPOINT)
     return build_model_with_cfg(
