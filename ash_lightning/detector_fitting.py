@@ -46,7 +46,7 @@ from ash_lightning.detectors import (
 from ash_lightning.errors import UserError
 from ash_lightning.files import write_atomically
 from ash_lightning.hooks import attach_shaping, find_classifier
-from ash_lightning.shaping import Shaper, get_shaping
+from ash_lightning.shaping_specs import Shaper, get_shaping
 from ash_lightning.sweep import SettingOutputs, shaped_outputs
 
 __all__ = ["FitSettings", "check_detectors", "classifier_weights", "fit_detector", "fit_detectors"]
@@ -115,8 +115,10 @@ def check_detectors(model: nn.Module, detectors: Sequence[Detector], what: str) 
 def classifier_weights(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     """The classifier's ``weight`` (K, D) and ``bias`` (K,) (None without one), detached."""
     classifier = find_classifier(model)
-    bias = getattr(classifier, "bias", None)
-    return classifier.weight.detach(), None if bias is None else bias.detach()
+    weight, bias = getattr(classifier, "weight", None), getattr(classifier, "bias", None)
+    if not isinstance(weight, Tensor):  # check_detectors refuses such networks before any pass
+        raise UserError(f"{type(model).__name__} has no linear classifier weight for the detectors to read.")
+    return weight.detach(), bias.detach() if isinstance(bias, Tensor) else None
 
 
 def _cache_path(key: dict[str, Any]) -> Path:
@@ -189,10 +191,12 @@ class _FitPass:
         if self.settings:
             with torch.no_grad():
                 outputs = fit.outputs(x, self.settings)
+            if outputs.features is None:  # check_detectors refuses networks without a classifier before any pass
+                raise UserError(f"{type(fit.model).__name__} has no classifier whose input the detectors could read.")
             for s, features, logits in zip(self.settings, outputs.features, outputs.logits, strict=True):
                 self.features[s].append(features.detach().cpu())
                 self.logits[s].append(logits.detach().cpu())
-        if self.needs_labels:
+        if labels is not None and self.needs_labels:  # _checked_labels raised if they were missing
             self.labels.append(labels[: len(images)].cpu())
         for s, detector in self.adascale:
             with fit.attached(s):
@@ -263,7 +267,14 @@ def fit_detectors(
                 _write_cache(_cache_path(keys[(s, j)]), keys[(s, j)], one)
     elif keys:
         log.info("detectors: using cached fits")
-    return [[one.to(device) for one in row] for row in fitted]
+    return [[_fitted(one).to(device) for one in row] for row in fitted]
+
+
+def _fitted(one: FittedDetector | None) -> FittedDetector:
+    """``one``, which fit_detectors has filled in (read from the cache or fitted) by the time it returns."""
+    if one is None:
+        raise RuntimeError("a detector was neither read from the cache nor fitted")
+    return one
 
 
 def _fit_missing(
@@ -285,7 +296,7 @@ def _fit_missing(
     features = [(s, detectors[j]) for s, j in missing if isinstance(detectors[j], FeatureDetector)]
     collected = _FitPass(
         settings=sorted({s for s, _ in features}),
-        adascale=[(s, detectors[j]) for s, j in missing if isinstance(detectors[j], AdaScale)],
+        adascale=[(s, d) for s, j in missing if isinstance(d := detectors[j], AdaScale)],
         needs_labels=any(detectors[j].needs_labels for _, j in missing),
         features=[[] for _ in fit.names],
         logits=[[] for _ in fit.names],
@@ -313,7 +324,7 @@ def _fit_missing(
         detector = detectors[j]
         if isinstance(detector, AdaScale):
             result[(s, j)] = detector.fit(torch.cat(collected.shifts[(s, detector.spec)]))
-        else:
+        elif isinstance(detector, FeatureDetector):
             result[(s, j)] = detector.fit(
                 torch.cat(collected.features[s]),
                 torch.cat(collected.logits[s]),

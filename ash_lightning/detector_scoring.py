@@ -27,9 +27,10 @@ from ash_lightning.detectors import (
     parse_detector,
     valid_forms,
 )
+from ash_lightning.errors import UserError
 from ash_lightning.hooks import attach_shaping
-from ash_lightning.scores import get_score
-from ash_lightning.shaping import Shaper, get_shaping
+from ash_lightning.score_specs import get_score
+from ash_lightning.shaping_specs import Shaper, get_shaping
 from ash_lightning.sweep import shaped_outputs
 
 __all__ = ["SettingBatch", "detector_score", "detector_scores", "resolve_score", "score_name"]
@@ -47,7 +48,10 @@ def resolve_score(spec: str) -> Callable[[Tensor], Tensor] | Detector:
 
 def score_name(score: Callable[[Tensor], Tensor] | Detector) -> str:
     """The normalised name a run reports: ``energy``, ``knn@50``."""
-    return score.spec if isinstance(score, Detector) else score.name
+    if isinstance(score, Detector):
+        return score.spec
+    name: str = score.name  # type: ignore[attr-defined]  # get_score returns callables with a .name (Score)
+    return name
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,10 @@ def detector_scores(
     if isinstance(fitted.detector, FeatureDetector):
         with torch.no_grad():
             outputs = shaped_outputs(model, x, [shaper], placement)
+        if outputs.features is None:
+            raise UserError(
+                f"{fitted.detector.spec} reads the classifier's input, but {type(model).__name__} has no classifier."
+            )
         features, logits = outputs.features[0], outputs.logits[0]
     return detector_score(
         fitted, SettingBatch(model, shaper, placement, x, features, logits, std or [1.0] * x.shape[1])

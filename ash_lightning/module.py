@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -33,8 +33,11 @@ from ash_lightning.errors import UserError
 from ash_lightning.feature_cache import DEFAULT_MAX_GIB, FeatureCache, check_placement, open_feature_cache
 from ash_lightning.hooks import attach_shaping
 from ash_lightning.options import check_int, check_range
-from ash_lightning.shaping import get_shaping
+from ash_lightning.shaping_specs import get_shaping
 from ash_lightning.sweep import outputs_from_shared, runs_backbone_once, shaped_logits, shared_part
+
+if TYPE_CHECKING:
+    from pytorch_lightning.utilities.parsing import AttributeDict
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,13 @@ class OODEvalModuleMixin:
             with the same backbone, weights, placement and data reads them and runs only the per-setting part.
         feature_cache_max_gib: refuse to cache a set whose features would take more than this many GiB.
     """
+
+    if TYPE_CHECKING:  # provided by the Lightning package's LightningModule that this is combined with
+        hparams: AttributeDict
+        trainer: Any  # that package's Trainer
+        device: torch.device
+
+        def save_hyperparameters(self, *args: Any, **kwargs: Any) -> None: ...
 
     def __init__(
         self,
@@ -170,7 +180,7 @@ class OODEvalModuleMixin:
         if self._feature_cache is not None:
             self._feature_cache.close()
 
-    def _shared(self, x: Tensor, targets: Tensor, index: Tensor, dataloader_idx: int) -> tuple[Tensor, ...]:
+    def _shared(self, x: Tensor, targets: Tensor, index: Tensor, dataloader_idx: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(shared_part, targets, index)`` of a batch, from the feature cache where it holds the set."""
         compute = lambda: shared_part(self.model, x, self.placement)  # noqa: E731
         if self._feature_cache is None:
@@ -238,8 +248,8 @@ class OODEvalModuleMixin:
         return detector_score(self.fitted[s][score.spec], batch).to(logits.device)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        x = batch[0]
-        shared, targets, index = self._shared(*batch, dataloader_idx)
+        x, targets, index = batch
+        shared, targets, index = self._shared(x, targets, index, dataloader_idx)
         outputs = outputs_from_shared(self.model, shared, self.shapers, self.placement)
         logits = outputs.logits  # (S, B, K)
         scores = torch.stack(

@@ -10,7 +10,6 @@ Spec strings naming these functions (``"energy@2.0"``) are resolved by ``ash_lig
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -70,15 +69,3 @@ def neg_entropy(logits: Tensor) -> Tensor:
     """Negative entropy of the softmax: ``sum_k p_k log p_k``, computed from ``log_softmax``."""
     log_probs = torch.log_softmax(_upcast(logits), dim=1)
     return (log_probs.exp() * log_probs).sum(dim=1)
-
-
-# Moved to ash_lightning.score_specs; still importable from here for the modules that import them from here.
-_MOVED = ("Score", "get_score", "list_scores", "register_score")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        from ash_lightning import score_specs
-
-        return getattr(score_specs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

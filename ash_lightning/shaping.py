@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -191,15 +190,3 @@ def scale(x: Tensor, percentile: float = 85) -> Tensor:
     flat, values, _ = prune_top_k(x, percentile, "scale")
     factor = _exp_ratio(flat, values)
     return saturate_(x * factor.view(-1, *[1] * (x.dim() - 1)), x.dtype)
-
-
-# Moved to ash_lightning.shaping_specs; still importable from here for the modules that import them from here.
-_MOVED = ("Shaper", "get_shaping", "list_shapings", "register_shaping")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        from ash_lightning import shaping_specs
-
-        return getattr(shaping_specs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

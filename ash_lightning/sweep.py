@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ash_lightning.hooks import attach_shaping, find_classifier
-from ash_lightning.shaping import Shaper
+from ash_lightning.shaping_specs import Shaper
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,10 @@ def split_point(model: nn.Module, placement: str) -> SplitPoint:
     """Where ``model``'s forward pass splits into the shared part and the per-setting part for ``placement``."""
     if placement == "penultimate" and find_classifier(model) is not None and _CLASSIFIER_IS_LAST.get(model, True):
         return "classifier"
-    if placement == "pre_pool" and callable(getattr(model, "forward_features", None)) and callable(
-        getattr(model, "forward_head", None)
+    if (
+        placement == "pre_pool"
+        and callable(getattr(model, "forward_features", None))
+        and callable(getattr(model, "forward_head", None))
     ):
         return "head"
     return "network"
@@ -84,10 +86,11 @@ def shared_part(model: nn.Module, x: Tensor, placement: str) -> Tensor:
     """The part of the forward pass that every setting shares (see the module docstring), computed once."""
     point = split_point(model, placement)
     if point == "head":
-        return model.forward_features(x)
+        return _call(model, "forward_features", x)
     if point == "network":
         return x
     classifier = find_classifier(model)
+    assert classifier is not None  # split point "classifier" means it has one
     with _captured_input(classifier) as seen:
         logits = model(x)
     features = seen[-1]
@@ -115,13 +118,19 @@ def setting_part(model: nn.Module, shared: Tensor, shaper: Shaper, placement: st
     (None without a classifier) and the logits."""
     classifier, point = find_classifier(model), split_point(model, placement)
     with attach_shaping(model, shaper, placement), _captured_input(classifier) as seen:
-        if point == "classifier":
+        if point == "classifier" and classifier is not None:
             logits = classifier(shared)
         elif point == "head":
-            logits = model.forward_head(shared)
+            logits = _call(model, "forward_head", shared)
         else:
             logits = model(shared)
     return (seen[-1] if seen else None), logits
+
+
+def _call(model: nn.Module, method: str, x: Tensor) -> Tensor:
+    """``model.<method>(x)`` for timm's ``forward_features``/``forward_head``, which ``nn.Module`` does not declare."""
+    result: Tensor = getattr(model, method)(x)
+    return result
 
 
 def shaped_outputs(model: nn.Module, x: Tensor, shapers: Sequence[Shaper], placement: str) -> SettingOutputs:
@@ -133,8 +142,8 @@ def shaped_outputs(model: nn.Module, x: Tensor, shapers: Sequence[Shaper], place
 def outputs_from_shared(model: nn.Module, shared: Tensor, shapers: Sequence[Shaper], placement: str) -> SettingOutputs:
     """``shaped_outputs`` from an already computed ``shared_part`` (e.g. read from a feature cache)."""
     per_setting = [setting_part(model, shared, shaper, placement) for shaper in shapers]
-    features = [f for f, _ in per_setting]
-    stacked = torch.stack(features) if all(f is not None for f in features) else None
+    features = [f for f, _ in per_setting if f is not None]
+    stacked = torch.stack(features) if len(features) == len(per_setting) else None
     return SettingOutputs(stacked, torch.stack([logits for _, logits in per_setting]))
 
 

@@ -360,7 +360,8 @@ def model_section(
             f"ID accuracy without shaping {pct(accuracy)}% on the JPEG-q75 test set (published, lossless test set: "
             f"{pct(published)}%). {react_note}",
             f"Wall time of `main.py test` (process start to exit, {images:,} images, {len(results['runs'])} "
-            f"(shaping, score) runs in one backbone pass per batch): **{wall:.0f} s** ({images / wall:.0f} img/s including start-up).",
+            f"(shaping, score) runs in one backbone pass per batch): **{wall:.0f} s** ({images / wall:.0f} img/s "
+            "including start-up).",
             f"Config written and run by the script: `python main.py test --config {config}`.",
             *([] if detectors is None else [_detector_note(detectors)]),
             "",

@@ -41,16 +41,24 @@ def lightning_log() -> Iterator[list[str]]:
     the process as it was when Lightning was imported, which capsys cannot see)."""
     from lightning_utilities.core import rank_zero
 
+    from ash_lightning.lightning_packages import installed_packages
+
+    installed_packages()  # each package, when imported, points rank_zero.log at its own logger: import them first
     messages: list[str] = []
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             messages.append(record.getMessage())
 
-    handler, logger = Collect(), rank_zero.log
-    logger.addHandler(handler)
+    # Whichever of these rank_zero_info writes to (none is another's ancestor, so each record is collected once).
+    names = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
+    loggers = {rank_zero.log, *map(logging.getLogger, names)}
+    handler = Collect()
+    for logger in loggers:
+        logger.addHandler(handler)
     yield messages
-    logger.removeHandler(handler)
+    for logger in loggers:
+        logger.removeHandler(handler)
 
 
 def write_npz(path: Path, n: int, seed: int, brightness: float = 1.0, size: int = 32) -> Path:

@@ -34,7 +34,7 @@ from ash_lightning.calibration import (
 from ash_lightning.callbacks import ActivationShapingCallback
 from ash_lightning.errors import UserError
 from ash_lightning.hooks import attach_shaping
-from ash_lightning.shaping import get_shaping
+from ash_lightning.shaping_specs import get_shaping
 from ash_lightning.sweep import shaped_logits
 
 KEY = {"backbone": "net", "checkpoint": None, "fit": "fit.npz"}

@@ -27,8 +27,8 @@ from ash_lightning.errors import UserError
 from ash_lightning.metrics import ood_metrics
 from ash_lightning.module import OODEvalModule
 from ash_lightning.results import load_scores
-from ash_lightning.scores import get_score
-from ash_lightning.shaping import get_shaping
+from ash_lightning.score_specs import get_score
+from ash_lightning.shaping_specs import get_shaping
 from tests.conftest import REPO, main_in_process, run_main, tiny_config, write_image_folder, write_npz
 
 TRACEBACK = "Traceback (most recent call last)"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ash_lightning.shaping import get_shaping
+from ash_lightning.shaping_specs import get_shaping
 from tests.conftest import main_in_process, tiny_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

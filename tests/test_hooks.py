@@ -13,7 +13,7 @@ from torchvision import models as tv
 
 from ash_lightning import shaping
 from ash_lightning.hooks import ShapingHandle, attach_shaping, resolve_hook_point
-from ash_lightning.shaping import get_shaping
+from ash_lightning.shaping_specs import get_shaping
 
 MODELS = {  # name -> input side
     "resnet18": 64,

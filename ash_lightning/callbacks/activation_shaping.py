@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
-
 from ash_lightning.calibration import (
     FitData,
     calibrate_shapers,
@@ -85,7 +83,7 @@ class ActivationShapingCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the C
             )
         return loader
 
-    def _attach(self, trainer: Any, pl_module: nn.Module) -> None:
+    def _attach(self, trainer: Any, pl_module: Any) -> None:  # either Lightning package's Trainer and module
         self._detach()
         network, shaper = find_network(pl_module, self.module, "ActivationShapingCallback"), self.shaper
         if needs_calibration(shaper):

@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ash_lightning.batches import batch_part
 from ash_lightning.calibration import FitData, fit_batches, fit_loader_of, make_cache_key, weights_fingerprint
+from ash_lightning.callbacks.activation_shaping import ActivationShapingCallback
 from ash_lightning.callbacks.network import find_network
 from ash_lightning.detector_fitting import FitSettings, check_detectors, fit_detectors
 from ash_lightning.detectors import FeatureDetector, FittedDetector, parse_detector
@@ -67,8 +68,15 @@ class CapturedFeatureScore:
                         "first batch carries none (or unlabelled ones, -1). Fix: give labelled ID data, e.g. the "
                         "training loader yielding (x, y), as fit_dataloader; or use knn, vim, fdbd or nnguide."
                     )
-        self._handle = find_classifier(network).register_forward_hook(self._capture)
+        self._hook(network)
         self._captured = []
+
+    def _hook(self, network: nn.Module) -> None:
+        """Capture the input of ``network``'s classifier (check_detectors made sure it has one) on every call."""
+        classifier = find_classifier(network)
+        if classifier is None:
+            raise UserError(f"OODMetricsCallback: {type(network).__name__} has no classifier to read features from.")
+        self._handle = classifier.register_forward_hook(self._capture)
 
     def stop(self) -> None:
         if self._handle is not None:
@@ -94,17 +102,16 @@ class CapturedFeatureScore:
     def _fit(self) -> FittedDetector:
         """The detector fitted on the ID fit data through the network as it is now (shapings attached)."""
         network, trainer = self._network, self._trainer
+        if network is None:
+            raise RuntimeError("CapturedFeatureScore.start(trainer, pl_module) must run before fitting")
         fit = getattr(trainer.datamodule, "hparams", {}).get("fit") if self.fit_dataloader is None else None
-        shapings = [
-            (cb.spec, cb.placement) for cb in trainer.callbacks if hasattr(cb, "spec") and hasattr(cb, "placement")
-        ]
+        shapings = [(cb.spec, cb.placement) for cb in trainer.callbacks if isinstance(cb, ActivationShapingCallback)]
         key = (
             make_cache_key(type(network).__name__, fit=fit, weights=weights_fingerprint(network))
             if fit is not None
             else None
         )
-        handle, self._handle = self._handle, None
-        handle.remove()  # the fit pass is not a test batch
+        self.stop()  # the fit pass is not a test batch
         try:
             ((fitted,),) = fit_detectors(
                 [self.detector],
@@ -115,7 +122,7 @@ class CapturedFeatureScore:
                 device=next(network.parameters()).device,
             )
         finally:
-            self._handle = find_classifier(network).register_forward_hook(self._capture)
+            self._hook(network)
         return fitted
 
     def __call__(self, logits: Tensor) -> Tensor:

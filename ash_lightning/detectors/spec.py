@@ -108,7 +108,9 @@ def get_detector(spec: str) -> Detector:
             f"bad detector spec {spec!r}: {name} takes {count} parameter(s), got {len(texts)} "
             f"(form {_form(cls)}). Valid forms: {valid_forms()}."
         )
-    values = {f.name: _parse_value(spec, f, text) for f, text in zip(params, texts)}
+    values = {
+        f.name: _parse_value(spec, f, text) for f, text in zip(params, texts, strict=False)
+    }  # trailing ones may be left out
     try:
         return cls(**values)
     except UserError as err:
