@@ -32,14 +32,19 @@ class _OptionAShortcut(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
 
 
-class _BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+class BasicBlock32(nn.Module):
+    """Two 3x3 conv + BN layers with a residual ``shortcut``: the given module, else (He et al.'s option A, as the
+    akamaster CIFAR ResNets) a parameter-free subsample-and-pad when the shape changes and identity otherwise."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: nn.Module | None = None) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = _OptionAShortcut(planes) if stride != 1 or in_planes != planes else nn.Identity()
+        if shortcut is None:
+            shortcut = _OptionAShortcut(planes) if stride != 1 or in_planes != planes else nn.Identity()
+        self.shortcut = shortcut
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -70,7 +75,7 @@ class CifarResNet(nn.Module):
             layers = []
             for b in range(blocks):
                 stride = 2 if stage > 1 and b == 0 else 1
-                layers.append(_BasicBlock(in_planes, planes, stride))
+                layers.append(BasicBlock32(in_planes, planes, stride))
                 in_planes = planes
             self.add_module(f"layer{stage}", nn.Sequential(*layers))
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)

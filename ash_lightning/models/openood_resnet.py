@@ -27,6 +27,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, ResNet
 from torch import Tensor, nn
 
+from ash_lightning.models.cifar_resnet import BasicBlock32
 from ash_lightning.models.local_weights import refuse_download
 
 _OPENOOD_CHECKPOINT = "<OpenOOD v1.5 best.ckpt, see the README's OpenOOD v1.5 section>"
@@ -37,25 +38,13 @@ CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 
 
-class _BasicBlock(nn.Module):
-    """Two 3x3 convs; a 1x1 conv + BN projection as ``shortcut`` when the shape changes (else identity)."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+def _block(in_planes: int, planes: int, stride: int) -> BasicBlock32:
+    """OpenOOD's BasicBlock: a 1x1 conv + BN projection as ``shortcut`` when the shape changes (else an empty
+    ``nn.Sequential``, OpenOOD's identity), so its state_dict keys (``shortcut.0``, ``shortcut.1``) load unchanged."""
+    shortcut = nn.Sequential()
+    if stride != 1 or in_planes != planes:
+        shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+    return BasicBlock32(in_planes, planes, stride, shortcut)
 
 
 class OpenOODResNet18x32(nn.Module):
@@ -76,7 +65,7 @@ class OpenOODResNet18x32(nn.Module):
         for stage, planes in enumerate((64, 128, 256, 512), start=1):
             stride = 1 if stage == 1 else 2
             self.add_module(
-                f"layer{stage}", nn.Sequential(_BasicBlock(in_planes, planes, stride), _BasicBlock(planes, planes, 1))
+                f"layer{stage}", nn.Sequential(_block(in_planes, planes, stride), _block(planes, planes, 1))
             )
             in_planes = planes
             self.feature_info.append(dict(num_chs=planes, reduction=2 ** (stage - 1), module=f"layer{stage}"))
