@@ -10,6 +10,7 @@ a logit score (``energy``) or a detector spec (``knn@50``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +89,10 @@ def detector_score(fitted: FittedDetector, batch: SettingBatch) -> Tensor:
     if isinstance(fitted.detector, FeatureDetector):
         return fitted.score(batch.features, batch.logits)
     inputs = _INPUT_SPACE[type(fitted.detector)]
-    with torch.inference_mode(False), attach_shaping(batch.model, batch.shaper, batch.placement):
+    shaped = (
+        nullcontext() if batch.shaper.spec == "none" else attach_shaping(batch.model, batch.shaper, batch.placement)
+    )
+    with torch.inference_mode(False), shaped:  # no hook for none: ODIN runs on networks without a classifier
         return fitted.score(*inputs(batch)).detach()
 
 

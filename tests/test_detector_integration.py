@@ -30,7 +30,7 @@ from ash_lightning.module import OODEvalModule
 from ash_lightning.results import load_scores
 from tests.conftest import main_in_process, run_main, tiny_config
 
-SPECS = ["mds", "rmds", "knn@5", "knn@5@0.5", "vim@16", "fdbd", "nnguide@5", "gradnorm", "odin@1000@0.0014", "adascale"]
+SPECS = ["mds", "rmds", "knn@5", "knn@5@0.5", "vim@4", "fdbd", "nnguide@5", "gradnorm", "odin@1000@0.0014", "adascale"]
 SHAPINGS = ["none", "ash_s@90"]
 
 
@@ -282,8 +282,11 @@ def test_feature_detector_on_a_network_without_classifier_fails_before_any_pass(
             super().__init__()
             self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
+        def forward(self, x: Tensor) -> Tensor:  # odin re-runs the module itself: no child has a classifier
+            return self.net(x)
+
         def test_step(self, batch, batch_idx, dataloader_idx=0):
-            return self.net(batch[0])
+            return self(batch[0])
 
     module = Features()
     passes = _CountPasses(module.net)
@@ -294,6 +297,10 @@ def test_feature_detector_on_a_network_without_classifier_fails_before_any_pass(
     assert passes.calls == 0
     with pytest.raises(UserError, match="fit_detector: vim@16 reads the penultimate features"):
         fit_detector(module.net, "vim@16", _loader(*FIT))
+    odin = OODMetricsCallback(score="odin", output_dir=str(tmp_path / "odin"), log_figures=False)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[odin])
+    trainer.test(module, dataloaders=[_loader(*t) for t in TEST], verbose=False)  # odin needs no classifier
+    assert odin.results["counts"] == {"id": 21, "ood1": 19}
 
 
 def test_unknown_score_names_the_detector_forms() -> None:
@@ -338,9 +345,34 @@ def test_callback_detector_reads_shaped_features(tmp_path: Path) -> None:
     assert not module.net.get_classifier()._forward_hooks  # the capture hook is gone
 
 
-def test_callback_refuses_gradient_detectors() -> None:
-    with pytest.raises(UserError, match="odin needs the input batch and gradients"):
-        OODMetricsCallback(score="odin")
+@pytest.mark.parametrize("spec", ["odin@1000@0.0014", "adascale"])
+def test_callback_gradient_detector_equals_functional_scores(tmp_path: Path, spec: str) -> None:
+    """A plain user module under Lightning's inference-mode test loop: the callback re-runs the network on the
+    batch images with gradients and gives the functional ``detector_scores`` of the same batches."""
+    module, std = PlainClassifier(), (0.5, 0.25, 0.2)
+    fit = _loader(*FIT)
+    metrics = OODMetricsCallback(score=spec, fit_dataloader=fit, std=std, output_dir=str(tmp_path), log_figures=False)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[metrics])
+    loaders = [_loader(*t) for t in TEST]
+    trainer.test(module, dataloaders=loaders, verbose=False)
+    store, _ = load_scores(str(tmp_path))
+    ours = np.concatenate([store["id"]["scores"][:, 0], store["ood1"]["scores"][:, 0]])
+    net = module.net.eval()
+    fitted = (
+        fit_detector(net, spec, fit) if parse_detector(spec).needs_fit else FittedDetector(parse_detector(spec), {})
+    )
+    expected = torch.cat([detector_scores(net, fitted, x, std=std) for loader in loaders for x, _, _ in loader])
+    np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert metrics.results["runs"][0]["score"] == parse_detector(spec).spec
+    assert all(p.grad is None for p in net.parameters())  # gradients reached the input only
+    if spec == "odin@1000@0.0014":  # std matters: with ones the step differs
+        ones = torch.cat([detector_scores(net, fitted, x) for loader in loaders for x, _, _ in loader])
+        assert not np.allclose(ours, ones.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_callback_std_is_checked() -> None:
+    with pytest.raises(UserError, match="std must be the data transform's per-channel standard deviations"):
+        OODMetricsCallback(score="odin", std=(0.5, 0.0, 0.5))
 
 
 # ---------------------------------------------------------------------------------------------------- main.py
@@ -349,11 +381,10 @@ def _results(out: Path) -> dict:
 
 
 def test_main_with_detectors_one_and_two_processes(tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """main.py with [energy, mds, knn@5, vim@16]: results in the usual layout; DDP (2 CPU processes, each fitting
-    on the whole fit set, separate caches) gives the same scores. (Not with ash_* on these random weights: their
-    pruned features span fewer than D + 1 dimensions on the fit set, so ViM's alpha = mean max-logit / mean
-    residual is ~1e15 and multiplies float32 rounding, which depends on the thread count, into the score.)"""
-    scores = ["energy", "mds", "knn@5", "vim@16"]
+    """main.py with [energy, mds, knn@5, vim@3]: results in the usual layout; DDP (2 CPU processes, each fitting
+    on the whole fit set, separate caches) gives the same scores. (D = 3: the tiny model's fit features span only
+    7 dimensions, and ViM refuses a D that leaves no residual.)"""
+    scores = ["energy", "mds", "knn@5", "vim@3"]
     outputs = {}
     for name, extra in (("one", ()), ("two", ("--trainer.devices", "2", "--trainer.strategy", "ddp"))):
         config = tiny_config(tiny_data, tiny_checkpoint, tmp_path / name, shaping=["none", "react@1.0"], score=scores)

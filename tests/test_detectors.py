@@ -437,6 +437,26 @@ def test_fit_errors_name_the_cause(fit_data):
         KNN(30, 0.1).fit(features, logits)
 
 
+def test_vim_without_residual_outside_the_subspace_names_a_smaller_d(fit_data):
+    """Features spanning 4 of 12 dimensions around the origin -pinv(W) b leave no residual outside a 6-dimensional
+    subspace (alpha would be ~1e15): the fit refuses D = 6 and names a D below the rank; D = 3 fits."""
+    weight, bias = fit_data["weight"], fit_data["bias"]
+    origin = -torch.linalg.pinv(weight) @ bias
+    g = torch.Generator().manual_seed(1)
+    features = origin + torch.randn(N, 4, generator=g, dtype=torch.float64) @ torch.randn(
+        4, D, generator=g, dtype=torch.float64
+    )
+    logits = features @ weight.T + bias
+    with pytest.raises(
+        UserError,
+        match=r"vim@6: .*no residual.*span only 4 dimensions.*Fix: choose D below the features' rank, e\.g\. vim@2",
+    ):
+        ViM(6).fit(features, logits, weight=weight, bias=bias)
+    fitted = ViM(3).fit(features, logits, weight=weight, bias=bias)
+    alpha = float(fitted.stats["alpha"])
+    assert np.isfinite(alpha) and alpha < 1e6
+
+
 @pytest.mark.parametrize("spec", ["mds", "rmds", "knn@7@0.5", "vim@5", "fdbd", "nnguide@10"])
 def test_fitted_state_survives_a_save_and_load(spec, fit_data):
     fitted = parse_detector(spec).fit(

@@ -1,50 +1,66 @@
-"""A detector as ``OODMetricsCallback``'s score: it reads the penultimate features of the user's network.
+"""A detector as ``OODMetricsCallback``'s score: it reads the penultimate features of the user's network, or, for
+the input-space detectors (``odin``, ``adascale``), re-runs that network on the batch's images.
 
-``CapturedFeatureScore(spec, fit_dataloader, module)`` finds the network inside the LightningModule as
+``CapturedFeatureScore(spec, fit_dataloader, module, std)`` finds the network inside the LightningModule as
 ``ActivationShapingCallback`` does, captures the input of its classifier (after any shaping attached there, by a
 forward hook: it sees the arguments as the pre-hooks left them) on every call while testing, and scores
-``(features of the last call, logits)`` with the detector. The detector is fitted at the first scored batch, when
-every callback's ``on_test_start`` has run (so the fit sees the same shaping as the test), on ``fit_dataloader``
-or else the data module's ``fit_dataloader()`` (cached by the network's weights, the fit data spec and the
-attached shapings; see ``ash_lightning.detector_fitting``). Checks that need no backbone pass (no classifier, no
-fit data, no labels for mds/rmds) run in ``start``. Only feature-space detectors: odin/adascale need the input
-batch and gradients, which a score of test_step outputs never sees (use ``OODEvalModule`` or the functional API).
+``(features of the last call, logits)`` with the detector. An input-space detector instead takes the images of
+the test batch (``batch_part(batch, "images")``) and runs the network on them itself, attached shapings included,
+with gradients to the input enabled even under Lightning's ``torch.inference_mode``
+(``detector_scoring.detector_score``). That costs extra passes on top of test_step's (ODIN and AdaSCALE: a forward
+and a backward pass to the input and a second forward pass). ``std``, the data transform's per-channel std
+(default ones), puts ODIN's eps in pixel units as in the ODIN code. The detector is fitted at the first scored
+batch, when every callback's ``on_test_start`` has run (so the fit sees the same shaping as the test), on
+``fit_dataloader`` or else the data module's ``fit_dataloader()`` (cached by the network's weights, the fit data
+spec and the attached shapings; see ``ash_lightning.detector_fitting``). Checks that need no backbone pass (no
+classifier, no fit data, no labels for mds/rmds) run in ``start``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ash_lightning.batches import batch_part
+from ash_lightning.batches import batch_part, describe_batch, expected_layout
 from ash_lightning.calibration import FitData, fit_batches, fit_loader_of, make_cache_key, weights_fingerprint
 from ash_lightning.callbacks.activation_shaping import ActivationShapingCallback
 from ash_lightning.callbacks.network import find_network
 from ash_lightning.detector_fitting import FitSettings, check_detectors, fit_detectors
+from ash_lightning.detector_scoring import SettingBatch, detector_score
 from ash_lightning.detectors import FeatureDetector, FittedDetector, parse_detector
 from ash_lightning.errors import UserError
 from ash_lightning.hooks import find_classifier
+from ash_lightning.shaping_specs import get_shaping
 
 __all__ = ["CapturedFeatureScore"]
 
 
 class CapturedFeatureScore:
-    """``score(logits)`` = the fitted detector on the features captured from the network's last call (see the
-    module docstring); ``name`` is the detector spec."""
+    """``score(logits, batch)`` = the fitted detector on the features captured from the network's last call, or,
+    for odin/adascale, on the network re-run on ``batch``'s images (see the module docstring); ``name`` is the
+    detector spec. ``std``: the data transform's per-channel std (default ones); pass your normalisation std so
+    eps is in pixel units as in the ODIN code."""
 
-    def __init__(self, spec: str, fit_dataloader: FitData | None = None, module: str | None = None) -> None:
+    def __init__(
+        self,
+        spec: str,
+        fit_dataloader: FitData | None = None,
+        module: str | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
         detector = parse_detector(spec)
-        if not isinstance(detector, FeatureDetector):
+        if std is not None and not (len(std) and all(math.isfinite(v) and v > 0 for v in std)):
             raise UserError(
-                f"OODMetricsCallback(score={spec!r}): {detector.spec} needs the input batch and gradients, which a "
-                "callback scoring test_step's outputs does not get. Fix: evaluate it with OODEvalModule "
-                f"(model.score: [{detector.spec}]) or call ash_lightning.detectors.{detector.name} in your test_step."
+                f"OODMetricsCallback(std={std!r}): std must be the data transform's per-channel standard "
+                "deviations, positive finite numbers (e.g. std=(0.247, 0.243, 0.261) for CIFAR-10)."
             )
-        self.detector, self.name = detector, detector.spec
+        self.detector, self.name, self.std = detector, detector.spec, None if std is None else list(std)
         self.fit_dataloader, self.module = fit_dataloader, module
+        self._reads_features = isinstance(detector, FeatureDetector)
         self._network: nn.Module | None = None
         self._handle: RemovableHandle | None = None
         self._captured: list[Tensor] = []
@@ -72,7 +88,10 @@ class CapturedFeatureScore:
         self._captured = []
 
     def _hook(self, network: nn.Module) -> None:
-        """Capture the input of ``network``'s classifier (check_detectors made sure it has one) on every call."""
+        """Capture the input of ``network``'s classifier (check_detectors made sure it has one) on every call; no
+        hook for an input-space detector, which runs the network itself."""
+        if not self._reads_features:
+            return
         classifier = find_classifier(network)
         if classifier is None:
             raise UserError(f"OODMetricsCallback: {type(network).__name__} has no classifier to read features from.")
@@ -125,9 +144,11 @@ class CapturedFeatureScore:
             self._hook(network)
         return fitted
 
-    def __call__(self, logits: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, batch: Any = None) -> Tensor:
         if self._network is None:
             raise RuntimeError("CapturedFeatureScore.start(trainer, pl_module) must run before scoring")
+        if not self._reads_features:
+            return self._score_input(logits, batch)
         if not self._captured or self._captured[0].shape[0] != logits.shape[0]:
             raise UserError(
                 f"OODMetricsCallback(score={self.name!r}) reads the penultimate features of "
@@ -135,7 +156,30 @@ class CapturedFeatureScore:
                 "samples in test_step. Fix: compute the logits with that network in test_step, or name the network "
                 "with module=..."
             )
-        features = self._captured[0].flatten(1)
+        return self._fitted_detector().score(self._captured[0].flatten(1), logits)
+
+    def _fitted_detector(self) -> FittedDetector:
         if self._fitted is None:
             self._fitted = self._fit() if self.detector.needs_fit else FittedDetector(self.detector, {})
-        return self._fitted.score(features, logits)
+        return self._fitted
+
+    def _score_input(self, logits: Tensor, batch: Any) -> Tensor:
+        """The input-space detector on the network re-run on ``batch``'s images (attached shapings included)."""
+        network = self._network
+        assert network is not None  # checked by __call__
+        images = batch_part(batch, "images")
+        if images is None or images.shape[0] != logits.shape[0]:
+            raise UserError(
+                f"OODMetricsCallback(score={self.name!r}) re-runs {type(network).__name__} on the test batch's "
+                f"images, but cannot find {logits.shape[0]} of them in the batch ({describe_batch(batch)}). Fix: "
+                f"yield them as {expected_layout('images')}."
+            )
+        std = self.std or [1.0] * images.shape[1]
+        if len(std) != images.shape[1]:
+            raise UserError(
+                f"OODMetricsCallback(std={self.std!r}) has {len(std)} entries but the images have "
+                f"{images.shape[1]} channels. Fix: pass one std per input channel."
+            )
+        fitted = self._fitted_detector()
+        x = images.to(next(network.parameters()).device)
+        return detector_score(fitted, SettingBatch(network, get_shaping("none"), "penultimate", x, None, None, std))

@@ -61,9 +61,12 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         ood_names: names of the other dataloaders (default: the data module's, else ``ood1``, ``ood2``...).
         groups: group name -> OOD set names to average (default: the data module's ``groups``).
         score: the score computed from logits when ``test_step`` returns no ``scores``: a logit score
-            (``energy``) or a feature-space detector (``knn@50``, ``vim@64``; see ``detector_features``).
+            (``energy``) or a detector (``knn@50``, ``vim@64``; ``odin``/``adascale`` re-run the network on the
+            batch's images with gradients, extra passes; see ``detector_features``).
         fit_dataloader: ID fit data for a fitted detector (a DataLoader or a callable returning one; default: the
             data module's ``fit_dataloader()``).
+        std: the data transform's per-channel std, for ``odin`` (default: ones); pass your normalisation std so
+            eps is in pixel units as in the ODIN code.
         tpr: the TPR of the FPR metric (0.95 -> ``fpr95``); convention: ``"paper"`` or ``"openood"``.
         nonfinite: ``"raise"`` stops on NaN/Inf scores naming the set and count; ``"drop"`` drops those
             samples and records them in the results.
@@ -114,11 +117,14 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         log_figures: bool = True,
         verbose: bool = True,
         fit_dataloader: FitData | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise UserError(f"nonfinite={nonfinite!r}; use one of {NONFINITE_POLICIES}.")
         self.id_dataloader_idx, self.ood_names, self.groups = id_dataloader_idx, ood_names, groups
-        self.score: Any = CapturedFeatureScore(score, fit_dataloader) if is_detector_spec(score) else get_score(score)
+        self.score: Any = (
+            CapturedFeatureScore(score, fit_dataloader, std=std) if is_detector_spec(score) else get_score(score)
+        )
         check_range("ood_metrics.tpr", tpr, 0, 1, low_open=True, high_open=False, example=0.95)
         check_choice("ood_metrics.convention", convention, CONVENTIONS)
         self.tpr, self.convention, self.nonfinite = tpr, convention, nonfinite
@@ -238,7 +244,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
             )
         if scores is None:
             assert logits is not None  # one of the two is set (checked above)
-            scores = self.score(logits)
+            scores = self.score(logits, batch) if isinstance(self.score, CapturedFeatureScore) else self.score(logits)
         elif not self._module_runs:
             self._runs = [{**run, "score": STEP_SCORES} for run in self._runs]
         scores = scores.reshape(len(scores), -1)

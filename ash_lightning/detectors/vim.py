@@ -3,7 +3,9 @@ CVPR 2022).
 
 Fit: the origin u = -pinv(W) b (so that W(h - u) = Wh + b), the principal subspace P of dimension D of the
 uncentred covariance (1/N) sum (h - u)(h - u)^T of the fit features, and alpha = mean_fit(max_k l_k) /
-mean_fit(||r(h)||), r(h) the part of h - u orthogonal to P (the residual). Score:
+mean_fit(||r(h)||), r(h) the part of h - u orthogonal to P (the residual). Fit data whose centred features lie
+(numerically) inside P, mean ||r(h)|| < RESIDUAL_TOLERANCE * mean ||h - u|| (e.g. features spanning at most D
+dimensions), would make alpha explode: ``fit`` refuses it with a UserError naming a smaller D. Score:
 
     score(h) = logsumexp(l) - alpha * ||r(h)||.
 
@@ -25,7 +27,10 @@ from torch import Tensor
 
 from ash_lightning.detectors.base import FeatureDetector
 
-__all__ = ["ViM", "vim_residual_basis"]
+__all__ = ["RESIDUAL_TOLERANCE", "ViM", "vim_residual_basis"]
+
+RESIDUAL_TOLERANCE = 1e-6  # the fit's mean residual norm, relative to its mean centred feature norm, below which
+# the principal subspace holds (numerically) all of the features and alpha is undefined
 
 
 def vim_residual_basis(centered: Tensor, dim: int) -> Tensor:
@@ -60,7 +65,16 @@ class ViM(FeatureDetector):
         origin = -torch.linalg.pinv(weight.double()) @ bias.double()
         centered = features.double() - origin
         basis = vim_residual_basis(centered, self.dim)
-        alpha = logits.double().amax(1).mean() / (centered @ basis).norm(dim=1).mean()
+        residual = (centered @ basis).norm(dim=1).mean()
+        if residual < RESIDUAL_TOLERANCE * centered.norm(dim=1).mean():
+            rank = int(torch.linalg.matrix_rank(centered))
+            raise self.invalid(
+                f"the centred fit features have (numerically) no residual outside the principal subspace of "
+                f"dimension D = {self.dim}: they span only {rank} dimensions, so alpha (mean max logit / mean "
+                f"residual norm) is undefined. Fix: choose D below the features' rank, e.g. vim@{max(1, rank // 2)}, "
+                "or fit on more varied ID data."
+            )
+        alpha = logits.double().amax(1).mean() / residual
         return {"origin": origin, "residual_basis": basis, "alpha": alpha}
 
     def score_batch(self, stats: Mapping[str, Tensor], features: Tensor, logits: Tensor) -> Tensor:
