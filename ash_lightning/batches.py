@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from ash_lightning.errors import UserError
+
 Part = Literal["images", "labels", "index"]
 KEYS: dict[str, tuple[str, ...]] = {
     "images": ("image", "images", "x", "input"),
@@ -45,3 +47,15 @@ def describe_batch(batch: Any) -> str:
 def expected_layout(part: Part) -> str:
     """How a batch can hold ``part``, for messages."""
     return f"item {POSITIONS[part]} of a tuple (images, labels, index) or a dict key {'/'.join(KEYS[part])}"
+
+
+def fit_images(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """The images of a batch of ID fit data and the mask of the samples to keep (False for a negative index: a
+    corrupt file the data module skipped), None when all are kept; a UserError when the batch holds no images."""
+    images, index = batch_part(batch, "images"), batch_part(batch, "index")
+    if images is None:
+        raise UserError(
+            f"cannot find the images in a batch of the ID fit data ({describe_batch(batch)}). "
+            f"Fix: yield them as {expected_layout('images')}."
+        )
+    return images, (index >= 0 if index is not None and index.shape == images.shape[:1] else None)

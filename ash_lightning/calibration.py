@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
-from ash_lightning.batches import batch_part, describe_batch, expected_layout
+from ash_lightning.batches import fit_images
 from ash_lightning.calibrated import (
     IDStats,
     StatsRequest,
@@ -245,15 +245,9 @@ class _Tap:
 
 
 def _images(batch: Any) -> Tensor:
-    """The images of a batch (``ash_lightning.batches``), less the samples with a negative index (corrupt files
-    the data module skipped)."""
-    images, index = batch_part(batch, "images"), batch_part(batch, "index")
-    if images is None:
-        raise UserError(
-            f"cannot find the images in a batch of the ID fit data ({describe_batch(batch)}). "
-            f"Fix: yield them as {expected_layout('images')}."
-        )
-    return images[index >= 0] if index is not None and index.shape == images.shape[:1] else images
+    """The images of a batch of ID fit data less the corrupt files the data module skipped (``fit_images``)."""
+    images, keep = fit_images(batch)
+    return images if keep is None else images[keep]
 
 
 def collect_stats(

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ash_lightning.batches import batch_part, describe_batch, expected_layout
+from ash_lightning.batches import batch_part, describe_batch, expected_layout, fit_images
 from ash_lightning.calibration import FitData, cache_dir, calibrate, fit_batches
 from ash_lightning.detectors import (
     AdaScale,
@@ -172,13 +172,7 @@ class _FitPass:
 
     def add(self, fit: FitSettings, batch: Any, max_left: int | None, device: torch.device) -> int:
         """Collect one batch (at most ``max_left`` samples of it); the number of samples taken."""
-        images, index = batch_part(batch, "images"), batch_part(batch, "index")
-        if images is None:
-            raise UserError(
-                f"cannot find the images in a batch of the ID fit data ({describe_batch(batch)}). "
-                f"Fix: yield them as {expected_layout('images')}."
-            )
-        keep = index >= 0 if index is not None and index.shape == images.shape[:1] else None  # corrupt files
+        images, keep = fit_images(batch)
         labels = batch_part(batch, "labels")
         if self.needs_labels:
             labels = _checked_labels(labels, images, keep)

@@ -113,10 +113,11 @@ def _classifier_is_last(classifier: nn.Module, features: Tensor, logits: Any) ->
     return again.shape == logits.shape and torch.allclose(again, logits, rtol=1e-5, atol=1e-6)
 
 
-def setting_part(model: nn.Module, shared: Tensor, shaper: Shaper, placement: str) -> tuple[Tensor | None, Tensor]:
+def _setting_part(
+    model: nn.Module, shared: Tensor, shaper: Shaper, placement: str, classifier: nn.Module | None, point: SplitPoint
+) -> tuple[Tensor | None, Tensor]:
     """``(features, logits)`` of one setting from the shared part: the classifier's input as ``shaper`` left it
-    (None without a classifier) and the logits."""
-    classifier, point = find_classifier(model), split_point(model, placement)
+    (None without a classifier) and the logits; ``classifier`` and ``point`` are the model's, found once per batch."""
     with attach_shaping(model, shaper, placement), _captured_input(classifier) as seen:
         if point == "classifier" and classifier is not None:
             logits = classifier(shared)
@@ -141,7 +142,8 @@ def shaped_outputs(model: nn.Module, x: Tensor, shapers: Sequence[Shaper], place
 
 def outputs_from_shared(model: nn.Module, shared: Tensor, shapers: Sequence[Shaper], placement: str) -> SettingOutputs:
     """``shaped_outputs`` from an already computed ``shared_part`` (e.g. read from a feature cache)."""
-    per_setting = [setting_part(model, shared, shaper, placement) for shaper in shapers]
+    classifier, point = find_classifier(model), split_point(model, placement)
+    per_setting = [_setting_part(model, shared, shaper, placement, classifier, point) for shaper in shapers]
     features = [f for f, _ in per_setting if f is not None]
     stacked = torch.stack(features) if len(features) == len(per_setting) else None
     return SettingOutputs(stacked, torch.stack([logits for _, logits in per_setting]))
