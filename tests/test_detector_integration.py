@@ -29,6 +29,7 @@ from ash_lightning.errors import UserError
 from ash_lightning.module import OODEvalModule
 from ash_lightning.results import load_scores
 from tests.conftest import main_in_process, run_main, tiny_config
+from tests.run_equality import assert_same_evaluation
 
 SPECS = ["mds", "rmds", "knn@5", "knn@5@0.5", "vim@4", "fdbd", "nnguide@5", "gradnorm", "odin@1000@0.0014", "adascale"]
 SHAPINGS = ["none", "ash_s@90"]
@@ -382,8 +383,9 @@ def _results(out: Path) -> dict:
 
 def test_main_with_detectors_one_and_two_processes(tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path) -> None:
     """main.py with [energy, mds, knn@5, vim@3]: results in the usual layout; DDP (2 CPU processes, each fitting
-    on the whole fit set, separate caches) gives the same scores. (D = 3: the tiny model's fit features span only
-    7 dimensions, and ViM refuses a D that leaves no residual.)"""
+    on the whole fit set, separate caches) gives the same evaluation (``tests/run_equality.py``: exact sample sets,
+    scores to float32 rounding, metrics equal or within the near-tie bound). (D = 3: the tiny model's fit features
+    span only 7 dimensions, and ViM refuses a D that leaves no residual.)"""
     scores = ["energy", "mds", "knn@5", "vim@3"]
     outputs = {}
     for name, extra in (("one", ()), ("two", ("--trainer.devices", "2", "--trainer.strategy", "ddp"))):
@@ -400,12 +402,7 @@ def test_main_with_detectors_one_and_two_processes(tiny_data: dict, tiny_checkpo
     csv = (outputs["one"] / "run" / "v" / "ood_results.csv").read_text()
     assert "knn@5" in csv and "mds" in csv
     assert two["config"]["trainer"]["world_size"] == 2
-    store_one, _ = load_scores(str(outputs["one"] / "run" / "v"))
-    store_two, _ = load_scores(str(outputs["two"] / "run" / "v"))
-    for name in ("id", "dark", "bright"):
-        np.testing.assert_allclose(store_one[name]["scores"], store_two[name]["scores"], rtol=1e-5, atol=1e-6)
-    for run_one, run_two in zip(one["runs"], two["runs"], strict=True):
-        assert run_one["mean"] == pytest.approx(run_two["mean"], abs=1e-9)
+    assert_same_evaluation(outputs["one"] / "run" / "v", outputs["two"] / "run" / "v")
 
 
 def test_main_mds_on_unlabelled_fit_data_is_one_user_error(

@@ -30,6 +30,7 @@ from ash_lightning.data import OODDataModule
 from ash_lightning.errors import UserError
 from ash_lightning.results import load_scores
 from tests.conftest import REPO, run_main, tiny_config
+from tests.run_equality import SCORE_RTOL
 
 USER_CALLBACKS = """
 import lightning as L
@@ -233,7 +234,9 @@ def test_both_lightning_clis_and_fit_dataloader_calibrate_alike(
     assert set(classic) == set(unified) == set(plain) == {"id", "dark", "bright"}
     for name in classic:
         np.testing.assert_array_equal(unified[name], classic[name])
-        np.testing.assert_allclose(plain[name].reshape(-1), classic[name].reshape(-1), rtol=1e-6, atol=1e-6)
+        # in-process vs subprocess: other thread counts reorder float32 sums (tolerance: tests/run_equality.py)
+        tolerance = SCORE_RTOL * np.abs(classic[name]).max()
+        np.testing.assert_allclose(plain[name].reshape(-1), classic[name].reshape(-1), rtol=0, atol=tolerance)
 
 
 class TwoChildren(pl.LightningModule):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from ash_lightning.shaping_specs import get_shaping
 from tests.conftest import main_in_process, tiny_config
+from tests.run_equality import assert_same_evaluation
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -34,22 +34,15 @@ def test_shaping_on_cuda_equals_cpu(spec: str, shape: tuple[int, ...]) -> None:
     torch.testing.assert_close(on_cuda.cpu(), on_cpu, rtol=1e-5, atol=1e-5)
 
 
-def _scores(run: Path) -> dict[str, np.ndarray]:
-    with np.load(run / "scores.npz") as data:
-        return {key: data[key] for key in data.files if key.endswith("/scores") or key.endswith("/index")}
-
-
 def test_main_on_gpu_gives_the_cpu_scores(tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """The same config and sweep on ``accelerator: cpu`` and ``accelerator: gpu``: equal sample indices, scores
-    equal to float32 rounding."""
-    runs = {}
+    """The same config and sweep on ``accelerator: cpu`` and ``accelerator: gpu``: the same evaluation
+    (``tests/run_equality.py``: exact sample sets, scores to float32 rounding, metrics equal or within the near-tie
+    bound)."""
     for accelerator in ("cpu", "gpu"):
-        out = tmp_path / accelerator
-        config = tiny_config(tiny_data, tiny_checkpoint, out, shaping=["ash_s@90", "react@1.0", "scale@85"])
+        config = tiny_config(
+            tiny_data, tiny_checkpoint, tmp_path / accelerator, shaping=["ash_s@90", "react@1.0", "scale@85"]
+        )
         config["trainer"]["accelerator"] = accelerator
         status, _, err = main_in_process(config, tmp_path)
         assert status == 0, err[-3000:]
-        runs[accelerator] = _scores(out / "run" / "v")
-    assert runs["cpu"].keys() == runs["gpu"].keys()
-    for key, on_cpu in runs["cpu"].items():
-        np.testing.assert_allclose(runs["gpu"][key], on_cpu, rtol=1e-4, atol=1e-4, err_msg=key)
+    assert_same_evaluation(tmp_path / "cpu" / "run" / "v", tmp_path / "gpu" / "run" / "v")
