@@ -36,10 +36,10 @@ from timm.data import create_transform
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from ash_lightning.backbone import create_backbone
+from ash_lightning._files import write_atomically
 from ash_lightning.data import OODDataModule, build_source
 from ash_lightning.errors import UserError
-from ash_lightning.files import write_atomically
+from ash_lightning.models.backbone import create_backbone
 
 DIR_ENV = "ASH_DEMO_DIR"
 DEFAULT_DIR = Path(".cache") / "demo"
@@ -268,7 +268,7 @@ def _quiet_lightning() -> None:
 
 def _evaluate(config_path: Path) -> int:
     """``main.py test --config config_path`` in this process; returns its exit status."""
-    from ash_lightning.cli import main as cli_main
+    from ash_lightning.cli.app import main as cli_main
 
     argv = sys.argv
     sys.argv = argv[:1]  # LightningCLI warns when given args while the demo's own options are in sys.argv

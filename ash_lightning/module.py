@@ -1,10 +1,10 @@
 """``OODEvalModule``: any timm backbone with activation shaping, evaluated by the test loop.
 
 ``shaping`` and ``score`` may be lists: a test run evaluates their product (a sweep), with one backbone
-pass per batch where the placement allows it (see ``ash_lightning.sweep``). A ``score`` entry is a logit score
+pass per batch where the placement allows it (see ``ash_lightning.shaping.sweep``). A ``score`` entry is a logit score
 (``energy``) or a detector (``knn@50``, ``vim@64``, ``odin``: ``ash_lightning.detectors``), fitted per shaping on
-``data.fit`` when testing starts (``ash_lightning.detector_fitting``, cached) and scored per batch
-(``ash_lightning.detector_scoring``; ``odin``/``adascale`` take input gradients inside the test loop).
+``data.fit`` when testing starts (``ash_lightning.detectors.fitting``, cached) and scored per batch
+(``ash_lightning.detectors.scoring``; ``odin``/``adascale`` take input gradients inside the test loop).
 ``test_step`` returns per-sample ``logits``, ``scores``, ``preds``, ``targets`` and ``index``; ``runs`` labels the
 score columns.
 
@@ -24,17 +24,17 @@ import torch
 from timm.data import resolve_data_config
 from torch import Tensor
 
-from ash_lightning.backbone import create_backbone, warn_if_random_weights
-from ash_lightning.calibration import calibrate_shapers, fit_loader_of, make_cache_key, needs_calibration
-from ash_lightning.detector_fitting import FitSettings, check_detectors, fit_detectors
-from ash_lightning.detector_scoring import SettingBatch, detector_score, resolve_score, score_name
+from ash_lightning._options import check_int, check_range
 from ash_lightning.detectors import Detector, FittedDetector
+from ash_lightning.detectors.fitting import FitSettings, check_detectors, fit_detectors
+from ash_lightning.detectors.scoring import SettingBatch, detector_score, resolve_score, score_name
 from ash_lightning.errors import UserError
-from ash_lightning.feature_cache import DEFAULT_MAX_GIB, FeatureCache, check_placement, open_feature_cache
-from ash_lightning.hooks import attach_shaping
-from ash_lightning.options import check_int, check_range
-from ash_lightning.shaping_specs import get_shaping
-from ash_lightning.sweep import outputs_from_shared, runs_backbone_once, shaped_logits, shared_part
+from ash_lightning.evaluation.feature_cache import DEFAULT_MAX_GIB, FeatureCache, check_placement, open_feature_cache
+from ash_lightning.models.backbone import create_backbone, warn_if_random_weights
+from ash_lightning.shaping.calibration import calibrate_shapers, fit_loader_of, make_cache_key, needs_calibration
+from ash_lightning.shaping.hooks import attach_shaping
+from ash_lightning.shaping.specs import get_shaping
+from ash_lightning.shaping.sweep import outputs_from_shared, runs_backbone_once, shaped_logits, shared_part
 
 if TYPE_CHECKING:
     from pytorch_lightning.utilities.parsing import AttributeDict
@@ -87,8 +87,8 @@ class OODEvalModuleMixin:
         score: a score name or detector spec, or a list of them (``"energy"``, ``"msp"``, ``"knn@50"``, ...).
         calibration_samples: at most this many ID fit samples for calibrated methods and fitted detectors
             (default: all of data.fit).
-        feature_cache: a folder for each test set's shared features (``ash_lightning.feature_cache``): a later run
-            with the same backbone, weights, placement and data reads them and runs only the per-setting part.
+        feature_cache: a folder for each test set's shared features (``ash_lightning.evaluation.feature_cache``): a
+            later run with the same backbone, weights, placement and data reads them and runs only the per-setting part.
         feature_cache_max_gib: refuse to cache a set whose features would take more than this many GiB.
     """
 

@@ -40,13 +40,13 @@ import numpy as np
 import torch
 import yaml
 
-from ash_lightning.backbone import create_backbone
 from ash_lightning.data import OODDataModule
-from ash_lightning.detector_fitting import fit_detector
-from ash_lightning.detector_scoring import detector_scores
 from ash_lightning.detectors import FeatureDetector, FeaturesAndLogits
-from ash_lightning.hooks import resolve_hook_point
-from ash_lightning.metrics import fpr_key
+from ash_lightning.detectors.fitting import fit_detector
+from ash_lightning.detectors.scoring import detector_scores
+from ash_lightning.evaluation.metrics import fpr_key
+from ash_lightning.models.backbone import create_backbone
+from ash_lightning.shaping.hooks import resolve_hook_point
 
 from _common import (
     GROUPS,

@@ -4,7 +4,7 @@ against the cached re-run (reads them: no backbone pass, no image decoding), in 
 Config: ``configs/cifar10_resnet20_ash_s.yaml`` as shipped (akamaster ResNet-20, batch 500, 2 data workers,
 figures and result files written) with the grid ASH-P, ASH-B, ASH-S and SCALE at 4 percentiles each, and each
 set limited to ``--limit`` random images. Each timed run is ``main.py test`` called in this process
-(``ash_lightning.cli.main``: config parsing, model and checkpoint loading, weights fingerprint, the test loop,
+(``ash_lightning.cli.app.main``: config parsing, model and checkpoint loading, weights fingerprint, the test loop,
 result files), after an uncached warm-up run on 100 images per set; interpreter start-up and imports are not
 timed. The script checks that both runs wrote the same ``ood_results.json`` and ``scores.npz``, and times the ID
 set's test loader with images (decoded, transformed, collated) and without (the cached run's index-only batches).
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ash_lightning.cli import main as cli_main
+from ash_lightning.cli.app import main as cli_main
 from ash_lightning.data import OODDataModule
 
 from _common import (

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from ash_lightning.metrics import ood_metrics
+from ash_lightning.evaluation.metrics import ood_metrics
 
 N = 1_000_000
 REPEATS = 3

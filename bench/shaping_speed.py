@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ash_lightning.shaping import ash_b, ash_p, ash_rand, ash_s
+from ash_lightning.shaping.functional import ash_b, ash_p, ash_rand, ash_s
 
 SHAPES = ((256, 2048), (64, 2048, 7, 7), (256, 512, 4, 4))
 PERCENTILE = 65

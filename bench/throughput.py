@@ -25,11 +25,11 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
-from ash_lightning.allocator import keep_freed_memory
 from ash_lightning.callbacks import OODMetricsCallback
+from ash_lightning.cli.allocator import keep_freed_memory
 from ash_lightning.data import OODDataModule
-from ash_lightning.hooks import attach_shaping
 from ash_lightning.module import OODEvalModule
+from ash_lightning.shaping.hooks import attach_shaping
 
 from _common import (
     ID_FILE,

@@ -163,9 +163,9 @@ def write_image_folder(folder: Path, n: int, seed: int, truncated: tuple[str, ..
 
 
 def main_in_process(config: dict, tmp_path: Path, *extra: str) -> tuple[int, str, str]:
-    """``ash_lightning.cli.main(["test", "--config", <config>, *extra])`` in this process, which spares the
+    """``ash_lightning.cli.app.main(["test", "--config", <config>, *extra])`` in this process, which spares the
     interpreter start-up of ``run_main``: returns (exit status, stdout, stderr)."""
-    from ash_lightning.cli import main
+    from ash_lightning.cli.app import main
 
     cfg = tmp_path / f"config_inproc_{abs(hash(str(config))) % 10**8}.yaml"
     cfg.write_text(yaml.safe_dump(config))

@@ -1,4 +1,4 @@
-"""``ash_lightning.files``: path expansion and atomic writes."""
+"""``ash_lightning._files``: path expansion and atomic writes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from ash_lightning._files import expand_user_vars, writable_directory, write_atomically
 from ash_lightning.errors import UserError
-from ash_lightning.files import expand_user_vars, writable_directory, write_atomically
 
 
 def test_expand_user_vars(monkeypatch: pytest.MonkeyPatch) -> None:

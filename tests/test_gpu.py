@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ash_lightning.shaping_specs import get_shaping
+from ash_lightning.shaping.specs import get_shaping
 from tests.conftest import main_in_process, tiny_config
 from tests.run_equality import assert_same_evaluation
 

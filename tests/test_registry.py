@@ -8,17 +8,17 @@ import sys
 
 import pytest
 
+from ash_lightning._registry import Registry, describe
 from ash_lightning.detectors.spec import DETECTORS, list_detectors, parse_detector, register_detector
-from ash_lightning.registry import Registry, describe
-from ash_lightning.score_specs import get_score, list_scores, register_score
-from ash_lightning.shaping_specs import get_shaping, list_shapings
+from ash_lightning.scores.specs import get_score, list_scores, register_score
+from ash_lightning.shaping.specs import get_shaping, list_shapings
 from tests.conftest import REPO
 
 
 def test_list_functions_hold_every_builtin_with_form_and_description() -> None:
     shapings = {e.name: e for e in list_shapings()}
     assert list(shapings)[:8] == ["none", "ash_p", "ash_b", "ash_s", "ash_rand", "react", "react_and_ash", "scale"]
-    assert {"vra", "dice", "lts"} <= set(shapings)  # registered by ash_lightning.calibrated
+    assert {"vra", "dice", "lts"} <= set(shapings)  # registered by ash_lightning.shaping.calibrated
     assert shapings["ash_s"].form == "ash_s[@<percentile>=65]"
     assert shapings["ash_s"].description.startswith("ASH-S: keep the top-k values of each sample times exp(s1 / s2)")
     assert shapings["react"].form == "react@<threshold>|react@p<percentile>"

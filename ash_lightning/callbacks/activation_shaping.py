@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ash_lightning.calibration import (
+from ash_lightning.callbacks.network import find_network
+from ash_lightning.errors import UserError
+from ash_lightning.lightning_packages import CALLBACK_BASES
+from ash_lightning.shaping.calibration import (
     FitData,
     calibrate_shapers,
     fit_batches,
@@ -14,11 +17,8 @@ from ash_lightning.calibration import (
     needs_calibration,
     weights_fingerprint,
 )
-from ash_lightning.callbacks.network import find_network
-from ash_lightning.errors import UserError
-from ash_lightning.hooks import ShapingHandle, attach_shaping
-from ash_lightning.lightning_packages import CALLBACK_BASES
-from ash_lightning.shaping_specs import get_shaping
+from ash_lightning.shaping.hooks import ShapingHandle, attach_shaping
+from ash_lightning.shaping.specs import get_shaping
 
 
 class ActivationShapingCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback of every installed package
@@ -78,7 +78,7 @@ class ActivationShapingCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the C
             raise UserError(
                 f"{self.spec} needs ID statistics, and the trainer has no ID fit data for it. Fix: pass "
                 f"ActivationShapingCallback({self.spec!r}, fit_dataloader=<an ID DataLoader, or a "
-                "callable returning one>), or fit it yourself with ash_lightning.calibration.calibrate("
+                "callable returning one>), or fit it yourself with ash_lightning.shaping.calibration.calibrate("
                 f"model, {self.spec!r}, loader) and attach the result with attach_shaping."
             )
         return loader

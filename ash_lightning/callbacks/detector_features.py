@@ -12,7 +12,7 @@ and a backward pass to the input and a second forward pass). ``std``, the data t
 (default ones), puts ODIN's eps in pixel units as in the ODIN code. The detector is fitted at the first scored
 batch, when every callback's ``on_test_start`` has run (so the fit sees the same shaping as the test), on
 ``fit_dataloader`` or else the data module's ``fit_dataloader()`` (cached by the network's weights, the fit data
-spec and the attached shapings; see ``ash_lightning.detector_fitting``). Checks that need no backbone pass (no
+spec and the attached shapings; see ``ash_lightning.detectors.fitting``). Checks that need no backbone pass (no
 classifier, no fit data, no labels for mds/rmds) run in ``start``.
 """
 
@@ -25,16 +25,16 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ash_lightning.batches import batch_part, describe_batch, expected_layout
-from ash_lightning.calibration import FitData, fit_batches, fit_loader_of, make_cache_key, weights_fingerprint
 from ash_lightning.callbacks.activation_shaping import ActivationShapingCallback
 from ash_lightning.callbacks.network import find_network
-from ash_lightning.detector_fitting import FitSettings, check_detectors, fit_detectors
-from ash_lightning.detector_scoring import SettingBatch, detector_score
+from ash_lightning.data.batches import batch_part, describe_batch, expected_layout
 from ash_lightning.detectors import FeatureDetector, FittedDetector, parse_detector
+from ash_lightning.detectors.fitting import FitSettings, check_detectors, fit_detectors
+from ash_lightning.detectors.scoring import SettingBatch, detector_score
 from ash_lightning.errors import UserError
-from ash_lightning.hooks import find_classifier
-from ash_lightning.shaping_specs import get_shaping
+from ash_lightning.shaping.calibration import FitData, fit_batches, fit_loader_of, make_cache_key, weights_fingerprint
+from ash_lightning.shaping.hooks import find_classifier
+from ash_lightning.shaping.specs import get_shaping
 
 __all__ = ["CapturedFeatureScore"]
 

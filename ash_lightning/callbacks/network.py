@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ash_lightning.errors import UserError
-from ash_lightning.hooks import find_classifier
+from ash_lightning.shaping.hooks import find_classifier
 
 
 def find_network(pl_module: nn.Module, module: str | None, owner: str) -> nn.Module:

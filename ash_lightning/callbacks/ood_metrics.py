@@ -18,7 +18,7 @@ what is kept (corrupt files, non-finite samples), saved and logged.
 
 Works with any LightningModule whose ``test_step`` returns logits or a dict holding ``logits`` and/or ``scores``
 (and optionally ``preds``, ``targets``, ``index``). Labels and sample indices are otherwise read from the batch
-(``ash_lightning.batches``: ``(x, y, index)`` tuples or dicts with keys such as ``image``/``label``); when the ID
+(``ash_lightning.data.batches``: ``(x, y, index)`` tuples or dicts with keys such as ``image``/``label``); when the ID
 set's labels cannot be read, a warning says so once and ``id_accuracy`` is None. Scores returned by ``test_step``
 are labelled "scores from test_step" unless the module declares ``runs``.
 """
@@ -32,20 +32,26 @@ from typing import Any, TypeAlias
 import torch
 from torch import Tensor
 
-from ash_lightning.batches import batch_part, describe_batch, expected_layout
-from ash_lightning.calibration import FitData
+from ash_lightning._files import writable_directory
+from ash_lightning._options import check_choice, check_range
 from ash_lightning.callbacks.activation_shaping import ActivationShapingCallback
 from ash_lightning.callbacks.detector_features import CapturedFeatureScore
-from ash_lightning.constant_scores import constant_score_warning
+from ash_lightning.data.batches import batch_part, describe_batch, expected_layout
 from ash_lightning.detectors import is_detector_spec
 from ash_lightning.errors import UserError
-from ash_lightning.files import writable_directory
+from ash_lightning.evaluation.constant_scores import constant_score_warning
+from ash_lightning.evaluation.metrics import CONVENTIONS, OODMetrics
+from ash_lightning.evaluation.plots import curves_figure, sweep_figure
+from ash_lightning.evaluation.results import (
+    format_table,
+    results_from_store,
+    save_scores,
+    stopped_message,
+    write_results,
+)
 from ash_lightning.lightning_packages import CALLBACK_BASES, rank_zero_info, rank_zero_warn, tensorboard_writer
-from ash_lightning.metrics import CONVENTIONS, OODMetrics
-from ash_lightning.options import check_choice, check_range
-from ash_lightning.plots import curves_figure, sweep_figure
-from ash_lightning.results import format_table, results_from_store, save_scores, stopped_message, write_results
-from ash_lightning.score_specs import get_score
+from ash_lightning.scores.specs import get_score
+from ash_lightning.shaping.calibration import FitData
 
 NONFINITE_POLICIES = ("raise", "drop")
 STEP_SCORES = "scores from test_step"

@@ -22,9 +22,9 @@ from argparse import ArgumentError
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from ash_lightning.allocator import keep_freed_memory_unless_disabled
+from ash_lightning._files import writable_directory
+from ash_lightning.cli.allocator import keep_freed_memory_unless_disabled
 from ash_lightning.errors import UserError
-from ash_lightning.files import writable_directory
 
 DEBUG_ENV = "ASH_DEBUG"
 VERBOSE_ENV = "ASH_VERBOSE"
@@ -39,10 +39,10 @@ class _CLI:
         from pytorch_lightning.cli import LightningCLI
 
         from ash_lightning.callbacks import OODMetricsCallback
+        from ash_lightning.callbacks.interrupt import StopAfterBatchOnCtrlC
+        from ash_lightning.cli.yaml_config import use_strict_yaml
         from ash_lightning.data import OODDataModule
-        from ash_lightning.interrupt import StopAfterBatchOnCtrlC
         from ash_lightning.module import OODEvalModule
-        from ash_lightning.yaml_config import use_strict_yaml
 
         use_strict_yaml()
 
@@ -125,9 +125,9 @@ class _ReportParser(argparse.ArgumentParser):
 def report(args: list[str]) -> None:
     """Recompute and print the metrics table from a run directory or scores.npz, without a model; ``--tpr`` and
     ``--convention`` override the values the run used."""
-    from ash_lightning.metrics import CONVENTIONS
-    from ash_lightning.options import check_choice, check_range
-    from ash_lightning.results import format_table, load_scores, results_from_store, write_results
+    from ash_lightning._options import check_choice, check_range
+    from ash_lightning.evaluation.metrics import CONVENTIONS
+    from ash_lightning.evaluation.results import format_table, load_scores, results_from_store, write_results
 
     parser = _ReportParser(prog="main.py report", add_help=False)
     parser.add_argument("path", help="a run directory or its scores.npz")
@@ -159,10 +159,10 @@ ActivationShapingCallback), scores (model.score, ood_metrics.score) and detector
 
 def list_specs(args: list[str]) -> None:
     """Print every shaping, score and detector spec form with its one-line description."""
+    from ash_lightning._registry import Registered
     from ash_lightning.detectors.spec import list_detectors
-    from ash_lightning.registry import Registered
-    from ash_lightning.score_specs import list_scores
-    from ash_lightning.shaping_specs import list_shapings
+    from ash_lightning.scores.specs import list_scores
+    from ash_lightning.shaping.specs import list_shapings
 
     if args:
         raise UserError(f"main.py list takes no arguments, got {' '.join(args)}. Usage: main.py list")

@@ -25,9 +25,10 @@ from timm.data import create_transform, resolve_data_config
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ash_lightning.data.sources import CorruptImageError, Source, build_source
+from ash_lightning._options import check_choice, check_int, check_range
+from ash_lightning.data.base import CorruptImageError, Source
+from ash_lightning.data.sources import build_source
 from ash_lightning.errors import UserError
-from ash_lightning.options import check_choice, check_int, check_range
 
 if TYPE_CHECKING:
     from pytorch_lightning.utilities.parsing import AttributeDict

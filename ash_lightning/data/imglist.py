@@ -16,9 +16,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-# The module, not its names: sources.py imports this file to register the kind, so the names it defines may not
-# exist yet while this file is imported; they are looked up when a list is read.
-from ash_lightning.data import sources
+from ash_lightning.data.base import FileSource, Source, expand_path
 from ash_lightning.errors import UserError
 
 _FORMAT = "each line must be '<path relative to root> <label>', e.g. 'cifar10/test/airplane/0001.png 0'"
@@ -78,7 +76,7 @@ def read_imglist(list_path: str, root: str) -> tuple[list[str], list[int]]:
     return paths, targets
 
 
-def imglist_source(spec: Mapping[str, Any], what: str) -> sources.Source:
+def imglist_source(spec: Mapping[str, Any], what: str) -> Source:
     """The ``imglist`` kind of ``build_source``: the images of ``spec["list"]`` under ``spec["root"]``."""
     for key in ("list", "root"):
         if not spec.get(key):
@@ -87,8 +85,8 @@ def imglist_source(spec: Mapping[str, Any], what: str) -> sources.Source:
                 "imglist, list: $DATASETS/benchmark_imglist/cifar10/test_cifar10.txt, root: "
                 "$DATASETS/images_classic}."
             )
-    list_path = sources.expand_path(spec["list"], f"{what}.list")
-    root = sources.expand_path(spec["root"], f"{what}.root")
+    list_path = expand_path(spec["list"], f"{what}.list")
+    root = expand_path(spec["root"], f"{what}.root")
     if not os.path.isfile(list_path):
         raise UserError(f"{what}.list: {list_path!r} is not a file. Fix: point `list` at an image list (.txt).")
     if not os.path.isdir(root):
@@ -103,4 +101,4 @@ def imglist_source(spec: Mapping[str, Any], what: str) -> sources.Source:
         ) from None
     except UserError as err:
         raise UserError(f"{what}: {err}") from None
-    return sources.Source(sources.FileSource(paths, targets), paths)
+    return Source(FileSource(paths, targets), paths)

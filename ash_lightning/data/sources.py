@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence, Sized
-from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -18,35 +17,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
+from ash_lightning._files import expand_set_vars
+from ash_lightning._options import check_int
+from ash_lightning.data.base import FileSource, Source, expand_path
 from ash_lightning.data.images import to_rgb8
 from ash_lightning.data.imglist import imglist_source
 from ash_lightning.errors import UserError
-from ash_lightning.files import expand_set_vars
-from ash_lightning.options import check_int
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-
-
-@dataclass
-class Source:
-    """A data set of ``(PIL image, target)`` pairs and, for files on disk, the path of each sample."""
-
-    dataset: Dataset
-    paths: list[str] | None = None
-
-    def __len__(self) -> int:
-        return len(cast(Sized, self.dataset))  # torch's Dataset declares no __len__; these are all map-style
-
-
-def expand_path(path: str | os.PathLike, what: str) -> str:
-    """Expand ``~`` and ``$VARS``; a UserError if an unset variable is left or the path does not exist."""
-    expanded = expand_set_vars(path, what)
-    if not os.path.exists(expanded):
-        raise UserError(
-            f"{what}: path {expanded!r} does not exist. Fix: check the path in the config "
-            "(environment variables such as $DATASETS are expanded)."
-        )
-    return expanded
 
 
 class ArraySource(Dataset):
@@ -60,34 +38,6 @@ class ArraySource(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return to_rgb8(Image.fromarray(self.images[i])), int(self.targets[i])
-
-
-class FileSource(Dataset):
-    """Image files with targets; decoding errors surface as ``CorruptImageError`` naming the file."""
-
-    def __init__(self, paths: list[str], targets: list[int]) -> None:
-        self.paths, self.targets = paths, targets
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        try:
-            with Image.open(self.paths[i]) as img:
-                return to_rgb8(img), self.targets[i]
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            raise CorruptImageError(self.paths[i], f"{err.__class__.__name__}: {err}") from err
-
-
-class CorruptImageError(UserError):
-    """An image file that cannot be decoded; ``reason`` says why (the decoder's error)."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(
-            f"cannot decode image {path!r} ({reason}). Fix: remove or replace the file, or set "
-            "skip_corrupt: true to skip such files with a warning."
-        )
-        self.path = path
 
 
 class NoiseSource(Dataset):

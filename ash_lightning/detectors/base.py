@@ -1,6 +1,6 @@
 """The detector contract: a frozen dataclass of spec parameters, fitted once on ID data into plain tensors.
 
-A detector scores samples, higher = more in-distribution, like ``ash_lightning.scores``. Two kinds:
+A detector scores samples, higher = more in-distribution, like ``ash_lightning.scores.functional``. Two kinds:
 
 * :class:`FeatureDetector` reads the penultimate features ``h`` (B, D) and the logits (B, K):
   ``fitted = detector.fit(features, logits, labels, weight, bias)`` on ID fit data, then

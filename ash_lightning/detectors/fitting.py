@@ -9,7 +9,7 @@ inference) tensors, so that the statistics also serve the gradient detectors. Fi
 the caller's process: under DDP every rank fits on the whole fit set and holds identical statistics.
 
 The cache holds one ``torch.save``d ``FittedDetector.state_dict()`` per pair under
-``$ASH_CACHE_DIR/detectors`` (see ``ash_lightning.calibration.cache_dir``), named by the SHA-256 of its key:
+``$ASH_CACHE_DIR/detectors`` (see ``ash_lightning.shaping.calibration.cache_dir``), named by the SHA-256 of its key:
 the caller's ``cache_key`` (``make_cache_key``: backbone, checkpoint path + size + mtime, fit data spec, ...),
 the placement, the setting's shaping spec, the detector spec and ``max_samples``. Without a ``cache_key``
 nothing is cached. Writes are atomic (DDP ranks may race).
@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ash_lightning.batches import batch_part, describe_batch, expected_layout, fit_images
-from ash_lightning.calibration import FitData, cache_dir, calibrate, fit_batches
+from ash_lightning._files import write_atomically
+from ash_lightning.data.batches import batch_part, describe_batch, expected_layout, fit_images
 from ash_lightning.detectors import (
     AdaScale,
     Detector,
@@ -44,10 +44,10 @@ from ash_lightning.detectors import (
     parse_detector,
 )
 from ash_lightning.errors import UserError
-from ash_lightning.files import write_atomically
-from ash_lightning.hooks import attach_shaping, find_classifier
-from ash_lightning.shaping_specs import Shaper, get_shaping
-from ash_lightning.sweep import SettingOutputs, shaped_outputs
+from ash_lightning.shaping.calibration import FitData, cache_dir, calibrate, fit_batches
+from ash_lightning.shaping.hooks import attach_shaping, find_classifier
+from ash_lightning.shaping.specs import Shaper, get_shaping
+from ash_lightning.shaping.sweep import SettingOutputs, shaped_outputs
 
 __all__ = ["FitSettings", "check_detectors", "classifier_weights", "fit_detector", "fit_detectors"]
 
@@ -69,7 +69,7 @@ class FitSettings:
 
     @classmethod
     def of_shapers(cls, model: nn.Module, shapers: Sequence[Shaper], placement: str) -> FitSettings:
-        """One setting per shaper, attached at ``placement`` in turn (``ash_lightning.sweep``)."""
+        """One setting per shaper, attached at ``placement`` in turn (``ash_lightning.shaping.sweep``)."""
         return cls(
             model,
             [shaper.spec for shaper in shapers],
@@ -341,7 +341,7 @@ def fit_detector(
     """``spec`` (e.g. ``"knn@50"``) fitted on the ID data ``loader`` (a DataLoader or any iterable of batches, or
     a callable returning one; at most ``max_samples`` samples) for ``model`` with ``shaping`` attached at
     ``placement`` (a calibrated shaping is calibrated on the same data first). Score with
-    ``ash_lightning.detector_scoring.detector_scores``. Nothing is cached."""
+    ``ash_lightning.detectors.scoring.detector_scores``. Nothing is cached."""
     detector = parse_detector(spec) if isinstance(spec, str) else spec
     check_detectors(model, [detector], "fit_detector")
     try:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ash_lightning.errors import UserError
-from ash_lightning.hooks import classifier_of
+from ash_lightning.shaping.hooks import classifier_of
 
 __all__ = ["FeaturesAndLogits", "ForwardWithFeatures", "gradient_leaf"]
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ash_lightning.detector_fitting import classifier_weights
 from ash_lightning.detectors import (
     ODIN,
     AdaScale,
@@ -28,11 +27,12 @@ from ash_lightning.detectors import (
     parse_detector,
     valid_forms,
 )
+from ash_lightning.detectors.fitting import classifier_weights
 from ash_lightning.errors import UserError
-from ash_lightning.hooks import attach_shaping
-from ash_lightning.score_specs import get_score
-from ash_lightning.shaping_specs import Shaper, get_shaping
-from ash_lightning.sweep import shaped_outputs
+from ash_lightning.scores.specs import get_score
+from ash_lightning.shaping.hooks import attach_shaping
+from ash_lightning.shaping.specs import Shaper, get_shaping
+from ash_lightning.shaping.sweep import shaped_outputs
 
 __all__ = ["SettingBatch", "detector_score", "detector_scores", "resolve_score", "score_name"]
 

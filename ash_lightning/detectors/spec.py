@@ -1,7 +1,7 @@
 """Detector spec strings: ``name[@param...]``, parameters in the order of the detector's spec fields, trailing
 ones optional when they have defaults. ``parse_detector("knn@50@0.1") == KNN(k=50, fraction=0.1)``.
 
-Detector classes are registered in ``DETECTORS`` (an ``ash_lightning.registry.Registry``: name -> class) with
+Detector classes are registered in ``DETECTORS`` (an ``ash_lightning._registry.Registry``: name -> class) with
 ``register_detector``, resolved by ``get_detector`` (also ``parse_detector``) and listed by ``list_detectors``.
 """
 
@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+from ash_lightning._registry import Registered, Registry, describe
 from ash_lightning.detectors.adascale import AdaScale
 from ash_lightning.detectors.base import Detector, FittedDetector
 from ash_lightning.detectors.fdbd import FDBD
@@ -21,7 +22,6 @@ from ash_lightning.detectors.mahalanobis import MDS, RMDS
 from ash_lightning.detectors.odin import ODIN
 from ash_lightning.detectors.vim import ViM
 from ash_lightning.errors import UserError
-from ash_lightning.registry import Registered, Registry, describe
 
 __all__ = [
     "DETECTORS",

@@ -1,4 +1,4 @@
-"""Feature cache: each test set's shared part of the forward pass (``ash_lightning.sweep.shared_part``: the
+"""Feature cache: each test set's shared part of the forward pass (``ash_lightning.shaping.sweep.shared_part``: the
 classifier's input for ``penultimate``, ``forward_features`` for ``pre_pool``), stored by one run and read by
 later runs with the same key, which then run only the per-setting part and decode no images.
 
@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ash_lightning.calibration import weights_fingerprint
+from ash_lightning._files import expand_user_vars, writable_directory, write_atomically
 from ash_lightning.errors import UserError
-from ash_lightning.files import expand_user_vars, writable_directory, write_atomically
-from ash_lightning.sweep import split_point
+from ash_lightning.shaping.calibration import weights_fingerprint
+from ash_lightning.shaping.sweep import split_point
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ash_lightning.metrics import fpr_key
-from ash_lightning.shaping_specs import Shaper, get_shaping
+from ash_lightning.evaluation.metrics import fpr_key
+from ash_lightning.shaping.specs import Shaper, get_shaping
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

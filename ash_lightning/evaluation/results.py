@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from ash_lightning._files import write_atomically
 from ash_lightning.errors import UserError
-from ash_lightning.files import write_atomically
-from ash_lightning.metrics import fpr_key, ood_metrics, summarize
+from ash_lightning.evaluation.metrics import fpr_key, ood_metrics, summarize
 
 Store = dict[str, dict[str, np.ndarray]]
 METRIC_LABELS = {"auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out"}

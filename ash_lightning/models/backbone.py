@@ -11,8 +11,8 @@ import timm
 from torch import nn
 
 import ash_lightning.models  # noqa: F401  (registers the CIFAR ResNets in timm's registry)
-from ash_lightning.checkpoint import load_checkpoint
 from ash_lightning.errors import UserError
+from ash_lightning.models.checkpoint import load_checkpoint
 
 
 def create_backbone(

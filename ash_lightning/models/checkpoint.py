@@ -8,8 +8,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from ash_lightning._files import expand_set_vars
 from ash_lightning.errors import UserError
-from ash_lightning.files import expand_set_vars
 
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict", "net")
 _WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "net.", "_orig_mod.")

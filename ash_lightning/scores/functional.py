@@ -4,7 +4,7 @@ Higher scores mean "more in-distribution". Half-precision (and integer) logits a
 upcast to float32 before any arithmetic, so the result is float32 (float64 for
 float64 input) and cannot overflow where the half-precision version would.
 
-Spec strings naming these functions (``"energy@2.0"``) are resolved by ``ash_lightning.score_specs.get_score``.
+Spec strings naming these functions (``"energy@2.0"``) are resolved by ``ash_lightning.scores.specs.get_score``.
 """
 
 from __future__ import annotations

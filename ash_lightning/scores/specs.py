@@ -1,5 +1,5 @@
 """Score spec strings: ``name[@param...]`` resolved to a ``Score`` by ``get_score``, names added with
-``register_score`` and listed by ``list_scores`` (the math is in ``ash_lightning.scores``).
+``register_score`` and listed by ``list_scores`` (the math is in ``ash_lightning.scores.functional``).
 
 A score is a function ``fn(logits, *params) -> (B,)``; its spec parameters are the ones after the logits, in order,
 typed by their annotations (``float`` or ``int``), trailing ones optional when they have defaults:
@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ash_lightning.registry import Registered, Registry, spec_form
-from ash_lightning.scores import energy, gen, max_logit, msp, neg_entropy
+from ash_lightning._registry import Registered, Registry, spec_form
+from ash_lightning.scores.functional import energy, gen, max_logit, msp, neg_entropy
 
 __all__ = ["SCORES", "Score", "get_score", "list_scores", "register_score"]
 

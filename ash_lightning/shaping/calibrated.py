@@ -1,6 +1,6 @@
 """Shapers fitted on ID statistics (ReAct at a percentile, VRA, DICE) and logit shapers (DICE, LTS).
 
-Spec strings, registered when this module (or ``ash_lightning.calibration``) is imported:
+Spec strings, registered when this module (or ``ash_lightning.shaping.calibration``) is imported:
 
 * ``react@p90``: ReAct (Sun et al., NeurIPS 2021) with the threshold set to the 90th percentile of the ID
   activations at the placement, over all units and samples (``np.percentile`` of the flattened activations);
@@ -20,8 +20,8 @@ Spec strings, registered when this module (or ``ash_lightning.calibration``) is 
 
 DICE and LTS are ``LogitShaper``s (placement ``"penultimate"`` only). ``react@p..``, ``vra`` and ``dice`` come
 from ``get_shaping`` unfitted: their ``params`` are the spec's numbers and using them raises a ValueError until
-``ash_lightning.calibration.calibrate`` replaces them by fitted shapers. A fitted shaper keeps the requested spec
-(``react@p90`` stays ``react@p90``) and records the fitted values in ``params``: the threshold for ReAct,
+``ash_lightning.shaping.calibration.calibrate`` replaces them by fitted shapers. A fitted shaper keeps the requested
+spec (``react@p90`` stays ``react@p90``) and records the fitted values in ``params``: the threshold for ReAct,
 (alpha, beta) for VRA, the sparsity for DICE (its mask is ``fn.mask``).
 """
 
@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ash_lightning._registry import format_number, parse_number
 from ash_lightning.errors import UserError
-from ash_lightning.hooks import LogitShaper, classifier_of
-from ash_lightning.registry import format_number, parse_number
-from ash_lightning.shaping import accumulation_dtype, check_percentile, prune_top_k, react, saturate_
-from ash_lightning.shaping_specs import FunctionFactory, Shaper, register_shaping
+from ash_lightning.shaping.functional import accumulation_dtype, check_percentile, prune_top_k, react, saturate_
+from ash_lightning.shaping.hooks import LogitShaper, classifier_of
+from ash_lightning.shaping.specs import FunctionFactory, Shaper, register_shaping
 
 __all__ = [
     "IDStats",

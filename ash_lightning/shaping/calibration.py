@@ -2,8 +2,8 @@
 
 ``calibrate(model, spec, loader)`` returns one fitted shaper for ``attach_shaping``; ``calibrate_shapers`` fits
 a list of them, with a cache. Either makes one pass over an ID fit dataloader (eval mode, ``torch.inference_mode``;
-batches read by ``ash_lightning.batches``: tensors, tuples or dicts) and collects what the shapers ask for (see
-``ash_lightning.calibrated``, whose shapers importing this module registers):
+batches read by ``ash_lightning.data.batches``: tensors, tuples or dicts) and collects what the shapers ask for (see
+``ash_lightning.shaping.calibrated``, whose shapers importing this module registers):
 
 * ReAct, VRA: percentiles of the activations at the placement (the tensor the placement shapes, seen before any
   other hook changes it) over all units and samples, by ``np.percentile`` (linear interpolation, as the ReAct
@@ -45,8 +45,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
-from ash_lightning.batches import fit_images
-from ash_lightning.calibrated import (
+from ash_lightning._files import expand_user_vars, write_atomically
+from ash_lightning.data.batches import fit_images
+from ash_lightning.errors import UserError
+from ash_lightning.shaping.calibrated import (
     IDStats,
     StatsRequest,
     dice_logits,
@@ -58,10 +60,8 @@ from ash_lightning.calibrated import (
     unfitted,
     vra,
 )
-from ash_lightning.errors import UserError
-from ash_lightning.files import expand_user_vars, write_atomically
-from ash_lightning.hooks import LogitShaper, activation_tensor, classifier_of, resolve_hook_point
-from ash_lightning.shaping_specs import Shaper, get_shaping
+from ash_lightning.shaping.hooks import LogitShaper, activation_tensor, classifier_of, resolve_hook_point
+from ash_lightning.shaping.specs import Shaper, get_shaping
 
 __all__ = [
     "CACHE_ENV",

@@ -20,7 +20,7 @@ Numerics:
 * ASH assumes non-negative (post-ReLU) activations. The ASH family (``ash_*``, ``react_and_ash``,
   ``scale``) warns once per process when it sees negative values, e.g. post-LayerNorm ViT/Swin tokens.
 
-Spec strings naming these functions (``"ash_s@90"``) are resolved by ``ash_lightning.shaping_specs.get_shaping``.
+Spec strings naming these functions (``"ash_s@90"``) are resolved by ``ash_lightning.shaping.specs.get_shaping``.
 """
 
 from __future__ import annotations

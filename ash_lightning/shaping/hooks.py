@@ -24,7 +24,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ash_lightning.shaping_specs import Shaper, get_shaping
+from ash_lightning.shaping.specs import Shaper, get_shaping
 
 __all__ = [
     "LogitShaper",

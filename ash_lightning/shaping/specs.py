@@ -1,9 +1,9 @@
 """Shaping spec strings: ``name[@arg...]`` resolved to a ``Shaper`` by ``get_shaping``, names added with
-``register_shaping`` and listed by ``list_shapings`` (the math is in ``ash_lightning.shaping``).
+``register_shaping`` and listed by ``list_shapings`` (the math is in ``ash_lightning.shaping.functional``).
 
 Built-in specs: ``"none"``, ``"ash_p@90"``, ``"ash_b@65"``, ``"ash_s@90"``, ``"ash_rand@65"``, ``"react@1.0"``,
-``"react_and_ash@1.0@90"``, ``"scale@85"``; a name alone uses the function's defaults. ``ash_lightning.calibrated``
-adds the calibrated ones (``react@p90``, ``vra``, ``dice``, ``lts``).
+``"react_and_ash@1.0@90"``, ``"scale@85"``; a name alone uses the function's defaults.
+``ash_lightning.shaping.calibrated`` adds the calibrated ones (``react@p90``, ``vra``, ``dice``, ``lts``).
 """
 
 from __future__ import annotations
@@ -15,8 +15,17 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ash_lightning.registry import Registered, Registry, describe, format_number, parse_number, spec_form
-from ash_lightning.shaping import ash_b, ash_p, ash_rand, ash_s, check_percentile, react, react_and_ash, scale
+from ash_lightning._registry import Registered, Registry, describe, format_number, parse_number, spec_form
+from ash_lightning.shaping.functional import (
+    ash_b,
+    ash_p,
+    ash_rand,
+    ash_s,
+    check_percentile,
+    react,
+    react_and_ash,
+    scale,
+)
 
 __all__ = [
     "SHAPINGS",

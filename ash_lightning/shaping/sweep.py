@@ -26,8 +26,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ash_lightning.hooks import attach_shaping, find_classifier
-from ash_lightning.shaping_specs import Shaper
+from ash_lightning.shaping.hooks import attach_shaping, find_classifier
+from ash_lightning.shaping.specs import Shaper
 
 log = logging.getLogger(__name__)
 

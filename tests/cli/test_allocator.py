@@ -6,7 +6,8 @@ import platform
 
 import pytest
 
-from ash_lightning import allocator, cli
+from ash_lightning.cli import allocator
+from ash_lightning.cli import app as cli
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")

@@ -43,7 +43,7 @@ def test_verbose_keeps_lightnings_lines_and_quiet_drops_only_those(
 ) -> None:
     from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-    from ash_lightning.cli import VERBOSE_ENV, quiet_unless_verbose
+    from ash_lightning.cli.app import VERBOSE_ENV, quiet_unless_verbose
 
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
     monkeypatch.setattr(sys, "argv", ["main.py", "test", "--verbose"])
@@ -69,7 +69,7 @@ def test_help_lists_the_commands_one_line_each() -> None:
 
 
 def test_report_help_prints_its_usage(capsys: pytest.CaptureFixture[str]) -> None:
-    from ash_lightning.cli import main
+    from ash_lightning.cli.app import main
 
     assert main(["report", "--help"]) == 0
     out, err = capsys.readouterr()
@@ -77,7 +77,7 @@ def test_report_help_prints_its_usage(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_training_commands_end_in_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
-    from ash_lightning.cli import main
+    from ash_lightning.cli.app import main
 
     proc = _main("fit", "--config", "configs/cifar10_resnet20_ash_s.yaml")
     assert proc.returncode == 2

@@ -21,14 +21,14 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ash_lightning.callbacks import OODMetricsCallback
-from ash_lightning.cli import main, user_error
-from ash_lightning.data.sources import CorruptImageError
+from ash_lightning.cli.app import main, user_error
+from ash_lightning.data.base import CorruptImageError
 from ash_lightning.errors import UserError
-from ash_lightning.metrics import ood_metrics
+from ash_lightning.evaluation.metrics import ood_metrics
+from ash_lightning.evaluation.results import load_scores
 from ash_lightning.module import OODEvalModule
-from ash_lightning.results import load_scores
-from ash_lightning.score_specs import get_score
-from ash_lightning.shaping_specs import get_shaping
+from ash_lightning.scores.specs import get_score
+from ash_lightning.shaping.specs import get_shaping
 from tests.conftest import REPO, main_in_process, run_main, tiny_config, write_image_folder, write_npz
 
 TRACEBACK = "Traceback (most recent call last)"

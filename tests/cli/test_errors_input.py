@@ -19,12 +19,12 @@ import pytest
 import yaml
 from PIL import Image
 
-from ash_lightning.backbone import RandomWeightsWarning
-from ash_lightning.cli import main, user_error
-from ash_lightning.data.sources import FileSource
-from ash_lightning.results import load_scores, save_scores
+from ash_lightning.cli.app import main, user_error
+from ash_lightning.data.base import FileSource
+from ash_lightning.evaluation.results import load_scores, save_scores
+from ash_lightning.models.backbone import RandomWeightsWarning
+from tests.cli.test_errors import TRACEBACK, _apply, _run_dir
 from tests.conftest import REPO, main_in_process, tiny_config, write_image_folder, write_npz
-from tests.test_errors import TRACEBACK, _apply, _run_dir
 
 
 @pytest.fixture(autouse=True)

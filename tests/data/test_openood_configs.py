@@ -17,9 +17,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from ash_lightning.backbone import create_backbone
 from ash_lightning.data import build_source
 from ash_lightning.errors import UserError
+from ash_lightning.models.backbone import create_backbone
 from tests.conftest import REPO, main_in_process, write_image_folder
 
 CONFIGS = sorted((REPO / "configs" / "openood_v1.5").glob("*.yaml"))

@@ -18,16 +18,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import ash_lightning.detector_fitting as detector_fitting
+import ash_lightning.detectors.fitting as detector_fitting
 from ash_lightning import attach_shaping, get_shaping
-from ash_lightning.calibration import make_cache_key
 from ash_lightning.callbacks import ActivationShapingCallback, OODMetricsCallback
-from ash_lightning.detector_fitting import FitSettings, fit_detector, fit_detectors
-from ash_lightning.detector_scoring import detector_scores
 from ash_lightning.detectors import ODIN, AdaScale, FeaturesAndLogits, FittedDetector, parse_detector
+from ash_lightning.detectors.fitting import FitSettings, fit_detector, fit_detectors
+from ash_lightning.detectors.scoring import detector_scores
 from ash_lightning.errors import UserError
+from ash_lightning.evaluation.results import load_scores
 from ash_lightning.module import OODEvalModule
-from ash_lightning.results import load_scores
+from ash_lightning.shaping.calibration import make_cache_key
 from tests.conftest import main_in_process, run_main, tiny_config
 from tests.run_equality import assert_same_evaluation
 

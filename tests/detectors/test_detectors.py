@@ -480,7 +480,7 @@ def test_half_precision_features_score_in_float32(fit_data):
 
 
 def test_cost_benchmark_runs_end_to_end(monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "bench"))
     detector_cost = pytest.importorskip("detector_cost")
     monkeypatch.setattr(sys, "argv", ["detector_cost.py", "--batch-size", "8", "--bank", "500", "--rounds", "1"])
     threads = torch.get_num_threads()

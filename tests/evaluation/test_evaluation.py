@@ -14,10 +14,10 @@ import yaml
 from pytorch_lightning.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ash_lightning.backbone import create_backbone
 from ash_lightning.callbacks import ActivationShapingCallback, OODMetricsCallback
 from ash_lightning.data import OODDataModule
-from ash_lightning.results import load_scores
+from ash_lightning.evaluation.results import load_scores
+from ash_lightning.models.backbone import create_backbone
 from tests.conftest import REPO, run_main, tiny_config
 from tests.run_equality import assert_same_evaluation
 

@@ -19,7 +19,7 @@ import torch
 from ash_lightning.callbacks import OODMetricsCallback
 from ash_lightning.data import OODDataModule
 from ash_lightning.errors import UserError
-from ash_lightning.feature_cache import (
+from ash_lightning.evaluation.feature_cache import (
     MARKER,
     EntryWriter,
     entry_dir,

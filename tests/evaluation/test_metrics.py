@@ -11,7 +11,7 @@ from sklearn.metrics import auc, average_precision_score, precision_recall_curve
 from torch.utils.data import DistributedSampler
 from torchmetrics.functional.classification import binary_auroc
 
-from ash_lightning.metrics import OODMetrics, fpr_key, ood_metrics, summarize, unique_by_index
+from ash_lightning.evaluation.metrics import OODMetrics, fpr_key, ood_metrics, summarize, unique_by_index
 
 TOL = 1e-9
 CONVENTIONS = ("paper", "openood")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ash_lightning.plots import sweep_figure
+from ash_lightning.evaluation.plots import sweep_figure
 from tests.conftest import REPO
 
 
@@ -21,9 +21,9 @@ def test_importing_and_plotting_leave_the_matplotlib_backend_alone(tmp_path: Pat
 import os, sys
 import matplotlib
 before = matplotlib.get_backend()
-import ash_lightning, ash_lightning.cli, ash_lightning.callbacks
+import ash_lightning, ash_lightning.cli.app, ash_lightning.callbacks
 after_import = matplotlib.get_backend()
-from ash_lightning.plots import curves_figure, sweep_figure
+from ash_lightning.evaluation.plots import curves_figure, sweep_figure
 import numpy as np
 runs = [{{"shaping": s, "score": "energy", "mean": {{"fpr95": f, "auroc": 1 - f}}}}
         for s, f in [("none", 0.5), ("ash_s@80", 0.4), ("ash_s@90", 0.3)]]

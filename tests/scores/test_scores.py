@@ -8,8 +8,8 @@ import pickle
 import pytest
 import torch
 
-from ash_lightning.score_specs import Score, get_score
-from ash_lightning.scores import energy, gen, max_logit, msp, neg_entropy
+from ash_lightning.scores.functional import energy, gen, max_logit, msp, neg_entropy
+from ash_lightning.scores.specs import Score, get_score
 
 # Row 0: uniform over 4 classes. Row 1: softmax = (0.1, 0.2, 0.3, 0.4).
 LOGITS = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(1), math.log(2), math.log(3), math.log(4)]])

@@ -1,4 +1,5 @@
-"""ash_lightning.calibration: ReAct at an ID percentile, DICE, VRA and LTS; the calibration pass and its cache."""
+"""ash_lightning.shaping.calibration: ReAct at an ID percentile, DICE, VRA and LTS; the calibration pass and its
+cache."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ash_lightning.models  # noqa: F401  (registers cifar_resnet20)
-from ash_lightning import calibration
-from ash_lightning.calibration import (
+from ash_lightning.callbacks import ActivationShapingCallback
+from ash_lightning.errors import UserError
+from ash_lightning.shaping import calibration
+from ash_lightning.shaping.calibration import (
     LogitShaper,
     calibrate_shapers,
     collect_stats,
@@ -31,11 +34,9 @@ from ash_lightning.calibration import (
     needs_calibration,
     vra,
 )
-from ash_lightning.callbacks import ActivationShapingCallback
-from ash_lightning.errors import UserError
-from ash_lightning.hooks import attach_shaping
-from ash_lightning.shaping_specs import get_shaping
-from ash_lightning.sweep import shaped_logits
+from ash_lightning.shaping.hooks import attach_shaping
+from ash_lightning.shaping.specs import get_shaping
+from ash_lightning.shaping.sweep import shaped_logits
 
 KEY = {"backbone": "net", "checkpoint": None, "fit": "fit.npz"}
 # DICE by hand: mean_ID(h) = [2, 2, 2, 2, 3], contributions W * mean = [[2, -2, 4, 0, 3], [1, 6, -4, 2, -3]]
@@ -468,7 +469,7 @@ def test_main_py_calibrates_once_then_reads_the_cache(tiny_data: dict, tiny_chec
 
 
 def test_cache_key_expands_environment_variables_in_the_checkpoint_path(tiny_checkpoint, monkeypatch) -> None:
-    from ash_lightning.calibration import make_cache_key
+    from ash_lightning.shaping.calibration import make_cache_key
 
     monkeypatch.setenv("CKPT_DIR", str(tiny_checkpoint.parent))
     key = make_cache_key("cifar_resnet20", f"$CKPT_DIR/{tiny_checkpoint.name}")

@@ -1,4 +1,4 @@
-"""ash_lightning.hooks: shaping through forward hooks on timm and torchvision models equals shaping by hand."""
+"""ash_lightning.shaping.hooks: shaping through forward hooks on timm and torchvision models equals shaping by hand."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from torch import nn
 from torchvision import models as tv
 
 from ash_lightning import shaping
-from ash_lightning.hooks import ShapingHandle, attach_shaping, resolve_hook_point
-from ash_lightning.shaping_specs import get_shaping
+from ash_lightning.shaping.hooks import ShapingHandle, attach_shaping, resolve_hook_point
+from ash_lightning.shaping.specs import get_shaping
 
 MODELS = {  # name -> input side
     "resnet18": 64,

@@ -1,4 +1,4 @@
-"""ash_lightning.shaping: equivalence with the authors' ASH, purity, numerics, warnings and spec strings."""
+"""ash_lightning.shaping.functional: equivalence with the authors' ASH, purity, numerics, warnings and spec strings."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from ash_lightning import shaping, shaping_specs
-from ash_lightning.registry import Registry
-from ash_lightning.shaping import ash_b, ash_p, ash_rand, ash_s, react, react_and_ash, scale
-from ash_lightning.shaping_specs import Shaper, get_shaping, register_shaping
+from ash_lightning._registry import Registry
+from ash_lightning.shaping import functional as shaping
+from ash_lightning.shaping import specs as shaping_specs
+from ash_lightning.shaping.functional import ash_b, ash_p, ash_rand, ash_s, react, react_and_ash, scale
+from ash_lightning.shaping.specs import Shaper, get_shaping, register_shaping
 
 LAYOUTS = [(6, 40), (3, 8, 5, 5), (4, 9, 12)]
 ASH = {"ash_p": ash_p, "ash_b": ash_b, "ash_s": ash_s}
