@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchvision import models as tv
 
-from ash_lightning import shaping
+from ash_lightning.shaping import functional as shaping
 from ash_lightning.shaping.hooks import ShapingHandle, attach_shaping, resolve_hook_point
 from ash_lightning.shaping.specs import get_shaping
 
