@@ -121,8 +121,14 @@ def test_main_test_sweep_in_tensorboard(tiny_data: dict, tiny_checkpoint: Path, 
 
         texts = board.get("/data/plugin/text/tags")["run/v"]
         assert {"results/table", "results/selected", "config", "notes"} <= {t.split("/text_summary")[0] for t in texts}
-        table = board.get("/data/plugin/text/text?" + urllib.parse.urlencode({"run": "run/v", "tag": texts[0]}))
-        assert "ranked by mean FPR95" in table[0]["text"] and "<table>" in table[0]["text"]
+
+        def text(tag: str) -> str:
+            query = urllib.parse.urlencode({"run": "run/v", "tag": f"{tag}/text_summary"})
+            return board.get(f"/data/plugin/text/text?{query}")[0]["text"]
+
+        assert "ranked by mean FPR95" in text("results/table") and "<table>" in text("results/table")
+        assert "LightningCLI" in text("config") and "cifar_resnet20" in text("config")
+        assert "no sample dropped" in text("notes")
 
         curves = board.get("/data/plugin/pr_curves/tags")
         best = results["runs"][results["ranking"][0]]
