@@ -28,11 +28,12 @@ from _common import ID_FILE, OOD_FILES, REPO, checkpoint_file, datasets_dir
 
 CONFIG = REPO / "configs" / "cifar10_resnet20_ash_s.yaml"
 GRID = ["none", *(f"{method}@{p}" for method in ("ash_s", "scale") for p in (65, 75, 85, 90, 95))]
-VIEWS = {  # file name -> (URL fragment, window size)
-    "tensorboard_hparams.png": ("#hparams", (1500, 620)),
+VIEWS = {  # file name -> (URL fragment, window size, zoom)
+    "tensorboard_hparams.png": ("#hparams", (2600, 900), 0.6),
     "tensorboard_vs_percentile.png": (
         "#scalars&_smoothingWeight=0&regexInput=%2Fsweep%2F&tagFilter=vs_percentile%2Fmean%2F(fpr95%7Cauroc)%24",
         (1400, 470),
+        1.0,
     ),
 }
 
@@ -60,8 +61,10 @@ def sweep_logdir(limit: int, out: Path) -> Path:
 def shoot(logdir: Path, out_dir: Path, browser: str) -> list[Path]:
     """Start tensorboard on ``logdir`` (loopback, a free port), screenshot every view into ``out_dir``, stop it."""
     tensorboard = Path(sys.executable).with_name("tensorboard")
-    command = [str(tensorboard), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", "0", "--load_fast=false"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = [str(tensorboard), "--logdir", logdir.name, "--host", "127.0.0.1", "--port", "0", "--load_fast=false"]
+    server = subprocess.Popen(  # the folder by its name: the screenshot shows no machine path
+        command, cwd=logdir.resolve().parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     written = []
     try:
         assert server.stderr is not None
@@ -76,7 +79,7 @@ def shoot(logdir: Path, out_dir: Path, browser: str) -> list[Path]:
                 sys.exit("error: tensorboard did not load the sweep within 60 s")
             time.sleep(0.5)
         time.sleep(2)
-        for name, (fragment, (width, height)) in VIEWS.items():
+        for name, (fragment, (width, height), zoom) in VIEWS.items():
             target = out_dir / name
             subprocess.run(
                 [
@@ -86,6 +89,7 @@ def shoot(logdir: Path, out_dir: Path, browser: str) -> list[Path]:
                     "--disable-gpu",
                     "--hide-scrollbars",
                     f"--window-size={width},{height}",
+                    f"--force-device-scale-factor={zoom}",
                     "--virtual-time-budget=20000",
                     f"--screenshot={target}",
                     f"http://127.0.0.1:{port}/{fragment}",

@@ -11,7 +11,7 @@ folder as a run):
   parameters (``percentile``, ``threshold`` ...), ``score``, ``score_method``, the score's parameters
   (``score.k`` ...), ``backbone``, ``placement``, ``checkpoint`` (file name), ``run`` (the folder ``D``).
   Metrics (scalars): ``mean/<fpr>``, ``mean/auroc``, ``mean/aupr_in``, ``mean/aupr_out``,
-  ``group/<group>/{<fpr>,auroc}``, ``set/<set>/{<fpr>,auroc}``, ``id/accuracy``; ``<fpr>`` is ``fpr95`` at TPR 0.95.
+  ``mean_<group>/{<fpr>,auroc}``, ``set/<set>/{<fpr>,auroc}``, ``id/accuracy``; ``<fpr>`` is ``fpr95`` at TPR 0.95.
   No experiment summary is written: TensorBoard builds the table's columns from all sessions under its logdir,
   so several runs in one folder share one table. A logger that wrote one (Lightning's ``TensorBoardLogger`` with
   its default ``default_hp_metric=True``) makes TensorBoard show that one's columns instead, so a warning asks for
@@ -123,11 +123,12 @@ def setting_hparams(run: Mapping[str, Any], config: Mapping[str, Any], run_dir: 
 
 
 def setting_metrics(run: Mapping[str, Any], tpr: float) -> dict[str, float]:
-    """A session's metrics: the four means, FPR and AUROC per group and per OOD set, ID accuracy (when known)."""
+    """A session's metrics: the four means, FPR and AUROC per group and per OOD set, ID accuracy (when known);
+    named so that TensorBoard's alphabetical columns start with the accuracy and the means."""
     fkey = fpr_key(tpr)
     out = {f"mean/{k}": run["mean"][k] for k in (fkey, "auroc", "aupr_in", "aupr_out")}
-    for kind, sets in (("group", run["groups"]), ("set", run["ood"])):
-        out.update({f"{kind}/{name}/{k}": m[k] for name, m in sets.items() for k in (fkey, "auroc")})
+    for prefix, sets in (("mean_", run["groups"]), ("set/", run["ood"])):
+        out.update({f"{prefix}{name}/{k}": m[k] for name, m in sets.items() for k in (fkey, "auroc")})
     if run.get("id_accuracy") is not None:
         out["id/accuracy"] = run["id_accuracy"]
     return {k: float(v) for k, v in out.items()}

@@ -107,7 +107,7 @@ def test_main_test_sweep_in_tensorboard(tiny_data: dict, tiny_checkpoint: Path, 
         assert {"method", "percentile", "threshold", "score", "backbone", "placement", "checkpoint"} <= columns
         metrics = {m["name"]["tag"] for m in experiment["metricInfos"]}
         assert {"mean/fpr95", "mean/auroc", "mean/aupr_in", "mean/aupr_out", "id/accuracy"} <= metrics
-        assert {"group/near/fpr95", "group/far/auroc", "set/dark/fpr95", "set/bright/auroc"} <= metrics
+        assert {"mean_near/fpr95", "mean_far/auroc", "set/dark/fpr95", "set/bright/auroc"} <= metrics
 
         sessions = board.sessions()
         assert len(sessions) == len(SWEEP) * 2
@@ -151,7 +151,9 @@ def test_main_test_sweep_in_tensorboard(tiny_data: dict, tiny_checkpoint: Path, 
         )
 
 
-def _user_run(package: str, log_dir: Path, version: int, shaping: str, default_hp_metric: bool = False) -> None:
+def _user_run(
+    package: str, log_dir: Path, version: int, shaping: str, default_hp_metric: bool = False, csv: bool = False
+) -> None:
     """A user's project: their own LightningModule (with saved hyper-parameters), ``ActivationShapingCallback``,
     ``OODMetricsCallback``, the package's TensorBoardLogger."""
     pl = pytest.importorskip(package if package == "pytorch_lightning" else "lightning.pytorch")
@@ -177,7 +179,9 @@ def _user_run(package: str, log_dir: Path, version: int, shaping: str, default_h
     torch.manual_seed(version)
     trainer = pl.Trainer(
         accelerator="cpu",
-        logger=pl.loggers.TensorBoardLogger(
+        logger=pl.loggers.CSVLogger(str(log_dir), name="project", version=version)
+        if csv
+        else pl.loggers.TensorBoardLogger(
             str(log_dir), name="project", version=version, default_hp_metric=default_hp_metric
         ),
         callbacks=[
@@ -218,6 +222,17 @@ def test_callbacks_in_a_users_project_two_runs_in_one_folder(package: str, tmp_p
 def test_a_logger_that_writes_its_own_hparams_experiment_is_named(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="default_hp_metric=False"):
         _user_run("pytorch_lightning", tmp_path, 0, "ash_s@60", default_hp_metric=True)
+
+
+def test_a_csv_logger_gets_what_it_got_before(tmp_path: Path) -> None:
+    _user_run("pytorch_lightning", tmp_path, 0, "ash_s@60", csv=True)
+    run_dir = tmp_path / "project" / "version_0"
+    assert {"ood_results.json", "ood_results.csv", "scores.npz", "curves.png", "metrics.csv"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+    assert not [p for p in tmp_path.rglob("*") if "tfevents" in p.name or p.name in ("hparams", "pr_curves")]
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"ood/far/auroc", "ood/near/fpr95", "ood/mean/aupr_in", "id/accuracy"} <= set(header)
 
 
 def test_parameters_are_named_by_the_registered_forms() -> None:
