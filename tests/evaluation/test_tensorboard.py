@@ -14,11 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ash_lightning.evaluation.tensorboard import parameter_series, setting_parameters
+from ash_lightning.evaluation.tensorboard import parameter_series, pr_curve_data, setting_parameters
 from tests.conftest import main_in_process, tiny_config
 
 TENSORBOARD = Path(sys.executable).with_name("tensorboard")
@@ -258,3 +259,14 @@ def test_fractional_parameters_become_scaled_steps() -> None:
     series = parameter_series([run("react@0.5", 0.4), run("react@1.25", 0.3), run("ash_s@90", 0.2)], 0.95)
     assert list(series) == ["react+energy"]  # ash_s was run at one percentile only: no line
     assert series["react+energy"]["vs_threshold_x100/mean/fpr95"] == [(50, 0.4), (125, 0.3)]
+
+
+def test_pr_curve_predictions_keep_the_score_order_with_id_positive() -> None:
+    id_scores, ood_scores = np.array([3.0, -1.0, 7.5, 3.0]), np.array([-20.0, 3.0, 0.5])
+    labels, predictions = pr_curve_data(id_scores, ood_scores)
+    assert labels.tolist() == [True] * 4 + [False] * 3
+    assert predictions.min() == 0 and predictions.max() == 1
+    values = np.r_[id_scores, ood_scores]
+    for i in range(len(values)):
+        for j in range(len(values)):
+            assert np.sign(predictions[i] - predictions[j]) == np.sign(values[i] - values[j])
