@@ -49,6 +49,7 @@ from ash_lightning.evaluation.results import (
     stopped_message,
     write_results,
 )
+from ash_lightning.evaluation.tensorboard import log_results
 from ash_lightning.lightning_packages import CALLBACK_BASES, rank_zero_info, rank_zero_warn, tensorboard_writer
 from ash_lightning.scores.specs import get_score
 from ash_lightning.shaping.calibration import FitData
@@ -413,6 +414,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
                 if writer is not None:
                     writer.add_figure(tag, fig, trainer.global_step)
         if writer is not None:
+            log_results(writer, results, self._store, trainer.global_step)
             writer.flush()
 
 
