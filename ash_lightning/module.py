@@ -66,9 +66,9 @@ def _check_options(
                 f"ways); each entry is evaluated once. Fix: remove the repeat from {key}."
             )
     if calibration_samples is not None:
-        check_int("model.calibration_samples", calibration_samples, 1, 10000)
+        check_int("model.calibration_samples", calibration_samples, 1, example=10000)
     if num_classes is not None:
-        check_int("model.num_classes", num_classes, 1, 10)
+        check_int("model.num_classes", num_classes, 1, example=10)
 
 
 class OODEvalModuleMixin:

@@ -33,14 +33,14 @@ import torch
 from torch import Tensor
 
 from ash_lightning._files import writable_directory
-from ash_lightning._options import check_choice, check_range
+from ash_lightning._options import check_convention, check_tpr
 from ash_lightning.callbacks.activation_shaping import ActivationShapingCallback
 from ash_lightning.callbacks.detector_features import CapturedFeatureScore
 from ash_lightning.data.batches import batch_part, describe_batch, expected_layout
 from ash_lightning.detectors import is_detector_spec
 from ash_lightning.errors import UserError
 from ash_lightning.evaluation.constant_scores import constant_score_warning
-from ash_lightning.evaluation.metrics import CONVENTIONS, OODMetrics
+from ash_lightning.evaluation.metrics import OODMetrics
 from ash_lightning.evaluation.plots import curves_figure, sweep_figure
 from ash_lightning.evaluation.results import (
     format_table,
@@ -131,8 +131,8 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         self.score: Any = (
             CapturedFeatureScore(score, fit_dataloader, std=std) if is_detector_spec(score) else get_score(score)
         )
-        check_range("ood_metrics.tpr", tpr, 0, 1, low_open=True, high_open=False, example=0.95)
-        check_choice("ood_metrics.convention", convention, CONVENTIONS)
+        check_tpr("ood_metrics.tpr", tpr)
+        check_convention("ood_metrics.convention", convention)
         self.tpr, self.convention, self.nonfinite = tpr, convention, nonfinite
         self.output_dir, self.log_figures, self.verbose = output_dir, log_figures, verbose
         self.results: dict[str, Any] | None = None
