@@ -45,13 +45,15 @@ from ash_lightning.evaluation.plots import curves_figure, sweep_figure
 from ash_lightning.evaluation.results import (
     format_table,
     results_from_store,
-    save_scores,
+    run_entry,
     stopped_message,
     write_results,
 )
+from ash_lightning.evaluation.score_store import metadata, save_scores, scores_path
 from ash_lightning.lightning_packages import CALLBACK_BASES, rank_zero_info, rank_zero_warn, tensorboard_writer
 from ash_lightning.scores.specs import get_score
 from ash_lightning.shaping.calibration import FitData
+from ash_lightning.shaping.specs import get_shaping
 
 NONFINITE_POLICIES = ("raise", "drop")
 STEP_SCORES = "scores from test_step"
@@ -147,7 +149,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         self._dropped: dict[str, int] = {}
         self._current: int | None = None
         self._loaders: list[dict[str, str]] = []
-        self._runs: list[dict[str, str]] = []
+        self._runs: list[dict[str, Any]] = []
         self._warned_no_index = self._warned_no_labels = self._module_runs = False
         self._directory = ""
 
@@ -230,13 +232,13 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
             for i in range(count)
         ]
 
-    def _resolve_runs(self, trainer: Trainer, pl_module: LightningModule) -> list[dict[str, str]]:
+    def _resolve_runs(self, trainer: Trainer, pl_module: LightningModule) -> list[dict[str, Any]]:
         runs = getattr(pl_module, "runs", None)
         self._module_runs = bool(runs)
         if runs:
             return [dict(r) for r in runs]
-        specs = [cb.spec for cb in trainer.callbacks if isinstance(cb, ActivationShapingCallback)]
-        return [{"shaping": specs[0] if specs else "none", "score": self.score.name}]
+        shapers = [cb.shaper for cb in trainer.callbacks if isinstance(cb, ActivationShapingCallback)]
+        return [run_entry(shapers[0] if shapers else get_shaping("none"), self.score.name)]
 
     def _parse(self, outputs: Any, batch: Any, trainer: Trainer, dataloader_idx: int) -> dict[str, Tensor]:
         """The ``OODMetrics.update`` columns of a batch: scores (B, R), finite (of the logits and scores), targets
@@ -335,7 +337,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
             )
         self._store[name] = {k: v.numpy() for k, v in rows.items()}
         if trainer.is_global_zero:
-            save_scores(os.path.join(self._out(), "scores.npz"), self._store, self._meta(trainer, None))
+            save_scores(scores_path(self._out()), self._store, self._meta(trainer, None))
 
     # ------------------------------------------------------------------ output
     def _out(self) -> str:
@@ -356,22 +358,22 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         for key, obj in (("model", pl_module or trainer.lightning_module), ("data", datamodule)):
             if getattr(obj, "hparams", None):
                 config[key] = dict(obj.hparams)
-        return {
-            "runs": self._runs,
-            "loaders": self._loaders,
-            "groups": groups or {},
-            "tpr": self.tpr,
-            "convention": self.convention,
-            "skipped": self._skipped,
-            "dropped_nonfinite": self._dropped,
-            "config": config,
-        }
+        return metadata(
+            runs=self._runs,
+            loaders=self._loaders,
+            tpr=self.tpr,
+            convention=self.convention,
+            groups=groups or {},
+            skipped=self._skipped,
+            dropped_nonfinite=self._dropped,
+            config=config,
+        )
 
     def _report(self, trainer: Trainer, results: dict[str, Any]) -> None:
         directory = self._out()
         json_path, csv_path = write_results(results, directory)
         self._log(trainer, results)
-        scores = os.path.join(directory, "scores.npz")
+        scores = scores_path(directory)
         self.summary = f"{format_table(results)}\n\nResults: {json_path}, {csv_path}; scores: {scores}"
         if self.verbose:
             rank_zero_info("\n" + self.summary)

@@ -127,7 +127,8 @@ def report(args: list[str]) -> None:
     ``--convention`` override the values the run used."""
     from ash_lightning._options import check_choice, check_range
     from ash_lightning.evaluation.metrics import CONVENTIONS
-    from ash_lightning.evaluation.results import format_table, load_scores, results_from_store, write_results
+    from ash_lightning.evaluation.results import format_table, results_from_store, write_results
+    from ash_lightning.evaluation.score_store import load_scores
 
     parser = _ReportParser(prog="main.py report", add_help=False)
     parser.add_argument("path", help="a run directory or its scores.npz")

@@ -25,7 +25,7 @@ from ash_lightning.cli.app import main, user_error
 from ash_lightning.data.base import CorruptImageError
 from ash_lightning.errors import UserError
 from ash_lightning.evaluation.metrics import ood_metrics
-from ash_lightning.evaluation.results import load_scores
+from ash_lightning.evaluation.score_store import load_scores
 from ash_lightning.module import OODEvalModule
 from ash_lightning.scores.specs import get_score
 from ash_lightning.shaping.specs import get_shaping

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ash_lightning.cli.app import main, user_error
 from ash_lightning.data.base import FileSource
-from ash_lightning.evaluation.results import load_scores, save_scores
+from ash_lightning.evaluation.score_store import load_scores, save_scores
 from ash_lightning.models.backbone import RandomWeightsWarning
 from tests.cli.test_errors import TRACEBACK, _apply, _run_dir
 from tests.conftest import REPO, main_in_process, tiny_config, write_image_folder, write_npz
