@@ -21,7 +21,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ash_lightning.callbacks import OODMetricsCallback
-from ash_lightning.cli.app import main, user_error
+from ash_lightning.cli.app import main
+from ash_lightning.cli.exit_codes import user_error
 from ash_lightning.data.base import CorruptImageError
 from ash_lightning.errors import UserError
 from ash_lightning.evaluation.metrics import ood_metrics

@@ -19,7 +19,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from ash_lightning.cli.app import main, user_error
+from ash_lightning.cli.app import main
+from ash_lightning.cli.exit_codes import user_error
 from ash_lightning.data.base import FileSource
 from ash_lightning.evaluation.score_store import load_scores, save_scores
 from ash_lightning.models.backbone import RandomWeightsWarning
