@@ -144,12 +144,6 @@ USER_ERRORS: list[tuple[str, Callable[[dict[str, Path]], dict[str, object]], tup
         lambda f: {"model.shaping": "ash_q@90"},
         ("model.shaping", "unknown shaping name 'ash_q'", "Valid forms"),
     ),
-    ("unknown_score", lambda f: {"model.score": "entropy_plus"}, ("model.score", "'entropy_plus'", "Valid forms")),
-    (
-        "percentile_out_of_range",
-        lambda f: {"model.shaping": "ash_s@100"},
-        ("model.shaping", "outside the valid range [0, 100)", "e.g. percentile=90"),
-    ),
     (
         "checkpoint_missing",
         lambda f: {"model.checkpoint_path": "/nonexistent/resnet20.th"},
@@ -200,11 +194,6 @@ USER_ERRORS: list[tuple[str, Callable[[dict[str, Path]], dict[str, object]], tup
         "wrong_value_type",
         lambda f: {"data.batch_size": "sixteen"},
         ("invalid configuration", "data.batch_size", "sixteen", "--help"),
-    ),
-    (
-        "unknown_nonfinite_policy",
-        lambda f: {"ood_metrics.nonfinite": "ignore"},
-        ("nonfinite='ignore'", "'raise', 'drop'"),
     ),
 ]
 
