@@ -147,7 +147,7 @@ class Registry(Mapping[str, T]):
         """The error for a bad spec: ``Invalid <kind> spec '<spec>': <reason>. Valid forms: <forms>.``"""
         return UserError(f"Invalid {self.kind} spec {spec!r}: {reason.rstrip('.')}. Valid forms: {self.forms()}.")
 
-    def names(self, spec: str) -> bool:
+    def recognises(self, spec: str) -> bool:
         """Whether ``spec`` (valid or not) starts with a registered name: its text before the first ``@``."""
         return spec.strip().split("@", 1)[0] in self._entries
 

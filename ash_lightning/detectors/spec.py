@@ -76,7 +76,7 @@ def valid_forms() -> str:
 
 def is_detector_spec(spec: str) -> bool:
     """Whether ``spec`` names a detector (its text before the first ``@``), valid or not."""
-    return DETECTORS.names(spec)
+    return DETECTORS.recognises(spec)
 
 
 def get_detector(spec: str) -> Detector:
