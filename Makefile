@@ -15,8 +15,9 @@ $(STAMP): requirements.txt requirements-dev.txt setup.cfg pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
+# Line coverage of the package (pytest-cov), per file and in total, after the test summary.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --cov=ash_lightning --cov-report=term
 
 # ruff and mypy are configured in pyproject.toml.
 lint: $(STAMP)

@@ -14,8 +14,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_int(key: str, value: Any, minimum: int, example: int) -> int:
-    """``value`` as an int if it is an integer >= ``minimum``, else a UserError."""
+#: How FPR@TPR and the AUPRs pick the positive class: ``"paper"``: ID is the positive class (ASH, ReAct, Energy
+#: papers); ``"openood"``: OOD is the positive class (OpenOOD v1.5).
+CONVENTIONS = ("paper", "openood")
+
+
+def check_int(key: str, value: Any, minimum: int, *, example: int) -> int:
+    """``value`` as an int if it is an integer >= ``minimum``, else a UserError whose fix sets ``example``."""
     if not (_is_number(value) and float(value).is_integer()) or value < minimum:
         raise UserError(f"{key}: {value!r} is out of range; valid: an integer >= {minimum}. Fix: set {key}: {example}.")
     return int(value)
@@ -46,3 +51,13 @@ def check_choice(key: str, value: Any, choices: Sequence[str]) -> str:
             f"Fix: set {key}: {choices[0]}."
         )
     return value
+
+
+def check_tpr(key: str, value: Any) -> float:
+    """``value`` as a float if it is a TPR for FPR@TPR, in (0, 1], else a UserError (e.g. 0.95 for FPR95)."""
+    return check_range(key, value, 0, 1, low_open=True, high_open=False, example=0.95)
+
+
+def check_convention(key: str, value: Any) -> str:
+    """``value`` if it is one of ``CONVENTIONS``, else a UserError listing them."""
+    return check_choice(key, value, CONVENTIONS)

@@ -3,7 +3,11 @@
 A ``Registry`` maps a name (the part of a spec before the first ``@``) to what resolves it, and keeps for each the
 form users write (``ash_s[@<percentile>=65]``) and a one-line description: the first sentence of
 its docstring (a leading ``form``: restating the spec is left out). Each kind offers one decorator, one ``get_*``
-and one ``list_*`` on top of its registry (``shaping_specs``, ``score_specs``, ``detectors.spec``).
+and one ``list_*`` on top of its registry (``shaping.specs``, ``scores.specs``, ``detectors.spec``).
+
+Every spec string is parsed here, by ``Registry.parse``: ``name@arg@...`` split at ``@``, the name looked up, the
+args read by ``parse_params``; every mistake is one ``UserError`` of one shape,
+``Invalid <kind> spec '<spec>': <reason>. Valid forms: <every form>.``
 """
 
 from __future__ import annotations
@@ -14,9 +18,21 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-__all__ = ["Registered", "Registry", "describe", "format_number", "parse_number", "spec_form"]
+from ash_lightning.errors import UserError
+
+__all__ = [
+    "Registered",
+    "Registry",
+    "SpecParam",
+    "describe",
+    "format_number",
+    "parse_number",
+    "parse_params",
+    "spec_form",
+]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 _LEADING_FORM = re.compile(r"^``[^`]+``:\s*")
 
@@ -34,12 +50,34 @@ def format_number(value: float) -> str:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
-def parse_number(arg: str, param: str) -> float:
-    """The spec argument ``arg`` of ``<param>`` as a float; a ValueError naming it when it is not a number."""
+def parse_number(arg: str, param: str, kind: type[float] | type[int] = float) -> float:
+    """The spec argument ``arg`` of ``<param>`` as a ``kind`` (float or int); a ValueError naming it when it is
+    not one."""
     try:
-        return float(arg)
+        return kind(arg)
     except ValueError:
-        raise ValueError(f"<{param}> must be a number, got {arg!r}") from None
+        raise ValueError(f"<{param}> must be {'an integer' if kind is int else 'a number'}, got {arg!r}") from None
+
+
+@dataclass(frozen=True)
+class SpecParam:
+    """One numeric parameter of a spec: its ``label`` in messages, its type, and whether it may be left out (only
+    trailing ones may)."""
+
+    label: str
+    kind: type[float] | type[int] = float
+    optional: bool = False
+
+
+def parse_params(name: str, args: Sequence[str], params: Sequence[SpecParam]) -> list[float]:
+    """The numbers ``args`` of spec ``name`` for ``params``, in order; trailing optional ones may be left out. A
+    ValueError for a wrong count or a value of the wrong type."""
+    required = sum(not p.optional for p in params)
+    if not required <= len(args) <= len(params):
+        count = str(required) if required == len(params) else f"{required} to {len(params)}"
+        raise ValueError(f"{name} takes {count} parameter(s), got {len(args)}")
+    # strict=False: trailing optional parameters may be left out (checked above)
+    return [parse_number(arg, p.label, p.kind) for arg, p in zip(args, params, strict=False)]
 
 
 def spec_form(name: str, fn: Callable[..., object], params: Sequence[str]) -> str:
@@ -104,6 +142,27 @@ class Registry(Mapping[str, T]):
     def forms(self) -> str:
         """Every form, comma-separated, for error messages."""
         return ", ".join(entry.form for entry in self._entries.values())
+
+    def invalid(self, spec: object, reason: str) -> UserError:
+        """The error for a bad spec: ``Invalid <kind> spec '<spec>': <reason>. Valid forms: <forms>.``"""
+        return UserError(f"Invalid {self.kind} spec {spec!r}: {reason.rstrip('.')}. Valid forms: {self.forms()}.")
+
+    def recognises(self, spec: str) -> bool:
+        """Whether ``spec`` (valid or not) starts with a registered name: its text before the first ``@``."""
+        return spec.strip().split("@", 1)[0] in self._entries
+
+    def parse(self, spec: object, build: Callable[[str, T, list[str]], R]) -> R:
+        """``build(name, target, args)`` for ``spec`` = ``name@arg@...`` (``args`` the raw strings); a UserError
+        (``invalid``) for a spec that is not a string, an unknown name, or a ValueError ``build`` raises."""
+        if not isinstance(spec, str):
+            raise self.invalid(spec, f"a {self.kind} spec must be a string, got {type(spec).__name__}")
+        name, *args = spec.strip().split("@")
+        if name not in self._entries:
+            raise self.invalid(spec, f"unknown {self.kind} name {name!r}")
+        try:
+            return build(name, self._entries[name].target, args)
+        except ValueError as err:
+            raise self.invalid(spec, str(err)) from None
 
     def __getitem__(self, name: str) -> T:
         return self._entries[name].target

@@ -13,6 +13,11 @@ The two packages ship the same code under two names, and each Trainer and Lightn
   ``ash_lightning.lightning.OODDataModule`` for ``lightning.pytorch``.
 * Loggers are recognised by what they hold, not by their class: a TensorBoard logger is one whose
   ``experiment`` writes histograms and figures (a ``SummaryWriter``), whichever package made it.
+* ``main.py`` is a LightningCLI of ``MAIN_PACKAGE`` (that of ``ash_lightning.module.OODEvalModule``): the CLI
+  takes its classes from ``main_package_class``.
+
+This is the one module that names the packages, apart from the entry modules of each (``module.py``,
+``data/datamodule.py``, ``lightning.py``) and the demo.
 """
 
 from __future__ import annotations
@@ -22,6 +27,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 PACKAGES = ("pytorch_lightning", "lightning.pytorch")
+#: The package of ``ash_lightning.module.OODEvalModule`` and ``ash_lightning.data.OODDataModule``, and of
+#: ``main.py``'s LightningCLI.
+MAIN_PACKAGE = PACKAGES[0]
+#: The loggers that both packages (and their Fabric) log informational lines to (``rank_zero_info``, the seed line).
+INFO_LOGGERS = (
+    "pytorch_lightning.utilities.rank_zero",
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning_fabric.utilities.seed",
+    "lightning.fabric.utilities.seed",
+)
 
 
 def installed_packages() -> tuple[Any, ...]:
@@ -35,6 +50,12 @@ def installed_packages() -> tuple[Any, ...]:
     if not found:
         raise ImportError("ash-lightning needs a Lightning package. Fix: pip install pytorch-lightning (or lightning).")
     return tuple(found)
+
+
+def main_package_class(module: str, name: str) -> Any:
+    """``name`` from ``MAIN_PACKAGE``'s submodule ``module``, e.g. ``main_package_class("cli", "LightningCLI")``;
+    imported on first use."""
+    return getattr(importlib.import_module(f"{MAIN_PACKAGE}.{module}"), name)
 
 
 CALLBACK_BASES: tuple[type, ...] = tuple(package.Callback for package in installed_packages())

@@ -30,6 +30,7 @@ from ash_lightning.detectors.fitting import FitSettings, check_detectors, fit_de
 from ash_lightning.detectors.scoring import SettingBatch, detector_score, resolve_score, score_name
 from ash_lightning.errors import UserError
 from ash_lightning.evaluation.feature_cache import DEFAULT_MAX_GIB, FeatureCache, check_placement, open_feature_cache
+from ash_lightning.evaluation.results import run_entry
 from ash_lightning.models.backbone import create_backbone, warn_if_random_weights
 from ash_lightning.shaping.calibration import calibrate_shapers, fit_loader_of, make_cache_key, needs_calibration
 from ash_lightning.shaping.hooks import attach_shaping
@@ -66,9 +67,9 @@ def _check_options(
                 f"ways); each entry is evaluated once. Fix: remove the repeat from {key}."
             )
     if calibration_samples is not None:
-        check_int("model.calibration_samples", calibration_samples, 1, 10000)
+        check_int("model.calibration_samples", calibration_samples, 1, example=10000)
     if num_classes is not None:
-        check_int("model.num_classes", num_classes, 1, 10)
+        check_int("model.num_classes", num_classes, 1, example=10)
 
 
 class OODEvalModuleMixin:
@@ -153,10 +154,7 @@ class OODEvalModuleMixin:
         self.sets_without_images: frozenset[str] = frozenset()  # read by OODDataModule.test_dataloader
         self.fitted: list[dict[str, FittedDetector]] = []  # per shaping: detector spec -> fitted, at test start
         self._std: tuple[float, ...] = ()  # the data transform's std, for odin
-        self.runs = [
-            {"shaping": sh.spec, "score": score_name(sc)}
-            for sh, sc in itertools.product(self.requested_shapers, self.scores)
-        ]
+        self.runs = [run_entry(sh, score_name(sc)) for sh, sc in itertools.product(self.requested_shapers, self.scores)]
 
     @property
     def detectors(self) -> list[Detector]:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ash_lightning.evaluation.results import load_scores
+from ash_lightning.evaluation.score_store import load_scores
 
 SCORE_RTOL = 1e-4
 

@@ -13,10 +13,10 @@ import signal
 from types import FrameType
 from typing import Any
 
-import pytorch_lightning as pl
+from ash_lightning.lightning_packages import CALLBACK_BASES
 
 
-class StopAfterBatchOnCtrlC(pl.Callback):
+class StopAfterBatchOnCtrlC(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback of every installed package
     """While a test runs, the first SIGINT is held until the current batch ends and then raised as
     KeyboardInterrupt; a second one raises at once; DataLoader workers ignore it (the main process stops them).
     The previous SIGINT handler is restored when the run ends or fails."""
@@ -34,15 +34,15 @@ class StopAfterBatchOnCtrlC(pl.Callback):
         self._requested = True
         print("\nCtrl+C: stopping after the current batch (press it again to stop at once) ...", flush=True)
 
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
         self._requested, self._pid = False, os.getpid()
         if self._previous is None:
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
 
     def on_test_batch_end(
         self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
+        trainer: Any,
+        pl_module: Any,
         outputs: Any,
         batch: Any,
         batch_idx: int,
@@ -51,10 +51,10 @@ class StopAfterBatchOnCtrlC(pl.Callback):
         if self._requested:
             raise KeyboardInterrupt
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._restore()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._restore()  # Lightning skips ``teardown`` when the run fails
 
     def _restore(self) -> None:

@@ -33,26 +33,28 @@ import torch
 from torch import Tensor
 
 from ash_lightning._files import writable_directory
-from ash_lightning._options import check_choice, check_range
+from ash_lightning._options import check_convention, check_tpr
 from ash_lightning.callbacks.activation_shaping import ActivationShapingCallback
 from ash_lightning.callbacks.detector_features import CapturedFeatureScore
 from ash_lightning.data.batches import batch_part, describe_batch, expected_layout
 from ash_lightning.detectors import is_detector_spec
 from ash_lightning.errors import UserError
 from ash_lightning.evaluation.constant_scores import constant_score_warning
-from ash_lightning.evaluation.metrics import CONVENTIONS, OODMetrics
+from ash_lightning.evaluation.metrics import OODMetrics
 from ash_lightning.evaluation.plots import curves_figure, sweep_figure
 from ash_lightning.evaluation.results import (
     format_table,
     results_from_store,
-    save_scores,
+    run_entry,
     stopped_message,
     write_results,
 )
+from ash_lightning.evaluation.score_store import metadata, save_scores, scores_path
 from ash_lightning.evaluation.tensorboard import log_results
 from ash_lightning.lightning_packages import CALLBACK_BASES, rank_zero_info, rank_zero_warn, tensorboard_writer
 from ash_lightning.scores.specs import get_score
 from ash_lightning.shaping.calibration import FitData
+from ash_lightning.shaping.specs import get_shaping
 
 NONFINITE_POLICIES = ("raise", "drop")
 STEP_SCORES = "scores from test_step"
@@ -132,8 +134,8 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         self.score: Any = (
             CapturedFeatureScore(score, fit_dataloader, std=std) if is_detector_spec(score) else get_score(score)
         )
-        check_range("ood_metrics.tpr", tpr, 0, 1, low_open=True, high_open=False, example=0.95)
-        check_choice("ood_metrics.convention", convention, CONVENTIONS)
+        check_tpr("ood_metrics.tpr", tpr)
+        check_convention("ood_metrics.convention", convention)
         self.tpr, self.convention, self.nonfinite = tpr, convention, nonfinite
         self.output_dir, self.log_figures, self.verbose = output_dir, log_figures, verbose
         self.results: dict[str, Any] | None = None
@@ -148,7 +150,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         self._dropped: dict[str, int] = {}
         self._current: int | None = None
         self._loaders: list[dict[str, str]] = []
-        self._runs: list[dict[str, str]] = []
+        self._runs: list[dict[str, Any]] = []
         self._warned_no_index = self._warned_no_labels = self._module_runs = False
         self._directory = ""
 
@@ -231,13 +233,13 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
             for i in range(count)
         ]
 
-    def _resolve_runs(self, trainer: Trainer, pl_module: LightningModule) -> list[dict[str, str]]:
+    def _resolve_runs(self, trainer: Trainer, pl_module: LightningModule) -> list[dict[str, Any]]:
         runs = getattr(pl_module, "runs", None)
         self._module_runs = bool(runs)
         if runs:
             return [dict(r) for r in runs]
-        specs = [cb.spec for cb in trainer.callbacks if isinstance(cb, ActivationShapingCallback)]
-        return [{"shaping": specs[0] if specs else "none", "score": self.score.name}]
+        shapers = [cb.shaper for cb in trainer.callbacks if isinstance(cb, ActivationShapingCallback)]
+        return [run_entry(shapers[0] if shapers else get_shaping("none"), self.score.name)]
 
     def _parse(self, outputs: Any, batch: Any, trainer: Trainer, dataloader_idx: int) -> dict[str, Tensor]:
         """The ``OODMetrics.update`` columns of a batch: scores (B, R), finite (of the logits and scores), targets
@@ -336,7 +338,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
             )
         self._store[name] = {k: v.numpy() for k, v in rows.items()}
         if trainer.is_global_zero:
-            save_scores(os.path.join(self._out(), "scores.npz"), self._store, self._meta(trainer, None))
+            save_scores(scores_path(self._out()), self._store, self._meta(trainer, None))
 
     # ------------------------------------------------------------------ output
     def _out(self) -> str:
@@ -357,22 +359,22 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         for key, obj in (("model", pl_module or trainer.lightning_module), ("data", datamodule)):
             if getattr(obj, "hparams", None):
                 config[key] = dict(obj.hparams)
-        return {
-            "runs": self._runs,
-            "loaders": self._loaders,
-            "groups": groups or {},
-            "tpr": self.tpr,
-            "convention": self.convention,
-            "skipped": self._skipped,
-            "dropped_nonfinite": self._dropped,
-            "config": config,
-        }
+        return metadata(
+            runs=self._runs,
+            loaders=self._loaders,
+            tpr=self.tpr,
+            convention=self.convention,
+            groups=groups or {},
+            skipped=self._skipped,
+            dropped_nonfinite=self._dropped,
+            config=config,
+        )
 
     def _report(self, trainer: Trainer, results: dict[str, Any]) -> None:
         directory = self._out()
         json_path, csv_path = write_results(results, directory)
         self._log(trainer, results)
-        scores = os.path.join(directory, "scores.npz")
+        scores = scores_path(directory)
         self.summary = f"{format_table(results)}\n\nResults: {json_path}, {csv_path}; scores: {scores}"
         if self.verbose:
             rank_zero_info("\n" + self.summary)

@@ -231,10 +231,10 @@ class OODDataModuleMixin:
 
 def _check_options(hp: Mapping[str, Any]) -> None:
     """Range checks of the numeric and named options (UserError naming the key, value, range and fix)."""
-    check_int("data.batch_size", hp["batch_size"], 1, 64)
-    check_int("data.num_workers", hp["num_workers"], 0, 4)
+    check_int("data.batch_size", hp["batch_size"], 1, example=64)
+    check_int("data.num_workers", hp["num_workers"], 0, example=4)
     if hp["image_size"] is not None:
-        check_int("data.image_size", hp["image_size"], 1, 224)
+        check_int("data.image_size", hp["image_size"], 1, example=224)
     if hp["crop_pct"] is not None:
         check_range("data.crop_pct", hp["crop_pct"], 0, 1, low_open=True, high_open=False, example=0.875)
     if hp["interpolation"] is not None:

@@ -194,9 +194,9 @@ def _noise(kind: str) -> Callable[[Mapping[str, Any], str], Source]:
         return Source(
             NoiseSource(
                 kind,
-                check_int(f"{what}.num_samples", spec.get("num_samples", 1000), 1, 1000),
-                check_int(f"{what}.size", spec.get("size", 32), 1, 32),
-                check_int(f"{what}.seed", spec.get("seed", 0), 0, 0),
+                check_int(f"{what}.num_samples", spec.get("num_samples", 1000), 1, example=1000),
+                check_int(f"{what}.size", spec.get("size", 32), 1, example=32),
+                check_int(f"{what}.seed", spec.get("seed", 0), 0, example=0),
             )
         )
 
@@ -280,7 +280,7 @@ def build_source(spec: str | Mapping[str, Any], what: str) -> Source:
             "path (and select/exclude); OOD metrics need at least one sample per set."
         )
     limit = spec.get("limit")
-    if limit is not None and check_int(f"{what}.limit", limit, 1, 1000) < len(source):
+    if limit is not None and check_int(f"{what}.limit", limit, 1, example=1000) < len(source):
         keep = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[: int(limit)].sort().values
         source = _subset(source, keep.tolist())
     return source

@@ -23,19 +23,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from ash_lightning._registry import format_number
 from ash_lightning.errors import UserError
 
-__all__ = ["Detector", "FeatureDetector", "FittedDetector", "compute_dtype", "format_param"]
+__all__ = ["Detector", "FeatureDetector", "FittedDetector", "compute_dtype"]
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
     """float32, or ``t``'s dtype when it is a wider float (float64): detectors never compute in half precision."""
     return torch.promote_types(t.dtype, torch.float32) if t.is_floating_point() else torch.float32
-
-
-def format_param(value: float) -> str:
-    """A spec number as written by a user: ``50``, ``0.1``, ``1000`` (for 1000.0)."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 @dataclass(frozen=True)
@@ -59,7 +55,7 @@ class Detector(ABC):
         values = [(getattr(self, f.name), f.default) for f in self.spec_fields()]
         while values and values[-1][0] == values[-1][1]:
             values.pop()
-        return "@".join([self.name, *(format_param(value) for value, _ in values)])
+        return "@".join([self.name, *(format_number(value) for value, _ in values)])
 
     def invalid(self, reason: str) -> UserError:
         """The error for a bad parameter value or fit input, naming the spec."""

@@ -3,6 +3,7 @@ ones optional when they have defaults. ``parse_detector("knn@50@0.1") == KNN(k=5
 
 Detector classes are registered in ``DETECTORS`` (an ``ash_lightning._registry.Registry``: name -> class) with
 ``register_detector``, resolved by ``get_detector`` (also ``parse_detector``) and listed by ``list_detectors``.
+Spec strings are parsed by ``DETECTORS.parse``, as shapings' and scores'.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from ash_lightning._registry import Registered, Registry, describe
+from ash_lightning._registry import Registered, Registry, SpecParam, describe, parse_params
 from ash_lightning.detectors.adascale import AdaScale
 from ash_lightning.detectors.base import Detector, FittedDetector
 from ash_lightning.detectors.fdbd import FDBD
@@ -21,7 +22,6 @@ from ash_lightning.detectors.knn import KNN, NNGuide
 from ash_lightning.detectors.mahalanobis import MDS, RMDS
 from ash_lightning.detectors.odin import ODIN
 from ash_lightning.detectors.vim import ViM
-from ash_lightning.errors import UserError
 
 __all__ = [
     "DETECTORS",
@@ -76,48 +76,33 @@ def valid_forms() -> str:
 
 def is_detector_spec(spec: str) -> bool:
     """Whether ``spec`` names a detector (its text before the first ``@``), valid or not."""
-    return spec.strip().split("@")[0] in DETECTORS
-
-
-def _parse_value(spec: str, f: dataclasses.Field, text: str) -> Any:
-    kind = int if f.type in (int, "int") else float
-    try:
-        return kind(text)
-    except ValueError:
-        label = _PARAM_LABELS.get(f.name, f.name)
-        raise UserError(
-            f"bad detector spec {spec!r}: {label} must be {'an integer' if kind is int else 'a number'}"
-            f", got {text!r}. Valid forms: {valid_forms()}."
-        ) from None
+    return DETECTORS.recognises(spec)
 
 
 def get_detector(spec: str) -> Detector:
     """The detector a spec names (``mds``, ``knn@50@0.1``, ``odin@1000@0.0014`` ...); a ``UserError`` (a
     ValueError) naming the valid forms for an unknown name, a wrong parameter count or a bad value."""
-    if not isinstance(spec, str):
-        raise UserError(f"a detector spec must be a string, got {type(spec).__name__}. Valid forms: {valid_forms()}.")
-    name, *texts = spec.strip().split("@")
-    if name not in DETECTORS:
-        raise UserError(f"unknown detector {spec!r}. Valid forms: {valid_forms()}.")
-    cls = DETECTORS[name]
-    params = cls.spec_fields()
-    required = sum(f.default is dataclasses.MISSING for f in params)
-    if not required <= len(texts) <= len(params):
-        count = str(required) if required == len(params) else f"{required} to {len(params)}"
-        raise UserError(
-            f"bad detector spec {spec!r}: {name} takes {count} parameter(s), got {len(texts)} "
-            f"(form {_form(cls)}). Valid forms: {valid_forms()}."
+    return DETECTORS.parse(spec, _build_detector)
+
+
+def _build_detector(name: str, cls: type[Detector], texts: list[str]) -> Detector:
+    """``cls`` with its spec fields set from ``texts``, in order; trailing ones with defaults may be left out."""
+    fields = cls.spec_fields()
+    params = [
+        SpecParam(
+            _PARAM_LABELS.get(f.name, f.name),
+            int if f.type in (int, "int") else float,
+            f.default is not dataclasses.MISSING,
         )
-    values = {
-        f.name: _parse_value(spec, f, text) for f, text in zip(params, texts, strict=False)
-    }  # trailing ones may be left out
-    try:
-        return cls(**values)
-    except UserError as err:
-        raise UserError(f"bad detector spec {spec!r}: {err} Valid forms: {valid_forms()}.") from None
+        for f in fields
+    ]
+    values = parse_params(name, texts, params)
+    return cls(**{f.name: value for f, value in zip(fields, values, strict=False)})
 
 
-parse_detector = get_detector  # the name module.py and sweep.py call
+# the name ``ash_lightning.detectors`` exports; detectors/fitting.py, detectors/scoring.py and
+# callbacks/detector_features.py call it
+parse_detector = get_detector
 
 
 def load_fitted(state: Mapping[str, Any]) -> FittedDetector:

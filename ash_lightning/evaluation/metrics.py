@@ -16,20 +16,11 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from ash_lightning._options import CONVENTIONS, check_convention, check_tpr
+
 __all__ = ["CONVENTIONS", "OODMetrics", "fpr_key", "ood_metrics", "summarize", "unique_by_index"]
 
 ScoresLike = Tensor | np.ndarray | Sequence[float]
-
-#: ``"paper"``: ID is the positive class (ASH, ReAct, Energy papers).
-#: ``"openood"``: OOD is the positive class (OpenOOD v1.5).
-CONVENTIONS = ("paper", "openood")
-
-
-def _check_options(tpr: float, convention: str) -> None:
-    if convention not in CONVENTIONS:
-        raise ValueError(f"Unknown convention {convention!r}; use one of {CONVENTIONS}.")
-    if not 0.0 < tpr <= 1.0:
-        raise ValueError(f"tpr must lie in (0, 1], got {tpr!r}; e.g. 0.95 for FPR@95%TPR.")
 
 
 def fpr_key(tpr: float) -> str:
@@ -87,7 +78,8 @@ def ood_metrics(
         >>> ood_metrics([4.0, 3.0, 2.0, 1.0], [2.5, 0.5], tpr=0.75)  # t = 2 keeps 2.5; 6 of 8 pairs ordered
         {'fpr75': 0.5, 'auroc': 0.75, 'aupr_in': 0.8875, 'aupr_out': 0.75}
     """
-    _check_options(tpr, convention)
+    check_convention("convention", convention)
+    check_tpr("tpr", tpr)
     id64 = _as_float64(id_scores, "ID")
     ood64 = _as_float64(ood_scores, "OOD")
     n_id, n_ood = id64.size, ood64.size
@@ -196,7 +188,8 @@ class OODMetrics(Metric):
 
     def __init__(self, tpr: float = 0.95, convention: str = "paper", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _check_options(tpr, convention)
+        check_convention("convention", convention)
+        check_tpr("tpr", tpr)
         self.tpr = tpr
         self.convention = convention
         for name in ("scores", "is_id", "finite", *self.OPTIONAL_COLUMNS):

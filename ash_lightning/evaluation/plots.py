@@ -7,12 +7,12 @@ module leaves the user's matplotlib backend and pyplot state as they were. Matpl
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from ash_lightning.evaluation.metrics import fpr_key
-from ash_lightning.shaping.specs import Shaper, get_shaping
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -54,13 +54,29 @@ def curves_figure(id_scores: np.ndarray, ood_scores: Mapping[str, np.ndarray], t
     return fig
 
 
+@dataclass(frozen=True)
+class _Setting:
+    """A run's shaping setting as recorded in it (``results.run_entry``): ``spec``, ``name`` (the method) and
+    ``percentile``. A run that records only its ``shaping`` label (one a LightningModule declared itself) is a
+    method of its own, without a percentile."""
+
+    spec: str
+    name: str
+    percentile: float | None
+
+    @classmethod
+    def of(cls, run: Mapping[str, Any]) -> _Setting:
+        return cls(run["shaping"], run.get("method", run["shaping"]), run.get("percentile"))
+
+
 def sweep_figure(runs: Sequence[Mapping[str, Any]], tpr: float) -> Figure | None:
     """Mean FPR@``tpr`` and mean AUROC of every shaped setting, one series (colour and marker) per method and
-    score, the unshaped run of each score (shaping ``none``) as a horizontal reference line. The x axis is the
+    score, the unshaped run of each score (method ``none``) as a horizontal reference line. The x axis is the
     percentile when a method was run at several; otherwise one slot per setting. Settings without a percentile
-    (``react@1``, ``vra@80@95``) get labelled slots of their own. None when no run is shaped."""
+    (``react@1``, ``vra@80@95``) get labelled slots of their own. Methods and percentiles are read from the runs
+    (``method``, ``percentile``), never parsed from their spec strings. None when no run is shaped."""
     fkey = fpr_key(tpr)
-    points = [(get_shaping(r["shaping"]), r["score"], 100 * r["mean"][fkey], 100 * r["mean"]["auroc"]) for r in runs]
+    points = [(_Setting.of(r), r["score"], 100 * r["mean"][fkey], 100 * r["mean"]["auroc"]) for r in runs]
     shaped = [p for p in points if p[0].name != "none"]
     if not shaped:
         return None
@@ -116,7 +132,7 @@ def sweep_figure(runs: Sequence[Mapping[str, Any]], tpr: float) -> Figure | None
     return fig
 
 
-def _sweep_axis(shapers: Sequence[Shaper]) -> tuple[dict[str, float], tuple[list[float], list[str]], bool]:
+def _sweep_axis(shapers: Sequence[_Setting]) -> tuple[dict[str, float], tuple[list[float], list[str]], bool]:
     """x position per spec, (tick positions, tick labels), and whether the axis is the percentile: it is when
     some method was run at two or more, with the settings without one in labelled slots to the right; else the
     axis has one labelled slot per setting, grouped by method."""
@@ -130,8 +146,8 @@ def _sweep_axis(shapers: Sequence[Shaper]) -> tuple[dict[str, float], tuple[list
         return {spec: float(i) for i, spec in enumerate(specs)}, ([float(i) for i in range(len(specs))], specs), False
     swept = sorted(set().union(*percentiles.values()))
     step = max((swept[-1] - swept[0]) / max(len(swept) - 1, 1), 2.0)
-    fixed = [spec for spec in specs if get_shaping(spec).percentile is None]
     positions = {shaper.spec: shaper.percentile for shaper in shapers if shaper.percentile is not None}
+    fixed = [spec for spec in specs if spec not in positions]
     positions.update({spec: swept[-1] + step * (i + 1) for i, spec in enumerate(fixed)})
     return positions, (swept + [positions[spec] for spec in fixed], [f"{p:g}" for p in swept] + fixed), True
 

@@ -1,8 +1,7 @@
 """From saved per-sample scores to the results table: pure functions shared by the callback and ``report``.
 
-A *score store* maps each data set name to numpy arrays ``scores`` (N, R), ``targets`` (N,), ``index`` (N,)
-and optionally ``preds`` (N, R), one column per run (a (shaping, score) pair). ``save_scores`` and
-``load_scores`` keep it in ``scores.npz`` with the metadata needed to recompute every metric.
+Their input is a score store and its metadata (``ash_lightning.evaluation.score_store``, the ``scores.npz``
+format).
 """
 
 from __future__ import annotations
@@ -15,12 +14,25 @@ from typing import Any
 
 import numpy as np
 
-from ash_lightning._files import write_atomically
 from ash_lightning.errors import UserError
 from ash_lightning.evaluation.metrics import fpr_key, ood_metrics, summarize
+from ash_lightning.evaluation.score_store import Store, scores_path
+from ash_lightning.shaping.specs import Shaper
 
-Store = dict[str, dict[str, np.ndarray]]
 METRIC_LABELS = {"auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out"}
+
+
+def run_entry(shaper: Shaper, score: str) -> dict[str, Any]:
+    """One run (one score column) as results and ``scores.npz`` record it: its ``shaping`` spec and ``score`` name,
+    and the parsed shaping setting, ``method`` (the spec's name), ``params`` (its numbers) and ``percentile``
+    (None without one), so that plots and reports read the setting instead of parsing the spec again."""
+    return {
+        "shaping": shaper.spec,
+        "score": score,
+        "method": shaper.name,
+        "params": list(shaper.params),
+        "percentile": shaper.percentile,
+    }
 
 
 def _set_metrics(
@@ -53,7 +65,7 @@ def rank_runs(runs: Sequence[Mapping[str, Any]], key: str = "mean") -> list[int]
 def compute_results(
     store: Store,
     loaders: Sequence[Mapping[str, str]],
-    runs: Sequence[Mapping[str, str]],
+    runs: Sequence[Mapping[str, Any]],
     groups: Mapping[str, list[str]] | None = None,
     tpr: float = 0.95,
     convention: str = "paper",
@@ -180,50 +192,6 @@ def write_results(results: Mapping[str, Any], directory: str) -> tuple[str, str]
     return json_path, csv_path
 
 
-def save_scores(path: str, store: Store, meta: Mapping[str, Any]) -> None:
-    """Write the score store and its metadata (runs, loaders, groups, tpr, convention) to ``path`` atomically."""
-    # Any: mypy matches ``**arrays`` against savez's ``allow_pickle: bool`` too (the names hold a "/", so never)
-    arrays: dict[str, Any] = {f"{name}/{key}": value for name, data in store.items() for key, value in data.items()}
-    write_atomically(path, lambda tmp: np.savez(tmp, __meta__=np.array(json.dumps(meta)), **arrays), suffix=".npz")
-
-
-_META_KEYS = ("runs", "loaders", "tpr", "convention")
-_SET_FIELDS = ("scores", "targets", "index")
-
-
-def load_scores(path: str) -> tuple[Store, dict[str, Any]]:
-    """Read ``scores.npz`` (or the one inside a run directory) back into a store and its metadata; any file that
-    is not a complete one (empty, truncated, failed CRC, another archive) is one UserError naming it."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "scores.npz")
-    if not os.path.isfile(path):
-        raise UserError(
-            f"no saved scores at {path!r}. Fix: pass a run directory (it holds scores.npz) or the "
-            "scores.npz file written by OODMetricsCallback."
-        )
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["__meta__"]))
-            store: Store = {}
-            for key in data.files:
-                if key != "__meta__":
-                    name, _, field = key.rpartition("/")
-                    store.setdefault(name, {})[field] = data[key]
-        missing = [k for k in _META_KEYS if k not in meta] + [
-            f"{name}/{field}" for name, arrays in store.items() for field in _SET_FIELDS if field not in arrays
-        ]
-        if missing:
-            raise KeyError(f"it lacks {', '.join(missing)}")
-    except Exception as err:  # noqa: BLE001 (zipfile, zlib, EOF, JSON and format errors all mean "unreadable")
-        reason = " ".join(str(err).split()) or "no data"
-        raise UserError(
-            f"cannot read {path!r} as a scores.npz written by ash-lightning ({err.__class__.__name__}: "
-            f"{reason[:200]}). Fix: pass the scores.npz of a run (rerun the evaluation if it was cut "
-            "short)."
-        ) from err
-    return store, meta
-
-
 def reportable(names: Sequence[str], loaders: Sequence[Mapping[str, str]]) -> bool:
     """Whether the finished data sets ``names`` include the ID set and at least one OOD set."""
     roles = {info["role"] for info in loaders if info["name"] in names}
@@ -233,7 +201,7 @@ def reportable(names: Sequence[str], loaders: Sequence[Mapping[str, str]]) -> bo
 def stopped_message(reason: str, names: Sequence[str], loaders: Sequence[Mapping[str, str]], directory: str) -> str:
     """What a run stopped by ``reason`` kept: the saved sets and the ``report`` command that recomputes their
     metrics, or, before the first OOD set was finished, that there is nothing to report yet."""
-    scores = os.path.join(directory, "scores.npz")
+    scores = scores_path(directory)
     if not reportable(names, loaders):
         return (
             f"OOD evaluation stopped by {reason} before its first OOD set was finished "

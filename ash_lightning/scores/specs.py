@@ -3,7 +3,8 @@
 
 A score is a function ``fn(logits, *params) -> (B,)``; its spec parameters are the ones after the logits, in order,
 typed by their annotations (``float`` or ``int``), trailing ones optional when they have defaults:
-``"energy"``, ``"energy@2.0"``, ``"gen@0.1@100"``.
+``"energy"``, ``"energy@2.0"``, ``"gen@0.1@100"``. Spec strings are parsed by ``SCORES.parse``
+(``ash_lightning._registry``), as shapings' and detectors'.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ash_lightning._registry import Registered, Registry, spec_form
+from ash_lightning._registry import Registered, Registry, SpecParam, parse_params, spec_form
 from ash_lightning.scores.functional import energy, gen, max_logit, msp, neg_entropy
 
 __all__ = ["SCORES", "Score", "get_score", "list_scores", "register_score"]
@@ -76,14 +77,9 @@ for _name, _fn in (
 del _name, _fn
 
 
-def _invalid(reason: str) -> ValueError:
-    """The ValueError for a bad score spec: ``reason``, then the valid forms."""
-    return ValueError(f"{reason.rstrip('.')}. Valid forms: {SCORES.forms()}.")
-
-
 def get_score(name: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """Resolve a score spec (``"energy"``, ``"energy@2.0"``, ``"gen@0.1@100"``, ...) to a :class:`Score`; a
-    ValueError naming the valid forms for a bad one.
+    UserError (a ValueError) naming the valid forms for a bad one.
 
     A callable is returned as is when it has a ``.name``, else wrapped so that ``.name`` is its
     ``__name__``. The name of a resolved spec is normalised, e.g. ``"energy@2"`` -> ``"energy@2.0"``.
@@ -99,25 +95,16 @@ def get_score(name: str | Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tens
     """
     if callable(name):
         return name if hasattr(name, "name") else Score(name)
-    if not isinstance(name, str):
-        raise _invalid(f"Score must be a name or a callable, got {type(name).__name__}")
-    base, *texts = name.strip().split("@")
-    if base not in SCORES:
-        raise _invalid(f"Unknown score {name!r}")
-    fn = SCORES[base]
-    params = _params(fn)
-    if len(texts) > len(params):
-        raise _invalid(f"Bad score spec {name!r}: {base!r} takes at most {len(params)} parameter(s)")
+    return SCORES.parse(name, _build_score)
+
+
+def _build_score(base: str, fn: ScoreFn, texts: list[str]) -> Score:
+    """``Score(fn, args)`` of the spec ``base@texts...``, its values checked by ``fn`` itself on a dummy batch."""
     hints = typing.get_type_hints(fn)
-    args = []
-    for param, text in zip(params, texts, strict=False):
-        kind = hints.get(param.name, float)
-        try:
-            args.append(kind(text))
-        except ValueError:
-            raise _invalid(f"Bad score spec {name!r}: {param.name} must be {kind.__name__}, got {text!r}") from None
-    try:
-        fn(torch.zeros(1, 1), *args)  # validates the parameter values with the function's own checks
-    except ValueError as err:
-        raise _invalid(f"Bad score spec {name!r}: {err}") from None
-    return Score(fn, tuple(args), "@".join([base, *map(repr, args)]))
+    params = [
+        SpecParam(p.name, int if hints.get(p.name) is int else float, p.default is not inspect.Parameter.empty)
+        for p in _params(fn)
+    ]
+    args = tuple(parse_params(base, texts, params))
+    fn(torch.zeros(1, 1), *args)  # validates the parameter values with the function's own checks
+    return Score(fn, args, "@".join([base, *map(repr, args)]))

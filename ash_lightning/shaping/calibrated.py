@@ -2,9 +2,10 @@
 
 Spec strings, registered when this module (or ``ash_lightning.shaping.calibration``) is imported:
 
-* ``react@p90``: ReAct (Sun et al., NeurIPS 2021) with the threshold set to the 90th percentile of the ID
-  activations at the placement, over all units and samples (``np.percentile`` of the flattened activations);
-  ``react@1.0`` keeps a fixed one. Checked against deeplearning-wisc/react ``compute_threshold.py`` and OpenOOD's
+* ``react@1.0``: ReAct with a fixed threshold (``ash_lightning.shaping.functional.react``);
+  ``react@p90``: ReAct (Sun et al., NeurIPS 2021) with the threshold set to the 90th percentile of the ID
+  activations at the placement, over all units and samples (``np.percentile`` of the flattened activations).
+  Checked against deeplearning-wisc/react ``compute_threshold.py`` and OpenOOD's
   ``openood/postprocessors/react_postprocessor.py``, which both take the percentile on ID validation data
   (the paper: "estimated on ID data"); set ``data.fit`` to the ID validation or training set.
 * ``vra@10@90``: VRA (Xu et al., NeurIPS 2023) with alpha, beta = the 10th and 90th percentiles of the ID
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ash_lightning._registry import format_number, parse_number
+from ash_lightning._registry import SpecParam, format_number, parse_params
 from ash_lightning.errors import UserError
 from ash_lightning.shaping.functional import accumulation_dtype, check_percentile, prune_top_k, react, saturate_
 from ash_lightning.shaping.hooks import LogitShaper, classifier_of
@@ -204,9 +205,7 @@ def _fit_dice(stats: IDStats, model: nn.Module, *, spec: str, sparsity: float) -
 
 def _expect(usage: str, args: tuple[str, ...], names: tuple[str, ...]) -> tuple[float, ...]:
     """Parse ``args`` as the numbers ``names`` of ``usage``."""
-    if len(args) != len(names):
-        raise ValueError(f"{usage} takes {len(names)} argument(s), got {len(args)}")
-    return tuple(parse_number(arg, name) for arg, name in zip(args, names, strict=True))
+    return tuple(parse_params(usage, args, [SpecParam(name) for name in names]))
 
 
 def _check_id_percentile(q: float, name: str) -> None:
@@ -228,7 +227,7 @@ def _calibrated(
 _FIXED_REACT = FunctionFactory("react", react, ("threshold",))
 
 
-@register_shaping("react", "react@<threshold>|react@p<percentile>", replace=True)
+@register_shaping("react", "react@<threshold>|react@p<percentile>")
 def _react_factory(*args: str) -> Shaper:
     """ReAct: clip activations at a fixed threshold, or at a percentile of the ID activations (calibrated)."""
     if not (args and args[0].startswith("p")):

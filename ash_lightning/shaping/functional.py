@@ -1,4 +1,4 @@
-"""Activation shaping (ASH, ReAct, SCALE) as pure, out-of-place tensor functions, plus spec strings.
+"""Activation shaping (ASH, ReAct, SCALE) as pure, out-of-place tensor functions.
 
 Every function takes a batch-first floating-point tensor ``x`` of shape (B, ...) -- e.g. (B, C),
 (B, C, H, W) or (B, N, C) -- and works per sample over all ``n`` non-batch elements. It returns a new

@@ -1,9 +1,11 @@
 """Shaping spec strings: ``name[@arg...]`` resolved to a ``Shaper`` by ``get_shaping``, names added with
 ``register_shaping`` and listed by ``list_shapings`` (the math is in ``ash_lightning.shaping.functional``).
 
-Built-in specs: ``"none"``, ``"ash_p@90"``, ``"ash_b@65"``, ``"ash_s@90"``, ``"ash_rand@65"``, ``"react@1.0"``,
+Built-in specs: ``"none"``, ``"ash_p@90"``, ``"ash_b@65"``, ``"ash_s@90"``, ``"ash_rand@65"``,
 ``"react_and_ash@1.0@90"``, ``"scale@85"``; a name alone uses the function's defaults.
-``ash_lightning.shaping.calibrated`` adds the calibrated ones (``react@p90``, ``vra``, ``dice``, ``lts``).
+``ash_lightning.shaping.calibrated`` adds ReAct (``react@1.0``, or calibrated ``react@p90``) and the other
+calibrated and logit shapers (``vra``, ``dice``, ``lts``). Spec strings are parsed by ``SHAPINGS.parse``
+(``ash_lightning._registry``), as scores' and detectors'.
 """
 
 from __future__ import annotations
@@ -15,14 +17,13 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ash_lightning._registry import Registered, Registry, describe, format_number, parse_number, spec_form
+from ash_lightning._registry import Registered, Registry, SpecParam, describe, format_number, parse_params, spec_form
 from ash_lightning.shaping.functional import (
     ash_b,
     ash_p,
     ash_rand,
     ash_s,
     check_percentile,
-    react,
     react_and_ash,
     scale,
 )
@@ -107,12 +108,8 @@ class FunctionFactory:
     def __call__(self, *args: str) -> Shaper:
         defaults = self.defaults
         n_required = len(self.param_names) - len(defaults)
-        if not n_required <= len(args) <= len(self.param_names):
-            expected = str(n_required) if not defaults else f"{n_required} to {len(self.param_names)}"
-            raise ValueError(f"{self.name} takes {expected} argument(s), got {len(args)}")
-        # strict=False: trailing parameters may be left out (checked above); their defaults follow
-        values = tuple(parse_number(a, p) for a, p in zip(args, self.param_names, strict=False))
-        values += defaults[len(args) - n_required :]
+        params = [SpecParam(p, optional=i >= n_required) for i, p in enumerate(self.param_names)]
+        values = (*parse_params(self.name, args, params), *defaults[len(args) - n_required :])
         kwargs = dict(zip(self.param_names, values, strict=True))
         percentile = kwargs.get("percentile")
         if percentile is not None:
@@ -132,7 +129,6 @@ for _factory in (
     FunctionFactory("ash_b", ash_b, ("percentile",)),
     FunctionFactory("ash_s", ash_s, ("percentile",)),
     FunctionFactory("ash_rand", ash_rand, ("percentile",)),
-    FunctionFactory("react", react, ("threshold",)),
     FunctionFactory("react_and_ash", react_and_ash, ("threshold", "percentile")),
     FunctionFactory("scale", scale, ("percentile",)),
 ):
@@ -141,8 +137,8 @@ del _factory
 
 
 def get_shaping(spec: str | Callable[[Tensor], Tensor]) -> Shaper:
-    """Resolve a spec string such as ``"ash_s@90"`` (``name@arg@...``) to a ``Shaper``; a ValueError naming the
-    valid forms for a bad one.
+    """Resolve a spec string such as ``"ash_s@90"`` (``name@arg@...``) to a ``Shaper``; a UserError (a ValueError)
+    naming the valid forms for a bad one.
 
     A ``Shaper`` is returned as is; any other callable is wrapped with its ``__name__`` as spec.
 
@@ -161,18 +157,10 @@ def get_shaping(spec: str | Callable[[Tensor], Tensor]) -> Shaper:
         if callable(spec):
             return Shaper(spec, getattr(spec, "__name__", type(spec).__name__))
         raise TypeError(f"shaping must be a spec string or a callable, got {type(spec).__name__}.")
-    name, *args = spec.strip().split("@")
-    if name not in SHAPINGS:
-        raise ValueError(_invalid_spec(spec, f"unknown shaping name {name!r}"))
-    try:
-        shaper = SHAPINGS[name](*args)
-    except ValueError as err:
-        raise ValueError(_invalid_spec(spec, str(err))) from None
+    return SHAPINGS.parse(spec, _build_shaper)
+
+
+def _build_shaper(name: str, factory: ShapingFactory, args: list[str]) -> Shaper:
+    """``factory(*args)`` as a ``Shaper`` (a plain callable labelled by the spec as given)."""
+    shaper = factory(*args)
     return shaper if isinstance(shaper, Shaper) else Shaper(shaper, "@".join([name, *args]))
-
-
-def _invalid_spec(spec: str, reason: str) -> str:
-    return (
-        f"Invalid shaping spec {spec!r}: {reason.rstrip('.')}. Valid forms: {SHAPINGS.forms()} "
-        "(e.g. 'ash_s@90', 'react@1.0', 'react_and_ash@1.0@90')."
-    )

@@ -28,7 +28,7 @@ from ash_lightning import ash_s
 from ash_lightning.callbacks import ActivationShapingCallback, OODMetricsCallback
 from ash_lightning.data import OODDataModule
 from ash_lightning.errors import UserError
-from ash_lightning.evaluation.results import load_scores
+from ash_lightning.evaluation.score_store import load_scores
 from tests.conftest import REPO, run_main, tiny_config
 from tests.run_equality import SCORE_RTOL
 

@@ -43,22 +43,26 @@ def test_verbose_keeps_lightnings_lines_and_quiet_drops_only_those(
 ) -> None:
     from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-    from ash_lightning.cli.app import VERBOSE_ENV, quiet_unless_verbose
+    from ash_lightning.cli.app import global_flags
+    from ash_lightning.cli.logs import VERBOSE_ENV, quiet_unless_verbose
 
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
-    monkeypatch.setattr(sys, "argv", ["main.py", "test", "--verbose"])
+    monkeypatch.setattr(sys, "argv", ["main.py", "test", "--verbose", "--debug"])
     try:
-        assert quiet_unless_verbose(["test"]) == ["test"]
+        quiet_unless_verbose(False)
         rank_zero_info("GPU available: False, used: False")
         rank_zero_info("💡 Tip: try installing litlogger")
         rank_zero_info("Restoring states from the checkpoint path")
         assert lightning_log == ["Restoring states from the checkpoint path"]
-        assert quiet_unless_verbose(["test", "--verbose"]) == ["test"] and sys.argv == ["main.py", "test"]
+        # both flags leave the arguments and sys.argv (which DDP launchers re-run) in one place
+        assert global_flags(["test", "--verbose", "--debug"]) == (["test"], {"--verbose", "--debug"})
+        assert sys.argv == ["main.py", "test"]
+        quiet_unless_verbose(True)
         rank_zero_info("GPU available: False, used: False")
         assert lightning_log[-1] == "GPU available: False, used: False"
     finally:
         monkeypatch.delenv(VERBOSE_ENV, raising=False)
-        quiet_unless_verbose([])
+        quiet_unless_verbose(False)
 
 
 def test_help_lists_the_commands_one_line_each() -> None:

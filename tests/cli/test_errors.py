@@ -21,11 +21,12 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ash_lightning.callbacks import OODMetricsCallback
-from ash_lightning.cli.app import main, user_error
+from ash_lightning.cli.app import main
+from ash_lightning.cli.exit_codes import user_error
 from ash_lightning.data.base import CorruptImageError
 from ash_lightning.errors import UserError
 from ash_lightning.evaluation.metrics import ood_metrics
-from ash_lightning.evaluation.results import load_scores
+from ash_lightning.evaluation.score_store import load_scores
 from ash_lightning.module import OODEvalModule
 from ash_lightning.scores.specs import get_score
 from ash_lightning.shaping.specs import get_shaping
@@ -143,12 +144,6 @@ USER_ERRORS: list[tuple[str, Callable[[dict[str, Path]], dict[str, object]], tup
         lambda f: {"model.shaping": "ash_q@90"},
         ("model.shaping", "unknown shaping name 'ash_q'", "Valid forms"),
     ),
-    ("unknown_score", lambda f: {"model.score": "entropy_plus"}, ("model.score", "'entropy_plus'", "Valid forms")),
-    (
-        "percentile_out_of_range",
-        lambda f: {"model.shaping": "ash_s@100"},
-        ("model.shaping", "outside the valid range [0, 100)", "e.g. percentile=90"),
-    ),
     (
         "checkpoint_missing",
         lambda f: {"model.checkpoint_path": "/nonexistent/resnet20.th"},
@@ -199,11 +194,6 @@ USER_ERRORS: list[tuple[str, Callable[[dict[str, Path]], dict[str, object]], tup
         "wrong_value_type",
         lambda f: {"data.batch_size": "sixteen"},
         ("invalid configuration", "data.batch_size", "sixteen", "--help"),
-    ),
-    (
-        "unknown_nonfinite_policy",
-        lambda f: {"ood_metrics.nonfinite": "ignore"},
-        ("nonfinite='ignore'", "'raise', 'drop'"),
     ),
 ]
 

@@ -25,7 +25,7 @@ from ash_lightning.detectors import ODIN, AdaScale, FeaturesAndLogits, FittedDet
 from ash_lightning.detectors.fitting import FitSettings, fit_detector, fit_detectors
 from ash_lightning.detectors.scoring import detector_scores
 from ash_lightning.errors import UserError
-from ash_lightning.evaluation.results import load_scores
+from ash_lightning.evaluation.score_store import load_scores
 from ash_lightning.module import OODEvalModule
 from ash_lightning.shaping.calibration import make_cache_key
 from tests.conftest import main_in_process, run_main, tiny_config
@@ -123,7 +123,7 @@ def test_sweep_runs_every_shaping_times_every_score(sweep: tuple[OODEvalModule, 
 def test_sweep_detector_equals_pure_function(sweep: tuple[OODEvalModule, Tensor], spec: str) -> None:
     module, scores = sweep
     for shaping in SHAPINGS:
-        column = module.runs.index({"shaping": shaping, "score": parse_detector(spec).spec})
+        column = [(r["shaping"], r["score"]) for r in module.runs].index((shaping, parse_detector(spec).spec))
         expected = _reference(module.model, spec, shaping, module._std)
         torch.testing.assert_close(scores[:, column], expected.float(), rtol=1e-4, atol=1e-4)
 
@@ -132,7 +132,7 @@ def test_sweep_detector_equals_pure_function(sweep: tuple[OODEvalModule, Tensor]
 def test_detector_alone_equals_its_sweep_column(sweep: tuple[OODEvalModule, Tensor], spec: str) -> None:
     module, scores = sweep
     alone = _test(_module("ash_s@90", spec))
-    column = module.runs.index({"shaping": "ash_s@90", "score": parse_detector(spec).spec})
+    column = [(r["shaping"], r["score"]) for r in module.runs].index(("ash_s@90", parse_detector(spec).spec))
     torch.testing.assert_close(alone[:, 0], scores[:, column], rtol=1e-5, atol=1e-5)
 
 

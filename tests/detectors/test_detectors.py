@@ -401,12 +401,12 @@ def test_specs_parse_and_round_trip(spec, expected):
         ("knn", "takes 1 to 2 parameter"),
         ("knn@0", "K .* >= 1"),
         ("knn@5@0", r"fraction .* \(0, 1\]"),
-        ("vim@1.5", "D must be an integer"),
+        ("vim@1.5", "<D> must be an integer"),
         ("vim", "takes 1 parameter"),
         ("mds@3", "takes 0 parameter"),
         ("odin@0", "temperature"),
         ("adascale@90@80", "p_min <= p_max"),
-        ("maha", "unknown detector"),
+        ("maha", "unknown detector name 'maha'"),
     ],
 )
 def test_bad_specs_name_the_cause_and_the_valid_forms(spec, cause):

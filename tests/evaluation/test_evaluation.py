@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ash_lightning.callbacks import ActivationShapingCallback, OODMetricsCallback
 from ash_lightning.data import OODDataModule
-from ash_lightning.evaluation.results import load_scores
+from ash_lightning.evaluation.score_store import load_scores
 from ash_lightning.models.backbone import create_backbone
 from tests.conftest import REPO, run_main, tiny_config
 from tests.run_equality import assert_same_evaluation

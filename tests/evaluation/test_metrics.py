@@ -189,10 +189,12 @@ def test_invalid_arguments_raise() -> None:
         ood_metrics(torch.ones(3), torch.ones(0))
     with pytest.raises(ValueError, match="1-D"):
         ood_metrics(np.ones((2, 2)), [1.0])
-    with pytest.raises(ValueError, match="convention"):
+    with pytest.raises(
+        ValueError, match="^convention: 'OpenOOD' is not a valid choice; valid: one of 'paper', 'openood'"
+    ):
         ood_metrics([1.0], [0.0], convention="OpenOOD")
     for tpr in (0.0, -0.5, 1.5, 95):
-        with pytest.raises(ValueError, match=r"tpr must lie in \(0, 1\]"):
+        with pytest.raises(ValueError, match=r"^tpr: .* is out of range; valid: a number in \(0, 1\]"):
             ood_metrics([1.0], [0.0], tpr=tpr)
 
 

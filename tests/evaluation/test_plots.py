@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 from ash_lightning.evaluation.plots import sweep_figure
+from ash_lightning.evaluation.results import run_entry
+from ash_lightning.shaping.specs import get_shaping
 from tests.conftest import REPO
 
 
 def _run(shaping: str, score: str, fpr: float, auroc: float) -> dict:
-    return {"shaping": shaping, "score": score, "mean": {"fpr95": fpr, "auroc": auroc}}
+    """A run as the module records it (with its parsed setting) and its mean metrics."""
+    return {**run_entry(get_shaping(shaping), score), "mean": {"fpr95": fpr, "auroc": auroc}}
 
 
 def test_importing_and_plotting_leave_the_matplotlib_backend_alone(tmp_path: Path) -> None:
@@ -77,3 +80,20 @@ def test_mixed_sweep_gives_each_setting_a_slot_and_none_alone_no_figure() -> Non
     points = sorted(y for line in fpr_ax.get_lines() if line.get_linestyle() == "None" for y in line.get_ydata())
     assert points == [30, 35, 40, 42]
     assert sweep_figure([_run("none", "energy", 0.5, 0.8)], 0.95) is None
+
+
+def test_the_sweep_reads_the_setting_from_the_runs_and_plots_labels_that_are_no_spec() -> None:
+    """The figure reads each run's method and percentile; a run a LightningModule labelled itself (no setting
+    recorded, a label that is no spec string) is a method of its own, not an error."""
+    recorded = _run("ash_s@90", "energy", 0.3, 0.9)
+    runs = [
+        _run("none", "energy", 0.5, 0.8),
+        recorded,
+        {**recorded, "shaping": "ash_s, p=70", "percentile": 70.0, "mean": {"fpr95": 0.35, "auroc": 0.88}},
+        {"shaping": "my_clip(2)", "score": "energy", "mean": {"fpr95": 0.45, "auroc": 0.82}},
+    ]
+    fig = sweep_figure(runs, 0.95)
+    ticks = [label.get_text() for label in fig.axes[0].get_xticklabels()]
+    assert ticks == ["70", "90", "my_clip(2)"]  # two ash_s percentiles: a percentile axis, the label a slot
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["ash_s", "my_clip(2)", "no shaping (reference)"]

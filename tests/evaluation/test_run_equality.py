@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ash_lightning.evaluation.results import compute_results, save_scores
+from ash_lightning.evaluation.results import compute_results
+from ash_lightning.evaluation.score_store import save_scores
 from tests.run_equality import SCORE_RTOL, assert_same_evaluation
 
 LOADERS = [{"name": "id", "role": "id"}, {"name": "far", "role": "ood"}]

@@ -115,15 +115,15 @@ def test_get_score_callables() -> None:
 @pytest.mark.parametrize(
     "spec, match",
     [
-        ("energi", "Unknown score 'energi'"),
-        ("msp@2", "takes at most 0 parameter"),
-        ("gen@0.1@100@3", "takes at most 2 parameter"),
-        ("energy@hot", "temperature must be float"),
-        ("gen@0.1@1.5", "m must be int"),
+        ("energi", "unknown score name 'energi'"),
+        ("msp@2", "msp takes 0 parameter"),
+        ("gen@0.1@100@3", r"gen takes 0 to 2 parameter\(s\), got 3"),
+        ("energy@hot", "<temperature> must be a number, got 'hot'"),
+        ("gen@0.1@1.5", "<m> must be an integer, got '1.5'"),
         ("energy@0", "temperature must be a finite number > 0"),
         ("energy@nan", "temperature must be a finite number > 0"),
         ("gen@0.1@0", "m .* >= 1"),
-        (3, "name or a callable"),
+        (3, "a score spec must be a string, got int"),
     ],
 )
 def test_get_score_errors(spec, match: str) -> None:

@@ -342,11 +342,11 @@ def test_uncalibrated_shapers_fail_clearly():
     [
         ("react@p", "<percentile> must be a number"),
         ("react@p101", r"<percentile>=101 is outside \[0, 100\]"),
-        ("react@p90@1", r"react@p<percentile> takes 1 argument"),
-        ("vra@10", "vra takes 2 argument"),
+        ("react@p90@1", r"react@p<percentile> takes 1 parameter"),
+        ("vra@10", "vra takes 2 parameter"),
         ("vra@90@10", "<low_percentile> <= <high_percentile>, got 90 > 10"),
         ("dice@100", r"outside the valid range"),
-        ("lts", "lts takes 1 argument"),
+        ("lts", "lts takes 1 parameter"),
         ("lts@x", "<percentile> must be a number, got 'x'"),
     ],
 )
