@@ -7,19 +7,26 @@ from ash_lightning.detectors.base import Detector, FeatureDetector, FittedDetect
 from ash_lightning.detectors.fdbd import FDBD
 from ash_lightning.detectors.forward import FeaturesAndLogits
 from ash_lightning.detectors.gradnorm import GradNorm, gradnorm
+from ash_lightning.detectors.klm import KLM
 from ash_lightning.detectors.knn import KNN, NNGuide
 from ash_lightning.detectors.mahalanobis import MDS, RMDS
+from ash_lightning.detectors.nci import NCI
 from ash_lightning.detectors.odin import ODIN, odin
+from ash_lightning.detectors.residual import Residual
+from ash_lightning.detectors.she import SHE
 from ash_lightning.detectors.spec import DETECTORS, is_detector_spec, load_fitted, parse_detector, valid_forms
 from ash_lightning.detectors.vim import ViM
 
 __all__ = [
     "DETECTORS",
     "FDBD",
+    "KLM",
     "KNN",
     "MDS",
+    "NCI",
     "ODIN",
     "RMDS",
+    "SHE",
     "AdaScale",
     "Detector",
     "FeatureDetector",
@@ -27,6 +34,7 @@ __all__ = [
     "FittedDetector",
     "GradNorm",
     "NNGuide",
+    "Residual",
     "ViM",
     "gradnorm",
     "is_detector_spec",

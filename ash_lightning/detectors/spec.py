@@ -17,9 +17,13 @@ from ash_lightning.detectors.adascale import AdaScale
 from ash_lightning.detectors.base import Detector, FittedDetector
 from ash_lightning.detectors.fdbd import FDBD
 from ash_lightning.detectors.gradnorm import GradNorm
+from ash_lightning.detectors.klm import KLM
 from ash_lightning.detectors.knn import KNN, NNGuide
 from ash_lightning.detectors.mahalanobis import MDS, RMDS
+from ash_lightning.detectors.nci import NCI
 from ash_lightning.detectors.odin import ODIN
+from ash_lightning.detectors.residual import Residual
+from ash_lightning.detectors.she import SHE
 from ash_lightning.detectors.vim import ViM
 from ash_lightning.errors import UserError
 
@@ -64,7 +68,7 @@ def list_detectors() -> list[Registered[type[Detector]]]:
     return DETECTORS.entries()
 
 
-for _cls in (MDS, RMDS, KNN, ViM, FDBD, NNGuide, ODIN, GradNorm, AdaScale):
+for _cls in (MDS, RMDS, KNN, ViM, FDBD, NNGuide, ODIN, GradNorm, AdaScale, SHE, KLM, Residual, NCI):
     register_detector(_cls)
 del _cls
 

@@ -32,6 +32,12 @@ from tests.conftest import main_in_process, run_main, tiny_config
 from tests.run_equality import assert_same_evaluation
 
 SPECS = ["mds", "rmds", "knn@5", "knn@5@0.5", "vim@4", "fdbd", "nnguide@5", "gradnorm", "odin@1000@0.0014", "adascale"]
+NEWER = [
+    "she",
+    "klm",
+    "residual@8",
+    "nci",
+]  # tests/detectors/test_posthoc_baselines.py checks them against their authors' code
 SHAPINGS = ["none", "ash_s@90"]
 
 
@@ -107,19 +113,19 @@ def _reference(model: nn.Module, spec: str, shaping: str, std: tuple[float, ...]
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[OODEvalModule, Tensor]:
     """Every detector with energy, under two shapings, in one test run."""
     os.environ["ASH_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))  # no cache key here: nothing written
-    module = _module(SHAPINGS, ["energy", *SPECS])
+    module = _module(SHAPINGS, ["energy", *SPECS, *NEWER])
     return module, _test(module)
 
 
 def test_sweep_runs_every_shaping_times_every_score(sweep: tuple[OODEvalModule, Tensor]) -> None:
     module, scores = sweep
-    names = ["energy", *(parse_detector(spec).spec for spec in SPECS)]  # normalised: odin@1000@0.0014 -> odin
+    names = ["energy", *(parse_detector(spec).spec for spec in [*SPECS, *NEWER])]  # odin@1000@0.0014 -> odin
     assert "odin" in names
     assert [(r["shaping"], r["score"]) for r in module.runs] == [(s, c) for s in SHAPINGS for c in names]
     assert scores.shape == (40, len(module.runs)) and torch.isfinite(scores).all()
 
 
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("spec", [*SPECS, *NEWER])
 def test_sweep_detector_equals_pure_function(sweep: tuple[OODEvalModule, Tensor], spec: str) -> None:
     module, scores = sweep
     for shaping in SHAPINGS:
@@ -128,7 +134,7 @@ def test_sweep_detector_equals_pure_function(sweep: tuple[OODEvalModule, Tensor]
         torch.testing.assert_close(scores[:, column], expected.float(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("spec", [*SPECS, *NEWER])
 def test_detector_alone_equals_its_sweep_column(sweep: tuple[OODEvalModule, Tensor], spec: str) -> None:
     module, scores = sweep
     alone = _test(_module("ash_s@90", spec))
@@ -260,7 +266,7 @@ def test_mds_without_fit_labels_fails_before_any_backbone_pass() -> None:
 
     module = _module("none", ["energy", "mds"])
     passes = _CountPasses(module.model)
-    with pytest.raises(UserError, match="mds/rmds need the class labels") as err:
+    with pytest.raises(UserError, match="mds needs the class labels") as err:
         _test(module, Unlabelled())
     assert passes.calls == 0 and "Fix:" in str(err.value)
 
@@ -414,4 +420,4 @@ def test_main_mds_on_unlabelled_fit_data_is_one_user_error(
     config["data"]["fit"] = {"kind": "npz", "path": str(unlabelled)}
     status, out, err = main_in_process(config, tmp_path)
     assert status == 2
-    assert "error: mds/rmds need the class labels of the ID fit data" in err and "Traceback" not in err
+    assert "error: mds needs the class labels of the ID fit data" in err and "Traceback" not in err

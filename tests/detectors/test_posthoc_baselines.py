@@ -1,0 +1,200 @@
+"""The newer post-hoc detectors (she, klm, residual, nci, neco, mdspp, cadref, caref) on hand-made features and
+logits against transcriptions of their authors' code (OpenOOD v1.5 post-processors, litianliu/NCI-OOD,
+mueller-mp/maha-norm, LingAndZero/CADRef), in numpy/scipy/sklearn/torch as the reference files compute them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ash_lightning.detectors import SHE, parse_detector
+from ash_lightning.errors import UserError
+from tests.detectors.conftest import D, K, N
+from tests.detectors.test_detectors import _fit_and_score, _np
+
+TOL = {"rtol": 1e-6, "atol": 1e-6}
+
+
+# --- she --------------------------------------------------------------------------------------------------------
+
+
+def _openood_she(features, logits, labels, test, test_logits) -> torch.Tensor:
+    """OpenOOD she_postprocessor: setup (per-class mean of the correctly classified training features) and
+    postprocess with metric inner_product."""
+    all_preds = logits.argmax(1)
+    activation_log = []
+    for i in range(K):
+        mask = torch.logical_and(labels == i, all_preds == i)
+        activation_log.append(features[mask].mean(0, keepdim=True))
+    activation_log = torch.cat(activation_log)
+    pred = test_logits.argmax(1)
+    return torch.sum(torch.mul(test, activation_log[pred]), dim=1)
+
+
+def test_she_matches_openood(fit_data):
+    labels = fit_data["logits"].argmax(1)  # every class has correctly classified samples
+    labels[::3] = fit_data["labels"][::3]
+    data = {**fit_data, "labels": labels}
+    expected = _openood_she(data["features"], data["logits"], labels, data["test"], data["test_logits"])
+    assert torch.isfinite(expected).all()
+    np.testing.assert_allclose(_fit_and_score("she", data), expected.numpy(), **TOL)
+
+
+def test_she_class_without_correct_fit_samples_scores_zero_where_openood_gives_nan(fit_data):
+    labels = fit_data["logits"].argmax(1)
+    predicted_class = int(fit_data["test_logits"].argmax(1)[0])
+    labels[labels == predicted_class] = (predicted_class + 1) % K  # no correct fit sample of that class
+    data = {**fit_data, "labels": labels}
+    expected = _openood_she(data["features"], data["logits"], labels, data["test"], data["test_logits"])
+    with pytest.warns(UserWarning, match=rf"she: 1 of {K} classes have no correctly classified fit sample"):
+        ours = _fit_and_score("she", data)
+    nan = torch.isnan(expected).numpy()
+    assert nan[0] and not nan.all()
+    np.testing.assert_allclose(ours[~nan], expected.numpy()[~nan], **TOL)
+    assert (ours[nan] == 0).all()
+
+
+def test_she_needs_labels(fit_data):
+    with pytest.raises(UserError, match="she: needs the class labels"):
+        SHE().fit(fit_data["features"], fit_data["logits"])
+
+
+# --- klm --------------------------------------------------------------------------------------------------------
+
+
+def _openood_klm(logits: np.ndarray, test_logits: np.ndarray) -> np.ndarray:
+    """OpenOOD kl_matching_postprocessor: setup (mean softmax per predicted class, one-hot without samples) and
+    postprocess (-min over the templates of scipy.stats.entropy, by sklearn's pairwise_distances_argmin_min)."""
+    import scipy.stats
+    from sklearn.metrics import pairwise_distances_argmin_min
+
+    all_softmax = torch.softmax(torch.from_numpy(logits), 1)
+    preds = torch.from_numpy(logits).argmax(1)
+    mean_softmax_val = []
+    for i in range(K):
+        if torch.sum(preds.eq(i).float()) == 0:
+            temp = np.zeros((K,))
+            temp[i] = 1
+            mean_softmax_val.append(temp)
+        else:
+            mean_softmax_val.append(all_softmax[preds.eq(i)].mean(0).numpy())
+    softmax = torch.softmax(torch.from_numpy(test_logits), 1).numpy()
+    return -pairwise_distances_argmin_min(
+        softmax, np.array(mean_softmax_val), metric=lambda p, q: scipy.stats.entropy(p, q)
+    )[1]
+
+
+def test_klm_matches_openood(fit_data):
+    d = _np(fit_data)
+    np.testing.assert_allclose(_fit_and_score("klm", fit_data), _openood_klm(d["logits"], d["test_logits"]), **TOL)
+
+
+def test_klm_class_never_predicted_gets_the_one_hot_template(fit_data):
+    logits = fit_data["logits"].clone()
+    logits[:, 2] -= 100.0  # no fit sample predicted as class 2
+    test_logits = fit_data["test_logits"].clone()
+    test_logits[0] = torch.tensor([0.0, 0.0, 60.0, 0.0, 0.0], dtype=torch.float64)  # nearly one-hot on class 2
+    data = {**fit_data, "logits": logits, "test_logits": test_logits}
+    fitted = parse_detector("klm").fit(data["features"], logits)
+    torch.testing.assert_close(fitted.stats["templates"][2], torch.eye(K, dtype=torch.float64)[2])
+    expected = _openood_klm(logits.numpy(), test_logits.numpy())
+    np.testing.assert_allclose(fitted.score(data["test"], test_logits).numpy(), expected, **TOL)
+    # softmax of float32 logits underflows to exact zeros: KL to the one-hot template is finite, 0 log 0 = 0
+    single = fitted.to(dtype=torch.float32).score(data["test"].float(), (test_logits * 3).float())
+    assert torch.isfinite(single).all()
+
+
+# --- residual ---------------------------------------------------------------------------------------------------
+
+
+def _openood_residual(d: dict[str, np.ndarray], dim: int) -> np.ndarray:
+    """OpenOOD residual_postprocessor: setup (u, EmpiricalCovariance(assume_centered=True), eig, null space) and
+    postprocess."""
+    from sklearn.covariance import EmpiricalCovariance
+
+    u = -np.matmul(np.linalg.pinv(d["weight"]), d["bias"])
+    ec = EmpiricalCovariance(assume_centered=True)
+    ec.fit(d["features"] - u)
+    eig_vals, eigen_vectors = np.linalg.eig(ec.covariance_)
+    ns = np.ascontiguousarray((eigen_vectors.T[np.argsort(eig_vals * -1)[dim:]]).T)
+    return -np.linalg.norm(np.matmul(d["test"] - u, ns), axis=-1)
+
+
+@pytest.mark.parametrize("dim", [1, 5, 11])
+def test_residual_matches_openood(fit_data, dim):
+    expected = _openood_residual(_np(fit_data), dim)
+    np.testing.assert_allclose(_fit_and_score(f"residual@{dim}", fit_data), expected, **TOL)
+
+
+def test_residual_refuses_d_at_the_feature_dimension_and_above_the_rank(fit_data):
+    weight, bias = fit_data["weight"], fit_data["bias"]
+    with pytest.raises(UserError, match=rf"residual@{D}: D = {D} must be smaller than the feature dimension {D}"):
+        parse_detector(f"residual@{D}").fit(fit_data["features"], fit_data["logits"], weight=weight, bias=bias)
+    origin = -torch.linalg.pinv(weight) @ bias
+    g = torch.Generator().manual_seed(1)
+    flat = origin + torch.randn(N, 4, generator=g, dtype=torch.float64) @ torch.randn(
+        4, D, generator=g, dtype=torch.float64
+    )
+    with pytest.raises(UserError, match=r"residual@6: .*span only 4 dimensions.*e\.g\. residual@2"):
+        parse_detector("residual@6").fit(flat, flat @ weight.T + bias, weight=weight, bias=bias)
+
+
+@pytest.mark.parametrize("spec", ["residual@64", "vim@100"])
+def test_d_not_below_the_feature_dimension_is_refused_before_any_backbone_pass(spec):
+    from ash_lightning.module import OODEvalModule
+
+    with pytest.raises(UserError, match=rf"model.score: {spec}: D = \d+ must be smaller than the feature dimension 64"):
+        OODEvalModule("cifar_resnet20", score=["energy", spec])
+
+
+# --- nci --------------------------------------------------------------------------------------------------------
+
+
+def _openood_nci(d: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
+    """OpenOOD / litianliu/NCI-OOD nci_postprocessor: setup (training mean, fc weight) and postprocess."""
+    train_mean = torch.from_numpy(np.mean(d["features"].numpy(), axis=0))
+    w = d["weight"]
+    feature, output = d["test"], d["test_logits"]
+    values, nn_idx = output.max(1)
+    return torch.sum(w[nn_idx] * (feature - train_mean), axis=1) / torch.norm(
+        feature - train_mean, dim=1
+    ) + alpha * torch.norm(feature, p=1, dim=1)
+
+
+@pytest.mark.parametrize("spec, alpha", [("nci", 0.0001), ("nci@0.1", 0.1), ("nci@0", 0.0)])
+def test_nci_matches_the_authors_code(fit_data, spec, alpha):
+    np.testing.assert_allclose(_fit_and_score(spec, fit_data), _openood_nci(fit_data, alpha).numpy(), **TOL)
+
+
+# --- spec strings -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, normalised",
+    [
+        ("she", "she"),
+        ("klm", "klm"),
+        ("residual@8", "residual@8"),
+        ("nci", "nci"),
+        ("nci@0.0001", "nci"),
+        ("nci@0.01", "nci@0.01"),
+    ],
+)
+def test_specs_parse_and_round_trip(spec, normalised):
+    detector = parse_detector(spec)
+    assert detector.spec == normalised and parse_detector(normalised) == detector
+
+
+@pytest.mark.parametrize(
+    "spec, cause",
+    [
+        ("she@1", "takes 0 parameter"),
+        ("residual", "takes 1 parameter"),
+        ("residual@0", "D .* >= 1"),
+        ("nci@-1", "alpha .* >= 0"),
+    ],
+)
+def test_bad_specs_name_the_cause(spec, cause):
+    with pytest.raises(UserError, match=cause):
+        parse_detector(spec)
