@@ -11,6 +11,7 @@ from ash_lightning.detectors.klm import KLM
 from ash_lightning.detectors.knn import KNN, NNGuide
 from ash_lightning.detectors.mahalanobis import MDS, RMDS
 from ash_lightning.detectors.nci import NCI
+from ash_lightning.detectors.neco import NECO
 from ash_lightning.detectors.odin import ODIN, odin
 from ash_lightning.detectors.residual import Residual
 from ash_lightning.detectors.she import SHE
@@ -24,6 +25,7 @@ __all__ = [
     "KNN",
     "MDS",
     "NCI",
+    "NECO",
     "ODIN",
     "RMDS",
     "SHE",

@@ -21,6 +21,7 @@ from ash_lightning.detectors.klm import KLM
 from ash_lightning.detectors.knn import KNN, NNGuide
 from ash_lightning.detectors.mahalanobis import MDS, RMDS
 from ash_lightning.detectors.nci import NCI
+from ash_lightning.detectors.neco import NECO
 from ash_lightning.detectors.odin import ODIN
 from ash_lightning.detectors.residual import Residual
 from ash_lightning.detectors.she import SHE
@@ -68,7 +69,7 @@ def list_detectors() -> list[Registered[type[Detector]]]:
     return DETECTORS.entries()
 
 
-for _cls in (MDS, RMDS, KNN, ViM, FDBD, NNGuide, ODIN, GradNorm, AdaScale, SHE, KLM, Residual, NCI):
+for _cls in (MDS, RMDS, KNN, ViM, FDBD, NNGuide, ODIN, GradNorm, AdaScale, SHE, KLM, Residual, NCI, NECO):
     register_detector(_cls)
 del _cls
 

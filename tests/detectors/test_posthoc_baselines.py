@@ -167,6 +167,49 @@ def test_nci_matches_the_authors_code(fit_data, spec, alpha):
     np.testing.assert_allclose(_fit_and_score(spec, fit_data), _openood_nci(fit_data, alpha).numpy(), **TOL)
 
 
+# --- neco -------------------------------------------------------------------------------------------------------
+
+
+def _authors_neco(d: dict[str, np.ndarray], neco_dim: int | None = None) -> np.ndarray:
+    """mueller-mp/maha-norm NINCO/detection_methods.py evaluate_neco (use_logit=True), without its pickle cache;
+    ``neco_dim`` None is its 90%-variance rule."""
+    from numpy import linalg as LA
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    ss = StandardScaler()
+    complete_vectors_train = ss.fit_transform(d["features"])
+    complete_vectors_test = ss.transform(d["test"])
+    pca_estimator = PCA()
+    pca_estimator.fit(complete_vectors_train)
+    cumulative_variance = np.cumsum(pca_estimator.explained_variance_ratio_)
+    if neco_dim is None:
+        neco_dim = np.where(cumulative_variance >= 0.90)[0][0] + 1
+    cls_test_reduced_all = pca_estimator.transform(complete_vectors_test)
+    score_id_maxlogit = d["test_logits"].max(axis=-1)
+    cls_test_reduced = cls_test_reduced_all[:, :neco_dim]
+    l_id = []
+    for i in range(cls_test_reduced.shape[0]):
+        sc_complet = LA.norm(complete_vectors_test[i, :])
+        sc = LA.norm(cls_test_reduced[i, :])
+        l_id.append(sc / sc_complet)
+    return np.array(l_id) * score_id_maxlogit
+
+
+@pytest.mark.parametrize("spec, dim", [("neco", None), ("neco@1", 1), ("neco@7", 7)])
+def test_neco_matches_the_authors_code(fit_data, spec, dim):
+    d = _np(fit_data)
+    np.testing.assert_allclose(_fit_and_score(spec, fit_data), _authors_neco(d, dim), **TOL)
+
+
+def test_neco_with_a_dead_unit_and_the_automatic_dimension(fit_data):
+    data = {**fit_data, "features": fit_data["features"].clone().index_fill_(1, torch.tensor([3]), 0.0)}
+    fitted = parse_detector("neco").fit(data["features"], data["logits"])
+    auto_dim = fitted.stats["components"].shape[1]
+    assert 1 < auto_dim < D
+    np.testing.assert_allclose(fitted.score(data["test"], data["test_logits"]).numpy(), _authors_neco(_np(data)), **TOL)
+
+
 # --- spec strings -----------------------------------------------------------------------------------------------
 
 
