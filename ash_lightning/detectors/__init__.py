@@ -10,6 +10,7 @@ from ash_lightning.detectors.gradnorm import GradNorm, gradnorm
 from ash_lightning.detectors.klm import KLM
 from ash_lightning.detectors.knn import KNN, NNGuide
 from ash_lightning.detectors.mahalanobis import MDS, RMDS
+from ash_lightning.detectors.mdspp import MDSPP
 from ash_lightning.detectors.nci import NCI
 from ash_lightning.detectors.neco import NECO
 from ash_lightning.detectors.odin import ODIN, odin
@@ -24,6 +25,7 @@ __all__ = [
     "KLM",
     "KNN",
     "MDS",
+    "MDSPP",
     "NCI",
     "NECO",
     "ODIN",

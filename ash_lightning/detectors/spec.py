@@ -20,6 +20,7 @@ from ash_lightning.detectors.gradnorm import GradNorm
 from ash_lightning.detectors.klm import KLM
 from ash_lightning.detectors.knn import KNN, NNGuide
 from ash_lightning.detectors.mahalanobis import MDS, RMDS
+from ash_lightning.detectors.mdspp import MDSPP
 from ash_lightning.detectors.nci import NCI
 from ash_lightning.detectors.neco import NECO
 from ash_lightning.detectors.odin import ODIN
@@ -69,7 +70,7 @@ def list_detectors() -> list[Registered[type[Detector]]]:
     return DETECTORS.entries()
 
 
-for _cls in (MDS, RMDS, KNN, ViM, FDBD, NNGuide, ODIN, GradNorm, AdaScale, SHE, KLM, Residual, NCI, NECO):
+for _cls in (MDS, RMDS, KNN, ViM, FDBD, NNGuide, ODIN, GradNorm, AdaScale, SHE, KLM, Residual, NCI, NECO, MDSPP):
     register_detector(_cls)
 del _cls
 

@@ -391,7 +391,7 @@ def test_bad_specs_name_the_cause_and_the_valid_forms(spec, cause):
 
 def test_each_detector_says_what_it_needs():
     needs = {name: (cls.needs_labels, cls.needs_fit, cls.needs_gradients) for name, cls in DETECTORS.items()}
-    assert {name for name, (labels, _, _) in needs.items() if labels} == {"mds", "rmds", "she"}
+    assert {name for name, (labels, _, _) in needs.items() if labels} == {"mds", "rmds", "she", "mdspp"}
     assert {name for name, (_, fit, _) in needs.items() if not fit} == {"gradnorm", "odin"}
     assert {name for name, (_, _, grad) in needs.items() if grad} == {"odin", "adascale"}
 

@@ -210,6 +210,44 @@ def test_neco_with_a_dead_unit_and_the_automatic_dimension(fit_data):
     np.testing.assert_allclose(fitted.score(data["test"], data["test_logits"]).numpy(), _authors_neco(_np(data)), **TOL)
 
 
+# --- mdspp ------------------------------------------------------------------------------------------------------
+
+
+def _authors_mahalanobis_norm(d: dict[str, np.ndarray]) -> np.ndarray:
+    """mueller-mp/maha-norm NINCO/detection_methods.py evaluate_Mahalanobis_norm (K classes instead of 1000, no
+    file cache, on the CPU)."""
+    from sklearn.covariance import EmpiricalCovariance
+
+    feature_ood = d["test"] / np.linalg.norm(d["test"], axis=-1, keepdims=True)
+    feature_id_train = d["features"] / np.linalg.norm(d["features"], axis=-1, keepdims=True)
+    train_means = []
+    train_feat_centered = []
+    for i in range(K):
+        fs = feature_id_train[d["labels"] == i]
+        _m = fs.mean(axis=0)
+        train_means.append(_m)
+        train_feat_centered.extend(fs - _m)
+    ec = EmpiricalCovariance(assume_centered=True)
+    ec.fit(np.array(train_feat_centered).astype(np.float64))
+    mean = torch.from_numpy(np.array(train_means)).double()
+    prec = torch.from_numpy(ec.precision_).double()
+    return -np.array(
+        [(((f - mean) @ prec) * (f - mean)).sum(axis=-1).min().cpu().item() for f in torch.from_numpy(feature_ood)]
+    )
+
+
+def test_mdspp_matches_the_authors_code(fit_data):
+    expected = _authors_mahalanobis_norm(_np(fit_data))
+    np.testing.assert_allclose(_fit_and_score("mdspp", fit_data), expected, **TOL)
+    scaled = {**fit_data, "test": fit_data["test"] * torch.linspace(0.1, 10, len(fit_data["test"]))[:, None]}
+    np.testing.assert_allclose(_fit_and_score("mdspp", scaled), expected, **TOL)  # blind to the feature norm
+
+
+def test_mdspp_needs_labels(fit_data):
+    with pytest.raises(UserError, match="mdspp: needs the class labels"):
+        parse_detector("mdspp").fit(fit_data["features"], fit_data["logits"])
+
+
 # --- spec strings -----------------------------------------------------------------------------------------------
 
 
