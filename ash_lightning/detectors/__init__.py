@@ -4,6 +4,8 @@
 
 from ash_lightning.detectors.adascale import AdaScale
 from ash_lightning.detectors.base import Detector, FeatureDetector, FittedDetector
+from ash_lightning.detectors.cadref import CADRef
+from ash_lightning.detectors.caref import CARef
 from ash_lightning.detectors.fdbd import FDBD
 from ash_lightning.detectors.forward import FeaturesAndLogits
 from ash_lightning.detectors.gradnorm import GradNorm, gradnorm
@@ -32,6 +34,8 @@ __all__ = [
     "RMDS",
     "SHE",
     "AdaScale",
+    "CADRef",
+    "CARef",
     "Detector",
     "FeatureDetector",
     "FeaturesAndLogits",

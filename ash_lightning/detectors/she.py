@@ -49,7 +49,7 @@ class SHE(FeatureDetector):
                 f"{self.spec}: {len(empty)} of {logits.shape[1]} classes have no correctly classified fit sample "
                 f"(classes {shown}); their stored pattern is zero, so samples predicted as them score 0. "
                 "Fit on more labelled ID data (e.g. the training set) for a pattern per class.",
-                stacklevel=4,
+                stacklevel=3,
             )
         return {"patterns": patterns}
 

@@ -15,6 +15,8 @@ from typing import Any
 from ash_lightning._registry import Registered, Registry, describe
 from ash_lightning.detectors.adascale import AdaScale
 from ash_lightning.detectors.base import Detector, FittedDetector
+from ash_lightning.detectors.cadref import CADRef
+from ash_lightning.detectors.caref import CARef
 from ash_lightning.detectors.fdbd import FDBD
 from ash_lightning.detectors.gradnorm import GradNorm
 from ash_lightning.detectors.klm import KLM
@@ -70,7 +72,25 @@ def list_detectors() -> list[Registered[type[Detector]]]:
     return DETECTORS.entries()
 
 
-for _cls in (MDS, RMDS, KNN, ViM, FDBD, NNGuide, ODIN, GradNorm, AdaScale, SHE, KLM, Residual, NCI, NECO, MDSPP):
+for _cls in (
+    MDS,
+    RMDS,
+    KNN,
+    ViM,
+    FDBD,
+    NNGuide,
+    ODIN,
+    GradNorm,
+    AdaScale,
+    SHE,
+    KLM,
+    Residual,
+    NCI,
+    NECO,
+    MDSPP,
+    CADRef,
+    CARef,
+):
     register_detector(_cls)
 del _cls
 

@@ -248,6 +248,70 @@ def test_mdspp_needs_labels(fit_data):
         parse_detector("mdspp").fit(fit_data["features"], fit_data["logits"])
 
 
+# --- cadref / caref --------------------------------------------------------------------------------------------
+
+
+def _authors_class_means(features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """LingAndZero/CADRef utils/get_stat.py get_features (features grouped by predicted class) and the
+    get_mean_feature of CARef.py / CADRef.py."""
+    grouped = [[] for _ in range(K)]
+    p_labels = logits.argmax(1)
+    for i in range(features.size(0)):
+        grouped[p_labels[i]].append(features[i])
+    return torch.stack([torch.stack(grouped[i], dim=0).mean(dim=0) for i in range(K)])
+
+
+def _authors_caref(d: dict[str, torch.Tensor]) -> np.ndarray:
+    """CARef.eval for one batch."""
+    train_mean = _authors_class_means(d["features"], d["logits"])
+    logit, feature = d["test_logits"], d["test"]
+    class_ids = torch.argmax(torch.softmax(logit, dim=1), dim=1).cpu().numpy()
+    tm = train_mean[class_ids]
+    score = (tm - feature).norm(dim=1, p=1) / feature.norm(dim=1, p=1)
+    return -score.cpu().numpy()
+
+
+def _authors_cadref(d: dict[str, torch.Tensor]) -> np.ndarray:
+    """CADRef.get_state (logit_method Energy) and CADRef.eval for one batch."""
+    train_mean = _authors_class_means(d["features"], d["logits"])
+    grouped = [d["logits"][d["logits"].argmax(1) == i] for i in range(K)]
+    global_mean_logit_score = torch.mean(torch.cat([torch.logsumexp(g, dim=1) for g in grouped]), dim=0)
+    w = d["weight"]
+    logit, feature = d["test_logits"], d["test"]
+    class_ids = torch.argmax(torch.softmax(logit, dim=1), dim=1).cpu().numpy()
+    tm = train_mean[class_ids]
+    dist = feature - tm
+    sg = w[class_ids].sign()
+    ep_dist = dist * sg
+    ep_dist[ep_dist < 0] = 0
+    ep_error = ep_dist.norm(dim=1, p=1) / feature.norm(dim=1, p=1)
+    en_dist = dist * (-sg)
+    en_dist[en_dist < 0] = 0
+    en_error = en_dist.norm(dim=1, p=1) / feature.norm(dim=1, p=1)
+    logit_score = torch.logsumexp(logit, dim=1)
+    score = ep_error / logit_score + en_error / global_mean_logit_score
+    return -score.cpu().numpy()
+
+
+@pytest.mark.parametrize("spec, reference", [("caref", _authors_caref), ("cadref", _authors_cadref)])
+def test_cadref_and_caref_match_the_authors_code(fit_data, spec, reference):
+    assert len(fit_data["logits"].argmax(1).unique()) == K  # the authors' code needs every class predicted
+    data = {**fit_data, "labels": torch.zeros_like(fit_data["labels"])}  # labels are not read
+    np.testing.assert_allclose(_fit_and_score(spec, data), reference(fit_data), **TOL)
+
+
+def test_caref_class_never_predicted_gets_a_zero_mean(fit_data):
+    logits = fit_data["logits"].clone()
+    logits[:, 1] -= 1000.0
+    with pytest.warns(UserWarning, match=rf"caref: no fit sample is predicted as 1 of {K} classes \(classes 1\)"):
+        fitted = parse_detector("caref").fit(fit_data["features"], logits)
+    assert (fitted.stats["means"][1] == 0).all()
+    test_logits = torch.zeros(1, K, dtype=torch.float64).index_fill_(1, torch.tensor([1]), 1.0)
+    torch.testing.assert_close(
+        fitted.score(fit_data["test"][:1], test_logits), torch.tensor([-1.0], dtype=torch.float64)
+    )
+
+
 # --- spec strings -----------------------------------------------------------------------------------------------
 
 
