@@ -1,6 +1,6 @@
-"""OOD detectors beyond logit scores: feature-space (mds, rmds, knn, vim, fdbd, nnguide, gradnorm) and input-space
-(odin, adascale) baselines, as pure tensor functions plus their fitting. See ``base`` for the contract and
-``spec`` for the spec strings."""
+"""OOD detectors beyond logit scores: feature-space (mds, rmds, knn, vim, fdbd, nnguide, gradnorm, she, klm,
+residual, nci, neco, mdspp, cadref, caref) and input-space (odin, adascale) baselines, as pure tensor functions
+plus their fitting. See ``base`` for the contract and ``spec`` for the spec strings."""
 
 from ash_lightning.detectors.adascale import AdaScale
 from ash_lightning.detectors.base import Detector, FeatureDetector, FittedDetector

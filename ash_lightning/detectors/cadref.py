@@ -1,6 +1,6 @@
-"""``cadref``: CADRef, Class-Aware Decoupled Relative feature error (Ling et al., "CADRef: Robust
-Out-of-Distribution Detection via Class-Aware Decoupled Relative Feature Leveraging", CVPR 2025), score
--(E+(h) / energy(l) + E-(h) / mean fit energy).
+"""``cadref``: CADRef (Ling et al., "CADRef: Robust Out-of-Distribution Detection via Class-Aware Decoupled Relative
+Feature Leveraging", CVPR 2025): -(E+(h) / logsumexp(l) + E-(h) / mean fit logsumexp), E+/E- the L1 errors
+||h - mu_m||_1 / ||h||_1 where they agree/disagree with sign(w_m) (LingAndZero/CADRef ``ood_methods/CADRef.py``).
 
 Fit: mu_c, the mean penultimate feature of the fit samples *predicted* c (as ``caref``), and the mean energy
 logsumexp(l) of the fit samples. For the predicted class m = argmax_k l_k and s = sign(w_m), w_m its classifier

@@ -1,5 +1,6 @@
-"""``caref``: CARef, Class-Aware Relative feature error (Ling et al., "CADRef: Robust Out-of-Distribution Detection
-via Class-Aware Decoupled Relative Feature Leveraging", CVPR 2025), score -||h - mu_m||_1 / ||h||_1.
+"""``caref``: CARef (Ling et al., "CADRef: Robust Out-of-Distribution Detection via Class-Aware Decoupled Relative
+Feature Leveraging", CVPR 2025): -||h - mu_m||_1 / ||h||_1, mu_c the mean fit feature of the samples predicted c,
+m = argmax l (LingAndZero/CADRef ``ood_methods/CARef.py``).
 
 Fit: mu_c, the mean penultimate feature of the fit samples *predicted* c (argmax of the logits; no labels are
 read). Score, for the predicted class m = argmax_k l_k:

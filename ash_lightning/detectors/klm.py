@@ -1,5 +1,6 @@
 """``klm``: KL matching (Hendrycks et al., "Scaling Out-of-Distribution Detection for Real-World Settings", ICML
-2022), score -min_c KL(softmax(l) || q_c).
+2022): -min_c KL(softmax(l) || q_c), q_c the mean fit softmax of the samples predicted c (OpenOOD v1.5
+``kl_matching_postprocessor.py``).
 
 Fit: the template q_c of class c is the mean softmax of the fit samples predicted c (argmax of the logits), the
 one-hot vector e_c for a class no fit sample is predicted as. Score, with p = softmax(l):

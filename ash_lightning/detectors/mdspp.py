@@ -1,5 +1,6 @@
-"""``mdspp``: Mahalanobis++, the Mahalanobis score on L2-normalised features (Mueller & Hein, "Mahalanobis++:
-Improving OOD Detection via Feature Normalization", ICML 2025), score -min_c (z - mu_c)^T pinv(Sigma) (z - mu_c).
+"""``mdspp``: Mahalanobis++ (Mueller & Hein, "Mahalanobis++: Improving OOD Detection via Feature Normalization",
+ICML 2025): -min_c (z - mu_c)^T pinv(Sigma) (z - mu_c) on z = h / ||h||, needs fit labels (mueller-mp/maha-norm
+``NINCO/detection_methods.py`` evaluate_Mahalanobis_norm).
 
 With z = h / ||h||, class means mu_c and one covariance Sigma shared by the classes, fitted on the normalised
 labelled ID fit data (``1/N``, around the class means), the score is that of ``mds``

@@ -1,5 +1,6 @@
-"""``nci[@alpha]``: NCI, Neural Collapse Inspired detection (Liu & Qin, "Detecting Out-of-Distribution through the
-Lens of Neural Collapse", CVPR 2025), score <w_m, h - mu> / ||h - mu|| + alpha ||h||_1.
+"""``nci[@alpha]``: NCI (Liu & Qin, "Detecting Out-of-Distribution through the Lens of Neural Collapse", CVPR
+2025): <w_m, h - mu> / ||h - mu|| + alpha ||h||_1, mu the fit mean, m = argmax l, alpha = 0.0001 (OpenOOD v1.5
+and litianliu/NCI-OOD ``nci_postprocessor.py``).
 
 Fit: mu, the mean fit feature. Score, for the predicted class m = argmax_k l_k and w_m the classifier's row:
 

@@ -1,5 +1,6 @@
-"""``neco[@D]``: NECO, NEural Collapse-based OOD detection (Ammar et al., "NECO: NEural Collapse Based
-Out-of-distribution detection", ICLR 2024), score max_k l_k * ||P_D s(h)|| / ||s(h)||.
+"""``neco[@D]``: NECO (Ammar et al., "NECO: NEural Collapse Based Out-of-distribution detection", ICLR 2024):
+max l * ||PCA_D(s(h))|| / ||s(h)||, s the fit standardisation, D by default explaining 90% of the fit variance
+(mueller-mp/maha-norm ``NINCO/detection_methods.py`` evaluate_neco).
 
 Fit: s(h) = (h - m) / sigma, the fit features standardised per unit (sklearn ``StandardScaler``: sigma the
 standard deviation with ddof 0, 1 for a constant unit); P_D the projection on the top-D principal components of

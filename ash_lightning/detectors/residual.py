@@ -1,5 +1,6 @@
-"""``residual@D``: Residual, ViM's residual norm alone (Wang et al., "ViM: Out-Of-Distribution with
-Virtual-logit Matching", CVPR 2022, its ablation "Residual"), score -||r(h)||.
+"""``residual@D``: Residual, ViM's residual alone (Wang et al., "ViM: Out-Of-Distribution with Virtual-logit
+Matching", CVPR 2022): -||r(h)||, r the part of h + pinv(W) b outside the top-D principal subspace (OpenOOD v1.5
+``residual_postprocessor.py``).
 
 Fit as ``vim@D`` (``ash_lightning.detectors.vim``): the origin u = -pinv(W) b, the principal subspace P of
 dimension D of the uncentred covariance (1/N) sum (h - u)(h - u)^T of the fit features; r(h) is the part of

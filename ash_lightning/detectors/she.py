@@ -1,5 +1,6 @@
-"""``she``: SHE, Simplified Hopfield Energy (Zhang et al., "Out-of-Distribution Detection based on
-In-Distribution Data Patterns Memorization with Modern Hopfield Energy", ICLR 2023), score <h, s_m>.
+"""``she``: SHE (Zhang et al., "Out-of-Distribution Detection based on In-Distribution Data Patterns Memorization
+with Modern Hopfield Energy", ICLR 2023): <h, s_m>, s_c the mean feature of the correctly classified fit samples
+of class c, m = argmax l (OpenOOD v1.5 ``she_postprocessor.py``).
 
 Fit: the stored pattern s_c of class c is the mean penultimate feature of the fit samples labelled c *and*
 predicted c (argmax of the logits). Score, for the predicted class m = argmax_k l_k:

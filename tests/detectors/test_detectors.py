@@ -462,5 +462,6 @@ def test_cost_benchmark_runs_end_to_end(monkeypatch, capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    for row in ("| mds |", "| knn@50@0.1 |", "| vim@32 |", "| gradnorm |", "| odin@1000@0.0014 |", "| adascale |"):
+    rows = ("| mds |", "| knn@50@0.1 |", "| vim@32 |", "| gradnorm |", "| odin@1000@0.0014 |", "| adascale |")
+    for row in (*rows, "| neco |", "| mdspp |", "| cadref |"):
         assert row in out

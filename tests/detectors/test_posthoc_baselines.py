@@ -4,6 +4,8 @@ mueller-mp/maha-norm, LingAndZero/CADRef), in numpy/scipy/sklearn/torch as the r
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -343,3 +345,12 @@ def test_specs_parse_and_round_trip(spec, normalised):
 def test_bad_specs_name_the_cause(spec, cause):
     with pytest.raises(UserError, match=cause):
         parse_detector(spec)
+
+
+@pytest.mark.parametrize("name", ["she", "klm", "residual", "nci", "neco", "mdspp", "cadref", "caref"])
+def test_list_describes_the_formula_paper_and_reference_file(name):
+    from ash_lightning.detectors.spec import list_detectors
+
+    (entry,) = [e for e in list_detectors() if e.name == name]
+    assert re.search(r"\b20\d\d\)?:", entry.description)  # the paper's venue and year, then the formula
+    assert re.search(r"\(.*\.py[ )]", entry.description)  # the reference file
