@@ -1,7 +1,7 @@
 """Benchmark: what each detector adds to a ResNet-20 CIFAR-10 evaluation batch, relative to the forward pass.
 
 Model ``cifar_resnet20`` (random weights), a batch of 250 random 32x32 inputs, 2 threads, CPU. Feature-space
-detectors are fitted on the features of 9,000 random inputs (random labels for mds/rmds), then the time of
+detectors are fitted on the features of 9,000 random inputs (random labels for mds/rmds/mdspp/she), then the time of
 ``fitted.score(features, logits)`` per batch is divided by the time of the batch's forward pass (target: at
 most 10%). ODIN and AdaSCALE run their own passes (forward + backward to the input + a second forward), so they
 are reported as the multiple of one forward pass they take; GradNorm is in closed form on the features and
@@ -24,7 +24,10 @@ from ash_lightning.detectors import FeatureDetector, FeaturesAndLogits, FittedDe
 
 from _common import interleaved_medians, machine_line, markdown_table
 
-FEATURE_SPECS = ("mds", "rmds", "knn@50", "knn@50@0.1", "vim@32", "fdbd", "nnguide@10", "nnguide@100", "gradnorm")
+FEATURE_SPECS = (
+    *("mds", "rmds", "knn@50", "knn@50@0.1", "vim@32", "fdbd", "nnguide@10", "nnguide@100", "gradnorm"),
+    *("she", "klm", "residual@32", "nci", "neco", "mdspp", "cadref", "caref"),
+)
 PASS_SPECS = ("odin@1000@0.0014", "adascale")
 TARGET = 0.10
 STD = (0.229, 0.224, 0.225)  # the ImageNet std the CIFAR ResNet checkpoints normalise with

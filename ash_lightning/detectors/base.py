@@ -26,12 +26,21 @@ from torch import Tensor
 from ash_lightning._registry import format_number
 from ash_lightning.errors import UserError
 
-__all__ = ["Detector", "FeatureDetector", "FittedDetector", "compute_dtype"]
+__all__ = ["Detector", "FeatureDetector", "FittedDetector", "class_means", "compute_dtype"]
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
     """float32, or ``t``'s dtype when it is a wider float (float64): detectors never compute in half precision."""
     return torch.promote_types(t.dtype, torch.float32) if t.is_floating_point() else torch.float32
+
+
+def class_means(features: Tensor, classes: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """The mean (C, D) of the rows of ``features`` (N, D) of each class in ``classes`` (N,) (zero for a class
+    without rows), and the row count (C,) of each, in ``features``' dtype."""
+    classes = classes.to(device=features.device, dtype=torch.long)
+    sums = features.new_zeros(num_classes, features.shape[1]).index_add_(0, classes, features)
+    counts = torch.bincount(classes, minlength=num_classes)
+    return sums / counts.clamp_min(1)[:, None].to(features.dtype), counts
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,7 @@ class FeatureDetector(Detector):
                 )
             if bias is None:
                 bias = weight.new_zeros(weight.shape[0])
+        self.check_feature_dim(features.shape[1])
         if self.needs_fit and features.shape[0] < 2:
             raise self.invalid(f"needs at least 2 fit samples, got {features.shape[0]}.")
         dtype = compute_dtype(features)
@@ -157,6 +167,10 @@ class FeatureDetector(Detector):
         return FittedDetector(
             self, {key: value.to(dtype) if value.is_floating_point() else value for key, value in stats.items()}
         )
+
+    def check_feature_dim(self, dim: int) -> None:
+        """A UserError when the detector is undefined on ``dim``-dimensional features (e.g. a subspace dimension
+        not below ``dim``); called by :meth:`fit`, and by ``check_detectors`` before any backbone pass."""
 
     @abstractmethod
     def fit_stats(

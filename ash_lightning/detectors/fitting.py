@@ -104,6 +104,11 @@ def check_detectors(model: nn.Module, detectors: Sequence[Detector], what: str) 
             )
         needs_weight = getattr(detector, "needs_classifier", False) or isinstance(detector, AdaScale)
         weight = getattr(classifier, "weight", None)
+        if isinstance(detector, FeatureDetector) and isinstance(weight, Tensor) and weight.ndim == 2:
+            try:
+                detector.check_feature_dim(weight.shape[1])
+            except UserError as err:
+                raise UserError(f"{what}: {err}") from None
         if needs_weight and not (isinstance(weight, Tensor) and weight.ndim == 2):
             raise UserError(
                 f"{what}: {detector.spec} needs the classifier's weight matrix (K, D), but "
@@ -164,7 +169,7 @@ class _FitPass:
 
     settings: list[int]
     adascale: list[tuple[int, AdaScale]]
-    needs_labels: bool
+    labelled: list[str]  # the specs of the detectors that need the fit labels
     features: list[list[Tensor]]
     logits: list[list[Tensor]]
     labels: list[Tensor]
@@ -174,8 +179,8 @@ class _FitPass:
         """Collect one batch (at most ``max_left`` samples of it); the number of samples taken."""
         images, keep = fit_images(batch)
         labels = batch_part(batch, "labels")
-        if self.needs_labels:
-            labels = _checked_labels(labels, images, keep)
+        if self.labelled:
+            labels = _checked_labels(labels, images, keep, self.labelled)
         if keep is not None:
             images = images[keep]
         images = images[:max_left]
@@ -190,7 +195,7 @@ class _FitPass:
             for s, features, logits in zip(self.settings, outputs.features, outputs.logits, strict=True):
                 self.features[s].append(features.detach().cpu())
                 self.logits[s].append(logits.detach().cpu())
-        if labels is not None and self.needs_labels:  # _checked_labels raised if they were missing
+        if labels is not None and self.labelled:  # _checked_labels raised if they were missing
             self.labels.append(labels[: len(images)].cpu())
         for s, detector in self.adascale:
             with fit.attached(s):
@@ -199,11 +204,13 @@ class _FitPass:
         return len(images)
 
 
-def _checked_labels(labels: Tensor | None, images: Tensor, keep: Tensor | None) -> Tensor:
-    """The labels of a fit batch (less corrupt samples); a UserError when it has none or unlabelled (-1) ones."""
+def _checked_labels(labels: Tensor | None, images: Tensor, keep: Tensor | None, specs: Sequence[str]) -> Tensor:
+    """The labels of a fit batch (less corrupt samples); a UserError naming the detectors ``specs`` that need them
+    when it has none or unlabelled (-1) ones."""
+    need = f"{'/'.join(specs)} need{'s' if len(specs) == 1 else ''}"
     if labels is None or labels.shape != images.shape[:1]:
         raise UserError(
-            "mds/rmds need the class labels of the ID fit data, but its batches carry none "
+            f"{need} the class labels of the ID fit data, but its batches carry none "
             f"({describe_batch(labels)} where the labels should be). Fix: give labelled ID data (e.g. the training "
             f"set) as data.fit or fit_dataloader, with the labels as {expected_layout('labels')}; or use a detector "
             "without labels (knn, vim, fdbd, nnguide)."
@@ -211,7 +218,7 @@ def _checked_labels(labels: Tensor | None, images: Tensor, keep: Tensor | None) 
     labels = labels if keep is None else labels[keep]
     if len(labels) and int(labels.min()) < 0:
         raise UserError(
-            "mds/rmds need the class labels of the ID fit data, but it holds unlabelled samples (label -1, e.g. a "
+            f"{need} the class labels of the ID fit data, but it holds unlabelled samples (label -1, e.g. a "
             "folder without class sub-folders or an .npz without 'y'). Fix: give labelled ID data as data.fit, or "
             "use a detector without labels (knn, vim, fdbd, nnguide)."
         )
@@ -291,7 +298,7 @@ def _fit_missing(
     collected = _FitPass(
         settings=sorted({s for s, _ in features}),
         adascale=[(s, d) for s, j in missing if isinstance(d := detectors[j], AdaScale)],
-        needs_labels=any(detectors[j].needs_labels for _, j in missing),
+        labelled=sorted({detectors[j].spec for _, j in missing if detectors[j].needs_labels}),
         features=[[] for _ in fit.names],
         logits=[[] for _ in fit.names],
         labels=[],
@@ -311,7 +318,7 @@ def _fit_missing(
             "the ID fit data (data.fit, or the fit_dataloader given) has no samples, so the detectors cannot be "
             "fitted. Fix: give a non-empty ID data set."
         )
-    labels = torch.cat(collected.labels) if collected.needs_labels else None
+    labels = torch.cat(collected.labels) if collected.labelled else None
     weight, bias = classifier_weights(fit.model) if features else (None, None)
     result: dict[tuple[int, int], FittedDetector] = {}
     for s, j in missing:

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ash_lightning.detectors.base import FeatureDetector
+from ash_lightning.detectors.base import FeatureDetector, class_means
 
 __all__ = ["MDS", "RMDS", "squared_mahalanobis", "whitener"]
 
@@ -54,9 +54,7 @@ def _class_gaussians(features: Tensor, labels: Tensor, num_classes: int) -> tupl
     """The means (C, D) of the classes present in ``labels`` and their shared covariance (D, D), in float64."""
     h = features.double()
     labels = labels.to(device=h.device, dtype=torch.long)
-    sums = h.new_zeros(num_classes, h.shape[1]).index_add_(0, labels, h)
-    counts = torch.bincount(labels, minlength=num_classes)
-    means = sums / counts.clamp_min(1)[:, None]
+    means, counts = class_means(h, labels, num_classes)
     centered = h - means[labels]
     return means[counts > 0], centered.T @ centered / h.shape[0]
 

@@ -16,11 +16,19 @@ from typing import Any
 from ash_lightning._registry import Registered, Registry, SpecParam, describe, parse_params
 from ash_lightning.detectors.adascale import AdaScale
 from ash_lightning.detectors.base import Detector, FittedDetector
+from ash_lightning.detectors.cadref import CADRef
+from ash_lightning.detectors.caref import CARef
 from ash_lightning.detectors.fdbd import FDBD
 from ash_lightning.detectors.gradnorm import GradNorm
+from ash_lightning.detectors.klm import KLM
 from ash_lightning.detectors.knn import KNN, NNGuide
 from ash_lightning.detectors.mahalanobis import MDS, RMDS
+from ash_lightning.detectors.mdspp import MDSPP
+from ash_lightning.detectors.nci import NCI
+from ash_lightning.detectors.neco import NECO
 from ash_lightning.detectors.odin import ODIN
+from ash_lightning.detectors.residual import Residual
+from ash_lightning.detectors.she import SHE
 from ash_lightning.detectors.vim import ViM
 
 __all__ = [
@@ -64,7 +72,25 @@ def list_detectors() -> list[Registered[type[Detector]]]:
     return DETECTORS.entries()
 
 
-for _cls in (MDS, RMDS, KNN, ViM, FDBD, NNGuide, ODIN, GradNorm, AdaScale):
+for _cls in (
+    MDS,
+    RMDS,
+    KNN,
+    ViM,
+    FDBD,
+    NNGuide,
+    ODIN,
+    GradNorm,
+    AdaScale,
+    SHE,
+    KLM,
+    Residual,
+    NCI,
+    NECO,
+    MDSPP,
+    CADRef,
+    CARef,
+):
     register_detector(_cls)
 del _cls
 

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ash_lightning.detectors.base import FeatureDetector
 
-__all__ = ["RESIDUAL_TOLERANCE", "ViM", "vim_residual_basis"]
+__all__ = ["RESIDUAL_TOLERANCE", "ResidualSubspace", "ViM", "residual_norm", "vim_residual_basis"]
 
 RESIDUAL_TOLERANCE = 1e-6  # the fit's mean residual norm, relative to its mean centred feature norm, below which
 # the principal subspace holds (numerically) all of the features and alpha is undefined
@@ -41,11 +41,10 @@ def vim_residual_basis(centered: Tensor, dim: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class ViM(FeatureDetector):
-    """``vim@D``, 0 < D < feature dim (the paper uses D = 1000 for 2048-d features, OpenOOD 256 for 512-d).
-    Stats: ``origin`` u (D_feat,), ``residual_basis`` (D_feat, D_feat - D), ``alpha`` (0-d)."""
+class ResidualSubspace(FeatureDetector):
+    """Shared by ``vim@D`` and ``residual@D``: the origin u = -pinv(W) b and the residual basis of the top-D
+    principal subspace of the fit features around it."""
 
-    name: ClassVar[str] = "vim"
     needs_classifier: ClassVar[bool] = True
     dim: int
 
@@ -53,15 +52,15 @@ class ViM(FeatureDetector):
         if self.dim < 1:
             raise self.invalid(f"D (principal subspace dimension) must be an integer >= 1, got {self.dim!r}.")
 
-    def fit_stats(
-        self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None, bias: Tensor | None
-    ) -> dict[str, Tensor]:
-        assert weight is not None and bias is not None  # checked by fit()
-        if self.dim >= features.shape[1]:
+    def check_feature_dim(self, dim: int) -> None:
+        if self.dim >= dim:
             raise self.invalid(
-                f"D = {self.dim} must be smaller than the feature dimension {features.shape[1]} "
-                f"(e.g. vim@{features.shape[1] // 2})."
+                f"D = {self.dim} must be smaller than the feature dimension {dim} (e.g. {self.name}@{dim // 2})."
             )
+
+    def residual_stats(self, features: Tensor, weight: Tensor, bias: Tensor, what: str) -> dict[str, Tensor]:
+        """``origin``, ``residual_basis`` and the fit's mean residual norm ``mean_residual``; a UserError naming a
+        smaller D when the residual vanishes (``what`` is then undefined)."""
         origin = -torch.linalg.pinv(weight.double()) @ bias.double()
         centered = features.double() - origin
         basis = vim_residual_basis(centered, self.dim)
@@ -70,13 +69,31 @@ class ViM(FeatureDetector):
             rank = int(torch.linalg.matrix_rank(centered))
             raise self.invalid(
                 f"the centred fit features have (numerically) no residual outside the principal subspace of "
-                f"dimension D = {self.dim}: they span only {rank} dimensions, so alpha (mean max logit / mean "
-                f"residual norm) is undefined. Fix: choose D below the features' rank, e.g. vim@{max(1, rank // 2)}, "
-                "or fit on more varied ID data."
+                f"dimension D = {self.dim}: they span only {rank} dimensions, so {what}. Fix: choose D below the "
+                f"features' rank, e.g. {self.name}@{max(1, rank // 2)}, or fit on more varied ID data."
             )
-        alpha = logits.double().amax(1).mean() / residual
-        return {"origin": origin, "residual_basis": basis, "alpha": alpha}
+        return {"origin": origin, "residual_basis": basis, "mean_residual": residual}
+
+
+def residual_norm(stats: Mapping[str, Tensor], features: Tensor) -> Tensor:
+    """||r(h)|| (B,): the norm of the part of h - origin in the span of the residual basis."""
+    return ((features - stats["origin"]) @ stats["residual_basis"]).norm(dim=1)
+
+
+@dataclass(frozen=True)
+class ViM(ResidualSubspace):
+    """``vim@D``, 0 < D < feature dim (the paper uses D = 1000 for 2048-d features, OpenOOD 256 for 512-d).
+    Stats: ``origin`` u (D_feat,), ``residual_basis`` (D_feat, D_feat - D), ``alpha`` (0-d)."""
+
+    name: ClassVar[str] = "vim"
+
+    def fit_stats(
+        self, features: Tensor, logits: Tensor, labels: Tensor | None, weight: Tensor | None, bias: Tensor | None
+    ) -> dict[str, Tensor]:
+        assert weight is not None and bias is not None  # checked by fit()
+        stats = self.residual_stats(features, weight, bias, "alpha (mean max logit / mean residual norm) is undefined")
+        alpha = logits.double().amax(1).mean() / stats.pop("mean_residual")
+        return {**stats, "alpha": alpha}
 
     def score_batch(self, stats: Mapping[str, Tensor], features: Tensor, logits: Tensor) -> Tensor:
-        residual = ((features - stats["origin"]) @ stats["residual_basis"]).norm(dim=1)
-        return torch.logsumexp(logits, dim=1) - stats["alpha"] * residual
+        return torch.logsumexp(logits, dim=1) - stats["alpha"] * residual_norm(stats, features)

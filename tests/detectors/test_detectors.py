@@ -35,34 +35,7 @@ from ash_lightning.detectors import (
 from ash_lightning.detectors.adascale import adaptive_percentiles
 from ash_lightning.detectors.knn import top_inner_products
 from ash_lightning.errors import UserError
-
-N, D, K = 240, 12, 5
-
-
-@pytest.fixture(scope="module")
-def fit_data() -> dict[str, torch.Tensor]:
-    """Float64 ID fit data from a random linear classifier: non-negative features, labels, logits = W h + b,
-    plus a test batch with a few shifted (OOD-like) rows."""
-    g = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(K, D, generator=g, dtype=torch.float64), torch.randn(K, generator=g, dtype=torch.float64)
-    labels = torch.arange(N) % K
-    centers = torch.rand(K, D, generator=g, dtype=torch.float64) * 3
-    features = (centers[labels] + torch.randn(N, D, generator=g, dtype=torch.float64)).relu()
-    test = torch.cat(
-        [
-            (centers[:3] + torch.randn(3, D, generator=g, dtype=torch.float64)).relu(),
-            torch.rand(5, D, generator=g, dtype=torch.float64) * 8,
-        ]
-    )
-    return {
-        "features": features,
-        "logits": features @ weight.T + bias,
-        "labels": labels,
-        "weight": weight,
-        "bias": bias,
-        "test": test,
-        "test_logits": test @ weight.T + bias,
-    }
+from tests.detectors.conftest import D, K, N
 
 
 def _fit_and_score(spec: str, data: dict[str, torch.Tensor]) -> np.ndarray:
@@ -418,7 +391,7 @@ def test_bad_specs_name_the_cause_and_the_valid_forms(spec, cause):
 
 def test_each_detector_says_what_it_needs():
     needs = {name: (cls.needs_labels, cls.needs_fit, cls.needs_gradients) for name, cls in DETECTORS.items()}
-    assert {name for name, (labels, _, _) in needs.items() if labels} == {"mds", "rmds"}
+    assert {name for name, (labels, _, _) in needs.items() if labels} == {"mds", "rmds", "she", "mdspp"}
     assert {name for name, (_, fit, _) in needs.items() if not fit} == {"gradnorm", "odin"}
     assert {name for name, (_, _, grad) in needs.items() if grad} == {"odin", "adascale"}
 
@@ -489,5 +462,6 @@ def test_cost_benchmark_runs_end_to_end(monkeypatch, capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    for row in ("| mds |", "| knn@50@0.1 |", "| vim@32 |", "| gradnorm |", "| odin@1000@0.0014 |", "| adascale |"):
+    rows = ("| mds |", "| knn@50@0.1 |", "| vim@32 |", "| gradnorm |", "| odin@1000@0.0014 |", "| adascale |")
+    for row in (*rows, "| neco |", "| mdspp |", "| cadref |"):
         assert row in out
