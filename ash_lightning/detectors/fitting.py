@@ -1,9 +1,10 @@
 """Fit detectors (``ash_lightning.detectors``) on ID data, per shaping setting, with a cache.
 
 ``fit_detectors`` fits every (setting, detector) pair: detectors without fit data (``odin``, ``gradnorm``) as they
-are; the others from the cache or, for the pairs it lacks, from ONE pass over the ID fit data that yields the
-penultimate features (the classifier's input as each setting's shaping leaves it), the logits and, where a
-detector needs them, the class labels of every setting at once; ``adascale`` adds its perturbed passes per batch.
+are; the others from the cache or, for the pairs it lacks, from ONE ``FitPass`` over the ID fit data
+(``ash_lightning.data.fit_pass``, the pass calibration makes too) that yields the penultimate features (the
+classifier's input as each setting's shaping leaves it), the logits and, where a detector needs them, the class
+labels of every setting at once; ``adascale`` adds its perturbed passes per batch.
 The pass runs in eval mode without gradients (AdaSCALE's input gradients excepted) and leaves normal (not
 inference) tensors, so that the statistics also serve the gradient detectors. Fit data is iterated in full by
 the caller's process: under DDP every rank fits on the whole fit set and holds identical statistics.

@@ -1,8 +1,8 @@
 """Fit the calibrated shapers (``react@p90``, ``vra@10@90``, ``dice@90``) on ID data before testing.
 
 ``calibrate(model, spec, loader)`` returns one fitted shaper for ``attach_shaping``; ``calibrate_shapers`` fits
-a list of them, with a cache. Either makes one pass over an ID fit dataloader (eval mode, ``torch.inference_mode``;
-batches read by ``ash_lightning.data.batches``: tensors, tuples or dicts) and collects what the shapers ask for (see
+a list of them, with a cache. Either makes one ``FitPass`` over ID fit data (``ash_lightning.data.fit_pass``: eval
+mode, ``torch.inference_mode``; tensors, tuples or dicts as batches) and collects what the shapers ask for (see
 ``ash_lightning.shaping.calibrated``, whose shapers importing this module registers):
 
 * ReAct, VRA: percentiles of the activations at the placement (the tensor the placement shapes, seen before any
