@@ -24,7 +24,10 @@ import torch
 from timm.data import resolve_data_config
 from torch import Tensor
 
+from ash_lightning._cache import network_identity
 from ash_lightning._options import check_int, check_range
+from ash_lightning.data.datamodule import OODDataModuleMixin
+from ash_lightning.data.fit_pass import FitPass, fit_loader_of
 from ash_lightning.detectors import Detector, FittedDetector
 from ash_lightning.detectors.fitting import FitSettings, check_detectors, fit_detectors
 from ash_lightning.detectors.scoring import SettingBatch, detector_score, resolve_score, score_name
@@ -32,7 +35,7 @@ from ash_lightning.errors import UserError
 from ash_lightning.evaluation.feature_cache import DEFAULT_MAX_GIB, FeatureCache, check_placement, open_feature_cache
 from ash_lightning.evaluation.results import run_entry
 from ash_lightning.models.backbone import create_backbone, warn_if_random_weights
-from ash_lightning.shaping.calibration import calibrate_shapers, fit_loader_of, make_cache_key, needs_calibration
+from ash_lightning.shaping.calibration import calibrate_shapers, make_cache_key, needs_calibration
 from ash_lightning.shaping.hooks import attach_shaping
 from ash_lightning.shaping.specs import get_shaping
 from ash_lightning.shaping.sweep import outputs_from_shared, runs_backbone_once, shaped_logits, shared_part
@@ -151,7 +154,7 @@ class OODEvalModuleMixin:
             limit = "model.feature_cache_max_gib"
             check_range(limit, feature_cache_max_gib, 0, math.inf, low_open=True, high_open=True, example=8)
         self._feature_cache: FeatureCache | None = None
-        self.sets_without_images: frozenset[str] = frozenset()  # read by OODDataModule.test_dataloader
+        self._network: dict[str, str] | None = None  # network_identity, taken once per run where a cache needs it
         self.fitted: list[dict[str, FittedDetector]] = []  # per shaping: detector spec -> fitted, at test start
         self._std: tuple[float, ...] = ()  # the data transform's std, for odin
         self.runs = [run_entry(sh, score_name(sc)) for sh, sc in itertools.product(self.requested_shapers, self.scores)]
@@ -166,13 +169,22 @@ class OODEvalModuleMixin:
         return shaped_logits(self.model, x, self.shapers[:1], self.placement)[0]
 
     def setup(self, stage: str) -> None:
-        """Open the feature cache for a test run: the sets it holds need no images."""
-        hp, self._feature_cache = self.hparams, None
+        """Open the feature cache for a test run: the data module loads the sets it holds without images."""
+        hp, self._feature_cache, self._network = self.hparams, None, None
         if hp.feature_cache is not None and stage == "test":
+            network = self._network_identity()
             self._feature_cache = open_feature_cache(
-                hp.feature_cache, hp.backbone, self.model, self.placement, self.trainer, hp.feature_cache_max_gib
+                hp.feature_cache, network, self.model, self.placement, self.trainer, hp.feature_cache_max_gib
             )
-        self.sets_without_images = self._feature_cache.complete_sets if self._feature_cache else frozenset()
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, OODDataModuleMixin):
+            datamodule.load_without_images(self._feature_cache.complete_sets if self._feature_cache else ())
+
+    def _network_identity(self) -> dict[str, str]:
+        """The network's identity in the caches' keys (``network_identity``), taken once per run."""
+        if self._network is None:
+            self._network = network_identity(self.hparams.backbone, self.model)
+        return self._network
 
     def on_test_end(self) -> None:
         if self._feature_cache is not None:
@@ -196,44 +208,27 @@ class OODEvalModuleMixin:
             self._fit_on_id_data()
 
     def _fit_on_id_data(self) -> None:
-        """Calibrate the calibrated shapers, then fit the detectors per shaping (both cached, keyed by the model,
-        the data module's ``fit`` spec and transform)."""
-        hp, datamodule = self.hparams, self.trainer.datamodule
-        fit_spec = getattr(datamodule, "hparams", {}).get("fit")
-        key = make_cache_key(
-            hp.backbone,
-            hp.checkpoint_path,
-            fit_spec,
-            pretrained=hp.pretrained,
-            num_classes=hp.num_classes,
-            data_config=self._data_config(),
+        """Calibrate the calibrated shapers, then fit the detectors per shaping, in one fit pass each (both
+        cached, keyed by the network identity and the data module's ``fit_identity``)."""
+        datamodule = self.trainer.datamodule
+        data = datamodule.fit_identity() if isinstance(datamodule, OODDataModuleMixin) else None
+        fit = FitPass(
+            lambda: fit_loader_of(self.trainer),
+            None if data is None else make_cache_key(self._network_identity(), data),
+            self.hparams.calibration_samples,
+            self.device,
         )
         if any(map(needs_calibration, self.requested_shapers)):
-            self.shapers = calibrate_shapers(
-                self.requested_shapers,
-                self.model,
-                self.placement,
-                lambda: fit_loader_of(self.trainer),
-                key,
-                max_samples=hp.calibration_samples,
-                device=self.device,
-            )
-        fitted = fit_detectors(
-            self.detectors,
-            FitSettings.of_shapers(self.model, self.shapers, self.placement),
-            lambda: fit_loader_of(self.trainer),
-            key if fit_spec is not None else None,
-            self.placement,
-            max_samples=hp.calibration_samples,
-            device=self.device,
-        )
+            self.shapers = calibrate_shapers(self.requested_shapers, self.model, self.placement, fit)
+        settings = FitSettings.of_shapers(self.model, self.shapers, self.placement)
+        fitted = fit_detectors(self.detectors, settings, self.placement, fit)
         self.fitted = [{one.spec: one for one in row} for row in fitted]
         self._std = tuple(self._data_config()["std"])
 
     def _data_config(self) -> dict[str, Any]:
         """The data module's transform config, else the backbone's timm config."""
         datamodule = self.trainer.datamodule
-        if hasattr(datamodule, "data_config"):
+        if isinstance(datamodule, OODDataModuleMixin):
             return datamodule.data_config()
         return resolve_data_config(model=self.model)
 

@@ -14,6 +14,7 @@ LAYERS = {
     "_files": 1,
     "_options": 1,
     "_registry": 1,
+    "_cache": 1,
     "lightning_packages": 1,
     "models": 2,
     "data": 3,

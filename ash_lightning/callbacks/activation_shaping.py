@@ -5,18 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from ash_lightning._cache import network_identity
 from ash_lightning.callbacks.network import find_network
+from ash_lightning.data.fit_pass import FitData, FitPass, fit_batches, fit_loader_of
 from ash_lightning.errors import UserError
 from ash_lightning.lightning_packages import CALLBACK_BASES
-from ash_lightning.shaping.calibration import (
-    FitData,
-    calibrate_shapers,
-    fit_batches,
-    fit_loader_of,
-    make_cache_key,
-    needs_calibration,
-    weights_fingerprint,
-)
+from ash_lightning.shaping.calibration import calibrate_shapers, make_cache_key, needs_calibration
 from ash_lightning.shaping.hooks import ShapingHandle, attach_shaping
 from ash_lightning.shaping.specs import get_shaping
 
@@ -88,14 +82,9 @@ class ActivationShapingCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the C
         network, shaper = find_network(pl_module, self.module, "ActivationShapingCallback"), self.shaper
         if needs_calibration(shaper):
             fit = getattr(trainer.datamodule, "hparams", {}).get("fit") if self.fit_dataloader is None else None
-            key = (
-                make_cache_key(type(network).__name__, fit=fit, weights=weights_fingerprint(network))
-                if fit is not None
-                else None
-            )
-            (shaper,) = calibrate_shapers(
-                [shaper], network, self.placement, lambda: self._fit_loader(trainer), key, device=pl_module.device
-            )
+            key = make_cache_key(network_identity(type(network).__name__, network), fit) if fit is not None else None
+            fit_pass = FitPass(lambda: self._fit_loader(trainer), key, device=pl_module.device)
+            (shaper,) = calibrate_shapers([shaper], network, self.placement, fit_pass)
         self._handle = attach_shaping(network, shaper, self.placement)
 
     def _detach(self, *_: object) -> None:

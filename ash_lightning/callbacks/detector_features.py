@@ -25,14 +25,16 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ash_lightning._cache import network_identity
 from ash_lightning.callbacks.activation_shaping import ActivationShapingCallback
 from ash_lightning.callbacks.network import find_network
 from ash_lightning.data.batches import batch_part, describe_batch, expected_layout
+from ash_lightning.data.fit_pass import FitData, FitPass, fit_batches, fit_loader_of
 from ash_lightning.detectors import FeatureDetector, FittedDetector, parse_detector
 from ash_lightning.detectors.fitting import FitSettings, check_detectors, fit_detectors
 from ash_lightning.detectors.scoring import SettingBatch, detector_score
 from ash_lightning.errors import UserError
-from ash_lightning.shaping.calibration import FitData, fit_batches, fit_loader_of, make_cache_key, weights_fingerprint
+from ash_lightning.shaping.calibration import make_cache_key
 from ash_lightning.shaping.hooks import find_classifier
 from ash_lightning.shaping.specs import get_shaping
 
@@ -125,20 +127,14 @@ class CapturedFeatureScore:
             raise RuntimeError("CapturedFeatureScore.start(trainer, pl_module) must run before fitting")
         fit = getattr(trainer.datamodule, "hparams", {}).get("fit") if self.fit_dataloader is None else None
         shapings = [(cb.spec, cb.placement) for cb in trainer.callbacks if isinstance(cb, ActivationShapingCallback)]
-        key = (
-            make_cache_key(type(network).__name__, fit=fit, weights=weights_fingerprint(network))
-            if fit is not None
-            else None
-        )
+        key = make_cache_key(network_identity(type(network).__name__, network), fit) if fit is not None else None
         self.stop()  # the fit pass is not a test batch
         try:
             ((fitted,),) = fit_detectors(
                 [self.detector],
                 FitSettings.as_attached(network, str(shapings)),
-                self._fit_loader,
-                key,
                 "penultimate",
-                device=next(network.parameters()).device,
+                FitPass(self._fit_loader, key, device=next(network.parameters()).device),
             )
         finally:
             self._hook(network)

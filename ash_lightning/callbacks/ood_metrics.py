@@ -37,6 +37,7 @@ from ash_lightning._options import check_convention, check_tpr
 from ash_lightning.callbacks.activation_shaping import ActivationShapingCallback
 from ash_lightning.callbacks.detector_features import CapturedFeatureScore
 from ash_lightning.data.batches import batch_part, describe_batch, expected_layout
+from ash_lightning.data.fit_pass import FitData
 from ash_lightning.detectors import is_detector_spec
 from ash_lightning.errors import UserError
 from ash_lightning.evaluation.constant_scores import constant_score_warning
@@ -53,7 +54,6 @@ from ash_lightning.evaluation.score_store import metadata, save_scores, scores_p
 from ash_lightning.evaluation.tensorboard import log_results
 from ash_lightning.lightning_packages import CALLBACK_BASES, rank_zero_info, rank_zero_warn, tensorboard_writer
 from ash_lightning.scores.specs import get_score
-from ash_lightning.shaping.calibration import FitData
 from ash_lightning.shaping.specs import get_shaping
 
 NONFINITE_POLICIES = ("raise", "drop")

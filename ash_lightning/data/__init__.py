@@ -1,4 +1,4 @@
-"""Data sources and the OOD evaluation data module."""
+"""Data sources, the OOD evaluation data module and the pass of a network over ID fit data (``fit_pass``)."""
 
 from ash_lightning.data.base import Source
 from ash_lightning.data.datamodule import IndexedDataset, LoaderInfo, OODDataModule

@@ -2,9 +2,10 @@
 
 Dataloader 0 is the ID set, then one dataloader per OOD set in the given order, then (optionally) the
 ID-validation set and the OOD-validation sets used to select a setting without touching the test sets.
-Every batch is ``(images, targets, index)``; a negative index marks a corrupt file that was skipped. A set the
-LightningModule lists in ``sets_without_images`` (its features come from the feature cache) is loaded without
-decoding: ``(empty (B, 0) tensor, -1, index)`` batches, in the main process.
+Every batch is ``(images, targets, index)``; a negative index marks a corrupt file that was skipped. A set named
+in ``load_without_images`` (its features come from the feature cache) is loaded without decoding:
+``(empty (B, 0) tensor, -1, index)`` batches, in the main process. ``test_set_identities`` and ``fit_identity``
+say what each set's samples depend on, for the caches' keys.
 
 The code lives in ``OODDataModuleMixin``; ``OODDataModule`` here is its ``pytorch_lightning`` class and
 ``ash_lightning.lightning.OODDataModule`` its ``lightning.pytorch`` one (see ``ash_lightning.lightning_packages``).
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ash_lightning._options import check_choice, check_int, check_range
 from ash_lightning.data.base import CorruptImageError, Source
-from ash_lightning.data.sources import build_source
+from ash_lightning.data.sources import build_source, data_identity
 from ash_lightning.errors import UserError
 
 if TYPE_CHECKING:
@@ -45,6 +46,16 @@ class LoaderInfo:
 
     name: str
     role: str
+
+
+@dataclass(frozen=True)
+class SetIdentity:
+    """What a test set's samples depend on: its ``name``, ``data`` (the spec's ``data_identity``, the transform
+    config and ``skip_corrupt``) and its ``num_samples``."""
+
+    name: str
+    data: Mapping[str, Any]
+    num_samples: int
 
 
 class IndexedDataset(Dataset):
@@ -148,6 +159,7 @@ class OODDataModuleMixin:
         self.specs: dict[str, DatasetSpec] = {info.name: spec for _, info, spec in specs}
         self.loaders: list[LoaderInfo] = [info for _, info, _ in specs]
         self.sources: dict[str, Source] = {}
+        self._without_images: frozenset[str] = frozenset()
 
     @property
     def ood_names(self) -> list[str]:
@@ -169,6 +181,34 @@ class OODDataModuleMixin:
         }
         cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None})
         return cfg
+
+    def _identity(self, spec: Any) -> dict[str, Any]:
+        """``spec`` with the transform config and ``skip_corrupt``: what a set's samples depend on."""
+        return {"spec": spec, "transform": dict(self.data_config()), "skip_corrupt": bool(self.hparams.skip_corrupt)}
+
+    def test_set_identities(self) -> list[SetIdentity]:
+        """Each test dataloader's set, in dataloader order, with what its samples depend on (its spec's
+        ``data_identity``: paths expanded, each named file's size and modification time) and its size."""
+        self.setup("test")
+        return [
+            SetIdentity(info.name, self._identity(data_identity(self.specs[info.name])), len(self.sources[info.name]))
+            for info in self.loaders
+        ]
+
+    def fit_identity(self) -> dict[str, Any] | None:
+        """What the statistics fitted on the ID fit data depend on, known without reading it: the ``fit`` spec as
+        written (so a cached fit needs no fit data: clear the cache after replacing the data in place), the
+        transform config and ``skip_corrupt``; None without fit data."""
+        return None if self.hparams.fit is None else self._identity(self.hparams.fit)
+
+    def load_without_images(self, names: Collection[str]) -> None:
+        """Load the test sets ``names`` (only those) without decoding images: their features come from the
+        feature cache, so their batches carry only targets and index."""
+        self._without_images = frozenset(names)
+
+    def teardown(self, stage: str) -> None:
+        """Forget ``load_without_images`` when a run ends: the next run's module names its cached sets again."""
+        self._without_images = frozenset()
 
     def setup(self, stage: str | None = None) -> None:
         if self.sources:
@@ -197,13 +237,12 @@ class OODDataModuleMixin:
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per data set; attached to a trainer, corrupt files are marked and raised by
         ``on_before_batch_transfer`` when their batch is evaluated (unless ``skip_corrupt``). The sets named in
-        the module's ``sets_without_images`` load no images."""
+        ``load_without_images`` load no images."""
         self.setup("test")
         on_corrupt: OnCorrupt = "raise" if self.trainer is None else "mark"
-        module = getattr(self.trainer, "lightning_module", None)
-        cached: Collection[str] = getattr(module, "sets_without_images", frozenset())
         return [
-            self._loader(self.sources[info.name], on_corrupt, images=info.name not in cached) for info in self.loaders
+            self._loader(self.sources[info.name], on_corrupt, images=info.name not in self._without_images)
+            for info in self.loaders
         ]
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

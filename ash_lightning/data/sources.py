@@ -3,6 +3,7 @@
 A spec is a dict with ``kind`` and kind-specific keys, or the shorthand string ``"kind:path"``
 (``"npz:$DATASETS/mnist_test.npz"``, ``"folder:/data/inat"``, ``"gaussian"``). Paths expand ``~`` and
 environment variables. Every source yields ``(PIL RGB image, int target)``; unlabelled images get -1.
+``data_identity(spec)`` is what a source's samples depend on, for cache keys.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
-from ash_lightning._files import expand_set_vars
+from ash_lightning._files import expand_set_vars, expand_user_vars
 from ash_lightning._options import check_int
 from ash_lightning.data.base import FileSource, Source, expand_path
 from ash_lightning.data.images import to_rgb8
@@ -216,6 +217,23 @@ SOURCES: dict[str, Callable[[Mapping[str, Any], str], Source]] = {
     "uniform": _noise("uniform"),
 }
 _NEEDS_PATH = ("npz", "folder")
+
+
+def data_identity(spec: Any) -> Any:
+    """``spec`` with ``~`` and ``$VARS`` expanded in every string, and each string that names an existing file or
+    folder paired with its size and modification time (a file replaced in place changes the identity)."""
+    if isinstance(spec, Mapping):
+        return {str(k): data_identity(v) for k, v in spec.items()}
+    if isinstance(spec, (list, tuple)):
+        return [data_identity(v) for v in spec]
+    if not isinstance(spec, str):
+        return spec
+    expanded = expand_user_vars(spec)
+    path = expanded.split(":", 1)[1] if ":" in expanded and not os.path.exists(expanded) else expanded
+    if not os.path.exists(path):
+        return expanded
+    stat = os.stat(path)
+    return {"value": expanded, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def parse_spec(spec: str | Mapping[str, Any], what: str) -> dict[str, Any]:

@@ -1,17 +1,18 @@
 """Fit detectors (``ash_lightning.detectors``) on ID data, per shaping setting, with a cache.
 
 ``fit_detectors`` fits every (setting, detector) pair: detectors without fit data (``odin``, ``gradnorm``) as they
-are; the others from the cache or, for the pairs it lacks, from ONE pass over the ID fit data that yields the
-penultimate features (the classifier's input as each setting's shaping leaves it), the logits and, where a
-detector needs them, the class labels of every setting at once; ``adascale`` adds its perturbed passes per batch.
+are; the others from the cache or, for the pairs it lacks, from ONE ``FitPass`` over the ID fit data
+(``ash_lightning.data.fit_pass``, the pass calibration makes too) that yields the penultimate features (the
+classifier's input as each setting's shaping leaves it), the logits and, where a detector needs them, the class
+labels of every setting at once; ``adascale`` adds its perturbed passes per batch.
 The pass runs in eval mode without gradients (AdaSCALE's input gradients excepted) and leaves normal (not
 inference) tensors, so that the statistics also serve the gradient detectors. Fit data is iterated in full by
 the caller's process: under DDP every rank fits on the whole fit set and holds identical statistics.
 
 The cache holds one ``torch.save``d ``FittedDetector.state_dict()`` per pair under
-``$ASH_CACHE_DIR/detectors`` (see ``ash_lightning.shaping.calibration.cache_dir``), named by the SHA-256 of its key:
-the caller's ``cache_key`` (``make_cache_key``: backbone, checkpoint path + size + mtime, fit data spec, ...),
-the placement, the setting's shaping spec, the detector spec and ``max_samples``. Without a ``cache_key``
+``$ASH_CACHE_DIR/detectors`` (``ash_lightning._cache``), named by the digest of its key: the fit pass's
+``cache_key`` (``make_cache_key``: the network identity, i.e. name and weights fingerprint, the fit data spec,
+...), the placement, the setting's shaping spec, the detector spec and ``max_samples``. Without a ``cache_key``
 nothing is cached. Writes are atomic (DDP ranks may race).
 
 ``fit_detector(model, "knn@50", loader)`` is the functional form for one detector.
@@ -19,11 +20,9 @@ nothing is cached. Writes are atomic (DDP ranks may race).
 
 from __future__ import annotations
 
-import hashlib
-import json
+import functools
 import logging
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ash_lightning._files import write_atomically
-from ash_lightning.data.batches import batch_part, describe_batch, expected_layout, fit_images
+from ash_lightning._cache import StaleEntry, cache_dir, canonical_json, key_digest, read_entry, write_entry
+from ash_lightning.data.batches import batch_part, describe_batch, expected_layout
+from ash_lightning.data.fit_pass import FitBatch, FitData, FitPass, fit_batches
 from ash_lightning.detectors import (
     AdaScale,
     Detector,
@@ -44,7 +44,7 @@ from ash_lightning.detectors import (
     parse_detector,
 )
 from ash_lightning.errors import UserError
-from ash_lightning.shaping.calibration import FitData, cache_dir, calibrate, fit_batches
+from ash_lightning.shaping.calibration import calibrate
 from ash_lightning.shaping.hooks import attach_shaping, find_classifier
 from ash_lightning.shaping.specs import Shaper, get_shaping
 from ash_lightning.shaping.sweep import SettingOutputs, shaped_outputs
@@ -53,7 +53,7 @@ __all__ = ["FitSettings", "check_detectors", "classifier_weights", "fit_detector
 
 log = logging.getLogger(__name__)
 
-_CACHE_FORMAT = 1  # part of every key: bump it when a detector's statistics change definition
+_CACHE_FORMAT = 2  # part of every key: bump it when a detector's statistics or the key's layout change
 
 
 @dataclass(frozen=True)
@@ -127,43 +127,19 @@ def classifier_weights(model: nn.Module) -> tuple[Tensor, Tensor | None]:
 
 
 def _cache_path(key: dict[str, Any]) -> Path:
-    return cache_dir() / "detectors" / f"{hashlib.sha256(_json(key).encode()).hexdigest()[:32]}.pt"
+    return cache_dir() / "detectors" / f"{key_digest(key)}.pt"
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def _read_cache(path: Path, key: dict[str, Any]) -> FittedDetector | None:
-    """The fitted detector cached at ``path`` for ``key``: None if absent (or, with a warning, unreadable)."""
-    if not path.is_file():
-        return None
-    try:
-        entry = torch.load(path, map_location="cpu", weights_only=True)
-        if entry["key"] != _json(key):
-            raise ValueError("the file's key differs from the requested one")
-        return load_fitted(entry["fitted"])
-    except Exception as err:  # noqa: BLE001  (any broken file: recompute it)
-        warnings.warn(f"ignoring the unreadable detector cache {path} ({err!r}); fitting again.", stacklevel=3)
-        return None
-
-
-def _write_cache(path: Path, key: dict[str, Any], fitted: FittedDetector) -> None:
-    """Save ``fitted`` atomically; warn (and carry on) where the cache folder is not writable."""
-    entry = {"key": _json(key), "fitted": fitted.to("cpu").state_dict()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda tmp: torch.save(entry, tmp))
-    except OSError as err:
-        warnings.warn(
-            f"could not write the detector cache {path} ({err}); the next run fits again. Fix: set "
-            "ASH_CACHE_DIR to a writable folder.",
-            stacklevel=3,
-        )
+def _read_fitted(path: Path, key: dict[str, Any]) -> FittedDetector:
+    """The fitted detector of the cache entry for ``key`` at ``path``."""
+    entry = torch.load(path, map_location="cpu", weights_only=True)
+    if entry["key"] != canonical_json(key):
+        raise StaleEntry("holds another key")
+    return load_fitted(entry["fitted"])
 
 
 @dataclass
-class _FitPass:
+class _Collected:
     """What one pass over the fit data collects: per setting, features and logits; the labels; per AdaSCALE
     pair, the Q' values."""
 
@@ -175,18 +151,10 @@ class _FitPass:
     labels: list[Tensor]
     shifts: dict[tuple[int, str], list[Tensor]]
 
-    def add(self, fit: FitSettings, batch: Any, max_left: int | None, device: torch.device) -> int:
-        """Collect one batch (at most ``max_left`` samples of it); the number of samples taken."""
-        images, keep = fit_images(batch)
-        labels = batch_part(batch, "labels")
-        if self.labelled:
-            labels = _checked_labels(labels, images, keep, self.labelled)
-        if keep is not None:
-            images = images[keep]
-        images = images[:max_left]
-        if not len(images):
-            return 0
-        x = images.to(device)
+    def add(self, fit: FitSettings, batch: FitBatch) -> None:
+        """Collect one batch of the fit pass."""
+        x = batch.images
+        labels = _checked_labels(batch, self.labelled) if self.labelled else None  # before any backbone pass
         if self.settings:
             with torch.no_grad():
                 outputs = fit.outputs(x, self.settings)
@@ -195,27 +163,26 @@ class _FitPass:
             for s, features, logits in zip(self.settings, outputs.features, outputs.logits, strict=True):
                 self.features[s].append(features.detach().cpu())
                 self.logits[s].append(logits.detach().cpu())
-        if labels is not None and self.labelled:  # _checked_labels raised if they were missing
-            self.labels.append(labels[: len(images)].cpu())
+        if labels is not None:
+            self.labels.append(labels.cpu())
         for s, detector in self.adascale:
             with fit.attached(s):
                 shifts = detector.fit_shifts(FeaturesAndLogits(fit.model), x)
             self.shifts[(s, detector.spec)].append(shifts.detach().cpu())
-        return len(images)
 
 
-def _checked_labels(labels: Tensor | None, images: Tensor, keep: Tensor | None, specs: Sequence[str]) -> Tensor:
-    """The labels of a fit batch (less corrupt samples); a UserError naming the detectors ``specs`` that need them
-    when it has none or unlabelled (-1) ones."""
+def _checked_labels(batch: FitBatch, specs: Sequence[str]) -> Tensor:
+    """The labels of a fit batch; a UserError naming the detectors ``specs`` that need them when it has none or
+    unlabelled (-1) ones."""
     need = f"{'/'.join(specs)} need{'s' if len(specs) == 1 else ''}"
-    if labels is None or labels.shape != images.shape[:1]:
+    labels = batch.labels
+    if labels is None:
         raise UserError(
             f"{need} the class labels of the ID fit data, but its batches carry none "
-            f"({describe_batch(labels)} where the labels should be). Fix: give labelled ID data (e.g. the training "
-            f"set) as data.fit or fit_dataloader, with the labels as {expected_layout('labels')}; or use a detector "
-            "without labels (knn, vim, fdbd, nnguide)."
+            f"({describe_batch(batch_part(batch.batch, 'labels'))} where the labels should be). Fix: give labelled "
+            f"ID data (e.g. the training set) as data.fit or fit_dataloader, with the labels as "
+            f"{expected_layout('labels')}; or use a detector without labels (knn, vim, fdbd, nnguide)."
         )
-    labels = labels if keep is None else labels[keep]
     if len(labels) and int(labels.min()) < 0:
         raise UserError(
             f"{need} the class labels of the ID fit data, but it holds unlabelled samples (label -1, e.g. a "
@@ -226,46 +193,41 @@ def _checked_labels(labels: Tensor | None, images: Tensor, keep: Tensor | None, 
 
 
 def fit_detectors(
-    detectors: Sequence[Detector],
-    fit: FitSettings,
-    loader_factory: Callable[[], Iterable[Any] | None],
-    cache_key: dict[str, Any] | None,
-    placement: str,
-    max_samples: int | None = None,
-    device: torch.device | None = None,
+    detectors: Sequence[Detector], settings: FitSettings, placement: str, fit: FitPass
 ) -> list[list[FittedDetector]]:
     """``fitted[s][j]``: detector j fitted on the ID fit data under setting s (see the module docstring), its
-    statistics on ``device`` (default: the model's). ``loader_factory`` is called only on a cache miss; a
-    UserError when it returns None or yields no samples."""
-    device = device or next(fit.model.parameters(), torch.empty(0)).device
+    statistics on ``fit``'s device. The ``fit`` pass runs only on a cache miss; a UserError when it has no data or
+    no samples."""
+    device = fit.device_of(settings.model)
     fitted: list[list[FittedDetector | None]] = [
-        [None if d.needs_fit else FittedDetector(d, {}) for d in detectors] for _ in fit.names
+        [None if d.needs_fit else FittedDetector(d, {}) for d in detectors] for _ in settings.names
     ]
     keys = {
         (s, j): {
-            "key": cache_key,
+            "key": fit.cache_key,
             "placement": placement,
             "shaping": name,
             "detector": d.spec,
-            "max_samples": max_samples,
+            "max_samples": fit.max_samples,
             "format": _CACHE_FORMAT,
         }
-        for s, name in enumerate(fit.names)
+        for s, name in enumerate(settings.names)
         for j, d in enumerate(detectors)
         if d.needs_fit
     }
-    if cache_key is not None:
+    if fit.cache_key is not None:
         for (s, j), key in keys.items():
-            fitted[s][j] = _read_cache(_cache_path(key), key)
+            fitted[s][j] = read_entry(_cache_path(key), functools.partial(_read_fitted, key=key), "detector cache")
     missing = [(s, j) for s, j in keys if fitted[s][j] is None]
     if missing:
         log.info("detectors: fitting %s on the ID fit data", sorted({detectors[j].spec for _, j in missing}))
-        with torch.inference_mode(False):
-            new = _fit_missing(detectors, fit, missing, loader_factory, max_samples, device)
+        with torch.inference_mode(False):  # the statistics also serve the gradient detectors
+            new = _fit_missing(detectors, settings, missing, fit)
         for (s, j), one in new.items():
             fitted[s][j] = one
-            if cache_key is not None:
-                _write_cache(_cache_path(keys[(s, j)]), keys[(s, j)], one)
+            if fit.cache_key is not None:
+                entry = {"key": canonical_json(keys[(s, j)]), "fitted": one.to("cpu").state_dict()}
+                write_entry(_cache_path(keys[(s, j)]), functools.partial(torch.save, entry), "detector cache")
     elif keys:
         log.info("detectors: using cached fits")
     return [[_fitted(one).to(device) for one in row] for row in fitted]
@@ -279,47 +241,29 @@ def _fitted(one: FittedDetector | None) -> FittedDetector:
 
 
 def _fit_missing(
-    detectors: Sequence[Detector],
-    fit: FitSettings,
-    missing: list[tuple[int, int]],
-    loader_factory: Callable[[], Iterable[Any] | None],
-    max_samples: int | None,
-    device: torch.device,
+    detectors: Sequence[Detector], settings: FitSettings, missing: list[tuple[int, int]], fit: FitPass
 ) -> dict[tuple[int, int], FittedDetector]:
-    """Fit the ``missing`` (setting, detector) pairs from one pass over the fit data."""
-    loader = loader_factory()
-    if loader is None:
-        specs = sorted({detectors[j].spec for _, j in missing})
-        raise UserError(
-            f"{', '.join(specs)} need{'s' if len(specs) == 1 else ''} ID fit data: set data.fit (e.g. the ID "
-            "training set: data.fit: {kind: npz, path: ...}), or pass fit_dataloader=<an ID DataLoader>."
-        )
+    """Fit the ``missing`` (setting, detector) pairs from one ``fit`` pass (in eval mode; outside inference mode,
+    which the caller leaves)."""
+    specs = sorted({detectors[j].spec for _, j in missing})
+    no_data = (
+        f"{', '.join(specs)} need{'s' if len(specs) == 1 else ''} ID fit data: set data.fit (e.g. the ID "
+        "training set: data.fit: {kind: npz, path: ...}), or pass fit_dataloader=<an ID DataLoader>."
+    )
     features = [(s, detectors[j]) for s, j in missing if isinstance(detectors[j], FeatureDetector)]
-    collected = _FitPass(
+    collected = _Collected(
         settings=sorted({s for s, _ in features}),
         adascale=[(s, d) for s, j in missing if isinstance(d := detectors[j], AdaScale)],
         labelled=sorted({detectors[j].spec for _, j in missing if detectors[j].needs_labels}),
-        features=[[] for _ in fit.names],
-        logits=[[] for _ in fit.names],
+        features=[[] for _ in settings.names],
+        logits=[[] for _ in settings.names],
         labels=[],
         shifts={(s, detectors[j].spec): [] for s, j in missing if isinstance(detectors[j], AdaScale)},
     )
-    was_training, seen = fit.model.training, 0
-    try:
-        fit.model.eval()
-        for batch in loader:
-            seen += collected.add(fit, batch, None if max_samples is None else max_samples - seen, device)
-            if seen == max_samples:
-                break
-    finally:
-        fit.model.train(was_training)
-    if not seen:
-        raise UserError(
-            "the ID fit data (data.fit, or the fit_dataloader given) has no samples, so the detectors cannot be "
-            "fitted. Fix: give a non-empty ID data set."
-        )
+    take = functools.partial(collected.add, settings)
+    fit.run(settings.model, take, what="the detectors", no_data=no_data, grad_mode=nullcontext)  # no inference mode
     labels = torch.cat(collected.labels) if collected.labelled else None
-    weight, bias = classifier_weights(fit.model) if features else (None, None)
+    weight, bias = classifier_weights(settings.model) if features else (None, None)
     result: dict[tuple[int, int], FittedDetector] = {}
     for s, j in missing:
         detector = detectors[j]
@@ -358,6 +302,6 @@ def fit_detector(
     shaper = calibrate(model, shaper, loader, placement, max_samples, device)
     settings = FitSettings.of_shapers(model, [shaper], placement)
     ((fitted,),) = fit_detectors(
-        [detector], settings, lambda: fit_batches(loader), None, placement, max_samples, device
+        [detector], settings, placement, FitPass(lambda: fit_batches(loader), None, max_samples, device)
     )
     return fitted

@@ -2,14 +2,15 @@
 classifier's input for ``penultimate``, ``forward_features`` for ``pre_pool``), stored by one run and read by
 later runs with the same key, which then run only the per-setting part and decode no images.
 
-An entry is a folder ``<root>/<digest>/`` (digest: SHA-256 of the key's JSON) holding ``features.npy`` (N rows of
-the raw bytes of each sample's features, any torch dtype), ``targets.npy``, ``index.npy`` (the data module's
+An entry is a folder ``<root>/<digest>/`` (``ash_lightning._cache.key_digest`` of the key) holding ``features.npy``
+(N rows of the raw bytes of each sample's features, any torch dtype), ``targets.npy``, ``index.npy`` (the data module's
 index: negative for a skipped corrupt file) and, written last, ``complete.json``: the key, dtype, sample shape
 and every file's size and SHA-256. Files are written under temporary names and renamed (``write_atomically``).
 An entry is read only when its marker is present and every file matches it; otherwise (an interrupted write, a
 truncated or altered file) a one-line warning names the problem and the entry is rebuilt.
 
-The key (``set_key``) holds what the stored values depend on: the backbone name and a fingerprint of its weights,
+The key (``set_key``) holds what the stored values depend on: the network identity (backbone name and weights
+fingerprint, ``ash_lightning._cache.network_identity``),
 the placement and split point, the parameter dtype, trainer precision and device type, the data set spec (paths
 expanded, each existing file's or folder's size and modification time), the transform config, ``skip_corrupt``
 and the number of samples; a change of any of them reads another entry. Only single-process runs use the cache.
@@ -33,9 +34,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ash_lightning._cache import StaleEntry, canonical_json, key_digest, read_entry
 from ash_lightning._files import expand_user_vars, writable_directory, write_atomically
+from ash_lightning.data.datamodule import OODDataModuleMixin, SetIdentity
 from ash_lightning.errors import UserError
-from ash_lightning.shaping.calibration import weights_fingerprint
 from ash_lightning.shaping.sweep import split_point
 
 log = logging.getLogger(__name__)
@@ -47,42 +49,19 @@ FILES = ("features.npy", "targets.npy", "index.npy")
 GIB = 2**30
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def data_identity(spec: Any) -> Any:
-    """``spec`` with ``~`` and ``$VARS`` expanded in every string, and each string that names an existing file or
-    folder paired with its size and modification time (a file replaced in place changes the identity)."""
-    if isinstance(spec, Mapping):
-        return {str(k): data_identity(v) for k, v in spec.items()}
-    if isinstance(spec, (list, tuple)):
-        return [data_identity(v) for v in spec]
-    if not isinstance(spec, str):
-        return spec
-    expanded = expand_user_vars(spec)
-    path = expanded.split(":", 1)[1] if ":" in expanded and not os.path.exists(expanded) else expanded
-    if not os.path.exists(path):
-        return expanded
-    stat = os.stat(path)
-    return {"value": expanded, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def set_key(
-    network: Mapping[str, Any], spec: Any, transform: Mapping[str, Any], skip_corrupt: bool, num_samples: int
-) -> dict[str, Any]:
+def set_key(network: Mapping[str, Any], data: SetIdentity) -> dict[str, Any]:
     """The key of one data set's entry: ``network`` (see ``network_key``) and the data's identity."""
-    data = {"spec": data_identity(spec), "transform": dict(transform), "skip_corrupt": skip_corrupt}
-    return {"format": FORMAT, **network, "data": data, "num_samples": num_samples}
+    return {"format": FORMAT, **network, "data": dict(data.data), "num_samples": data.num_samples}
 
 
-def network_key(backbone: str, model: nn.Module, placement: str, precision: str, device_type: str) -> dict[str, Any]:
-    """The network part of every set's key: name, weights fingerprint, placement, split point, dtype, precision
-    and device type (features computed differently are stored apart)."""
+def network_key(
+    network: Mapping[str, Any], model: nn.Module, placement: str, precision: str, device_type: str
+) -> dict[str, Any]:
+    """The network part of every set's key: ``network`` (``network_identity``: name, weights fingerprint), the
+    placement, split point, dtype, precision and device type (features computed differently are stored apart)."""
     dtype = next(model.parameters(), torch.empty(0)).dtype
     return {
-        "backbone": backbone,
-        "weights": weights_fingerprint(model),
+        **network,
         "placement": placement,
         "split_point": split_point(model, placement),
         "dtype": str(dtype),
@@ -93,7 +72,7 @@ def network_key(backbone: str, model: nn.Module, placement: str, precision: str,
 
 def entry_dir(root: str | os.PathLike[str], key: Mapping[str, Any]) -> Path:
     """The folder of ``key``'s entry under ``root``."""
-    return Path(root) / hashlib.sha256(_json(key).encode()).hexdigest()[:32]
+    return Path(root) / key_digest(key)
 
 
 def positions(index: Tensor) -> Tensor:
@@ -128,38 +107,33 @@ class CachedSet:
         return features, torch.from_numpy(self.targets[rows]), torch.from_numpy(self.index[rows])
 
 
-def read_entry(directory: Path, key: Mapping[str, Any]) -> CachedSet | None:
+def read_set(directory: Path, key: Mapping[str, Any]) -> CachedSet | None:
     """The complete entry in ``directory`` for ``key``; None if there is none, and None after a one-line warning
-    when it is partial or corrupt (the caller rebuilds it)."""
+    when it is partial or corrupt (``read_entry``: the caller rebuilds it)."""
+    return read_entry(directory, functools.partial(_read_set, key=key), "feature cache")
+
+
+def _read_set(directory: Path, key: Mapping[str, Any]) -> CachedSet:
+    """The entry in ``directory``: FileNotFoundError when there is none, StaleEntry when it is partial, holds
+    another key or its files differ from its marker's record."""
     marker = directory / MARKER
     if not marker.is_file():
         if any((directory / name).exists() for name in FILES):
-            _warn(directory, "is partial (no completion marker: an interrupted run?)")
-        return None
-    try:
-        meta = json.loads(marker.read_text())
-        if meta["key"] != json.loads(_json(key)):
-            _warn(directory, "holds another key")
-            return None
-        for name in FILES:
-            path, expected = directory / name, meta["files"][name]
-            if not path.is_file() or path.stat().st_size != expected["bytes"]:
-                found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
-                _warn(directory, f"is corrupt ({name}: {found}, expected {expected['bytes']} bytes)")
-                return None
-            if _file_record(path)["sha256"] != expected["sha256"]:
-                _warn(directory, f"is corrupt ({name}: checksum differs)")
-                return None
-        features, targets, index = (np.load(directory / name, mmap_mode="r") for name in FILES)
-        dtype = getattr(torch, meta["dtype"].removeprefix("torch."))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        _warn(directory, f"is unreadable ({err!r})")
-        return None
+            raise StaleEntry("is partial (no completion marker: an interrupted run?)")
+        raise FileNotFoundError(marker)
+    meta = json.loads(marker.read_text())
+    if meta["key"] != json.loads(canonical_json(key)):
+        raise StaleEntry("holds another key")
+    for name in FILES:
+        path, expected = directory / name, meta["files"][name]
+        if not path.is_file() or path.stat().st_size != expected["bytes"]:
+            found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+            raise StaleEntry(f"is corrupt ({name}: {found}, expected {expected['bytes']} bytes)")
+        if _file_record(path)["sha256"] != expected["sha256"]:
+            raise StaleEntry(f"is corrupt ({name}: checksum differs)")
+    features, targets, index = (np.load(directory / name, mmap_mode="r") for name in FILES)
+    dtype = getattr(torch, meta["dtype"].removeprefix("torch."))
     return CachedSet(features, targets, index, dtype=dtype, shape=tuple(meta["shape"]))
-
-
-def _warn(directory: Path, problem: str) -> None:
-    warnings.warn(f"feature cache {directory} {problem}; rebuilding it.", stacklevel=3)
 
 
 class EntryWriter:
@@ -214,7 +188,7 @@ class EntryWriter:
             "shape": list(self.shape),
             "files": {name: _file_record(self.directory / name) for name in FILES},
         }
-        write_atomically(self.directory / MARKER, lambda tmp: Path(tmp).write_text(_json(meta)))
+        write_atomically(self.directory / MARKER, lambda tmp: Path(tmp).write_text(canonical_json(meta)))
 
     def discard(self) -> None:
         """Drop the unfinished entry's temporary file."""
@@ -247,7 +221,7 @@ class FeatureCache:
     ) -> None:
         self.root, self.max_bytes, self._size_checked = Path(root), max_bytes, False
         self.model, self.placement = model, placement
-        self.sets = [_Set(name, key, n, read_entry(entry_dir(root, key), key)) for name, key, n in sets]
+        self.sets = [_Set(name, key, n, read_set(entry_dir(root, key), key)) for name, key, n in sets]
 
     @property
     def complete_sets(self) -> frozenset[str]:
@@ -340,15 +314,16 @@ def check_placement(model: nn.Module, placement: str) -> None:
 
 
 def open_feature_cache(
-    root: str, backbone: str, model: nn.Module, placement: str, trainer: Any, max_gib: float
+    root: str, network: Mapping[str, Any], model: nn.Module, placement: str, trainer: Any, max_gib: float
 ) -> FeatureCache | None:
-    """The cache for ``trainer``'s test run over its ``OODDataModule``; None, with a warning, for a multi-process
-    run (each rank sees one shard) or another data module (its sets' identity is unknown)."""
+    """The cache for ``trainer``'s test run of ``model`` (``network``: its ``network_identity``) over an
+    ``OODDataModule`` (``test_set_identities``); None, with a warning, for a multi-process run (each rank sees one
+    shard) or another data module (its sets' identity is unknown)."""
     directory = writable_directory(expand_user_vars(root), "model.feature_cache")
-    datamodule: Any = getattr(trainer, "datamodule", None)  # an OODDataModule of either Lightning package (checked)
+    datamodule = trainer.datamodule
     if trainer.world_size > 1:
         reason = f"this run has {trainer.world_size} processes, and only single-process runs use it"
-    elif not all(hasattr(datamodule, a) for a in ("specs", "sources", "data_config", "loaders")):
+    elif not isinstance(datamodule, OODDataModuleMixin):
         reason = "the test data does not come from an OODDataModule, so its identity is unknown"
     else:
         reason = None
@@ -356,10 +331,6 @@ def open_feature_cache(
         if trainer.is_global_zero:
             warnings.warn(f"model.feature_cache is not used: {reason}; features are computed.", stacklevel=2)
         return None
-    network = network_key(backbone, model, placement, str(trainer.precision), trainer.strategy.root_device.type)
-    transform, skip_corrupt = datamodule.data_config(), bool(datamodule.hparams.skip_corrupt)
-    sets = []
-    for info in datamodule.loaders:
-        n = len(datamodule.sources[info.name])
-        sets.append((info.name, set_key(network, datamodule.specs[info.name], transform, skip_corrupt, n), n))
+    net = network_key(network, model, placement, str(trainer.precision), trainer.strategy.root_device.type)
+    sets = [(data.name, set_key(net, data), data.num_samples) for data in datamodule.test_set_identities()]
     return FeatureCache(directory, sets, max_gib * GIB, model, placement)

@@ -1,8 +1,8 @@
 """Fit the calibrated shapers (``react@p90``, ``vra@10@90``, ``dice@90``) on ID data before testing.
 
 ``calibrate(model, spec, loader)`` returns one fitted shaper for ``attach_shaping``; ``calibrate_shapers`` fits
-a list of them, with a cache. Either makes one pass over an ID fit dataloader (eval mode, ``torch.inference_mode``;
-batches read by ``ash_lightning.data.batches``: tensors, tuples or dicts) and collects what the shapers ask for (see
+a list of them, with a cache. Either makes one ``FitPass`` over ID fit data (``ash_lightning.data.fit_pass``: eval
+mode, ``torch.inference_mode``; tensors, tuples or dicts as batches) and collects what the shapers ask for (see
 ``ash_lightning.shaping.calibrated``, whose shapers importing this module registers):
 
 * ReAct, VRA: percentiles of the activations at the placement (the tensor the placement shapes, seen before any
@@ -19,22 +19,19 @@ batches read by ``ash_lightning.data.batches``: tensors, tuples or dicts) and co
 * DICE: the per-unit mean of the penultimate features h (the input of the classifier).
 
 ``calibrate_shapers`` caches the statistics as JSON files under ``$ASH_CACHE_DIR`` (default
-``~/.cache/ash_lightning/calibration``), keyed by the caller's ``cache_key`` (``make_cache_key``: backbone,
-checkpoint path + size + mtime, fit data; no cache without a key), the placement and ``max_samples``: a repeated
-run does not touch the fit data. Statistics an entry lacks (e.g. a new percentile) are collected and merged in.
-Writes are atomic (temporary file + ``os.replace``): DDP ranks may race.
+``~/.cache/ash_lightning/calibration``; ``ash_lightning._cache``), keyed by the fit pass's ``cache_key``
+(``make_cache_key``: the network identity, i.e. name and weights fingerprint, and the fit data; no cache without a
+key), the placement and ``max_samples``: a repeated run does not touch the fit data. Statistics an entry lacks
+(e.g. a new percentile) are collected and merged in. Writes are atomic: DDP ranks may race.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import operator
-import os
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,11 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
-from ash_lightning._files import expand_user_vars, write_atomically
-from ash_lightning.data.batches import fit_images
+from ash_lightning._cache import StaleEntry, cache_dir, canonical_json, key_digest, read_entry, write_entry
+from ash_lightning.data.fit_pass import FitBatch, FitData, FitPass, fit_batches
 from ash_lightning.errors import UserError
 from ash_lightning.shaping.calibrated import (
     IDStats,
@@ -64,19 +60,15 @@ from ash_lightning.shaping.hooks import LogitShaper, activation_tensor, classifi
 from ash_lightning.shaping.specs import Shaper, get_shaping
 
 __all__ = [
-    "CACHE_ENV",
-    "FitData",
     "IDStats",
     "LogitShaper",
     "MAX_VALUES",
     "StatsRequest",
-    "cache_dir",
     "calibrate",
     "calibrate_shapers",
     "collect_stats",
     "dice_logits",
     "dice_mask",
-    "fit_batches",
     "lts",
     "lts_factor",
     "make_cache_key",
@@ -86,37 +78,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "ASH_CACHE_DIR"
 MAX_VALUES = 20_000_000
-_DEFAULT_CACHE_DIR = "~/.cache/ash_lightning/calibration"
-_CACHE_FORMAT = 2  # part of every key: bump it when the statistics' definition changes
+_CACHE_FORMAT = 3  # part of every key: bump it when the statistics' definition or the key's layout changes
 
 
-def cache_dir() -> Path:
-    """``$ASH_CACHE_DIR`` if set, else ``~/.cache/ash_lightning/calibration``."""
-    return Path(os.environ.get(CACHE_ENV) or _DEFAULT_CACHE_DIR).expanduser()
-
-
-def make_cache_key(
-    backbone: str, checkpoint_path: str | os.PathLike[str] | None = None, fit: Any = None, **extra: Any
-) -> dict[str, Any]:
-    """A ``cache_key`` for ``calibrate``: the backbone name, the checkpoint (absolute path, size, mtime) and the
-    fit data spec, plus ``extra`` entries (e.g. ``pretrained``, the data transform config); values that are not
-    JSON types count by ``str()``."""
-    checkpoint = None
-    if checkpoint_path:
-        path = Path(expand_user_vars(checkpoint_path)).resolve()
-        stat = path.stat()
-        checkpoint = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return {"backbone": backbone, "checkpoint": checkpoint, "fit": fit, **extra}
-
-
-FitData = Iterable[Any] | Callable[[], Iterable[Any]]
-
-
-def fit_batches(data: FitData) -> Iterable[Any]:
-    """``data`` itself when it is a DataLoader (or any iterable of batches), else ``data()``."""
-    return data if isinstance(data, Iterable) else data()
+def make_cache_key(network: dict[str, Any], fit: Any = None, **extra: Any) -> dict[str, Any]:
+    """A ``FitPass.cache_key``: the ``network`` (``ash_lightning._cache.network_identity``) and the fit data spec,
+    plus ``extra`` entries (e.g. the data transform config); values that are not JSON types count by ``str()``."""
+    return {"network": network, "fit": fit, **extra}
 
 
 def calibrate(
@@ -135,38 +104,30 @@ def calibrate(
         shaper = get_shaping(spec)
     except ValueError as err:
         raise UserError(str(err)) from err
-    return calibrate_shapers([shaper], model, placement, lambda: fit_batches(loader), None, max_samples, device)[0]
+    fit = FitPass(lambda: fit_batches(loader), None, max_samples, device)
+    return calibrate_shapers([shaper], model, placement, fit)[0]
 
 
-def calibrate_shapers(
-    shapers: list[Shaper],
-    model: nn.Module,
-    placement: str,
-    loader_factory: Callable[[], Iterable[Any] | None],
-    cache_key: dict[str, Any] | None,
-    max_samples: int | None = None,
-    device: torch.device | None = None,
-) -> list[Shaper]:
+def calibrate_shapers(shapers: list[Shaper], model: nn.Module, placement: str, fit: FitPass) -> list[Shaper]:
     """``shapers`` with every calibrated one replaced by its version fitted on ID statistics of ``model`` at
-    ``placement`` (the others unchanged). The statistics come from the cache or, on a miss, from one pass over
-    ``loader_factory()`` (its first ``max_samples`` samples if given) on ``device`` (default: the model's).
-    Without ``cache_key`` (data of unknown identity) nothing is read from or written to the cache."""
+    ``placement`` (the others unchanged). The statistics come from the cache or, on a miss, from one ``fit`` pass
+    (``collect_stats``). Without ``fit.cache_key`` (data of unknown identity) no cache is read or written."""
     pending = [fn for fn in map(unfitted, shapers) if fn is not None]
     if not pending:
         return list(shapers)
     request = functools.reduce(operator.or_, (unfitted.request for unfitted in pending))
-    key = {"key": cache_key, "placement": placement, "max_samples": max_samples, "format": _CACHE_FORMAT}
-    path = cache_dir() / f"{hashlib.sha256(_json(key).encode()).hexdigest()[:32]}.json" if cache_key else None
-    stats = _read_cache(path) if path else IDStats()
+    key = {"key": fit.cache_key, "placement": placement, "max_samples": fit.max_samples, "format": _CACHE_FORMAT}
+    path = cache_dir() / f"{key_digest(key)}.json" if fit.cache_key else None
+    cached = read_entry(path, functools.partial(_read_stats, key=key), "calibration cache") if path else None
+    stats = cached if cached is not None else IDStats()
     missing = stats.missing(request)
     if missing:
-        loader = loader_factory()
-        if loader is None:
-            raise UserError(missing_fit_data_message([unfitted.spec for unfitted in pending]))
         log.info("calibration: collecting ID statistics %s at placement %r", missing, placement)
-        stats = stats.merged(collect_stats(model, placement, loader, missing, max_samples, device))
+        no_data = missing_fit_data_message([unfitted.spec for unfitted in pending])
+        stats = stats.merged(collect_stats(model, placement, missing, fit, no_data))
         if path:
-            _write_cache(path, key, stats)
+            entry = canonical_json(_entry(key, stats))
+            write_entry(path, lambda tmp: Path(tmp).write_text(entry), "calibration cache")
     else:
         log.info("calibration: using cached ID statistics %s", path)
     return [shaper if (fn := unfitted(shaper)) is None else fn.fit(stats, model) for shaper in shapers]
@@ -244,25 +205,15 @@ class _Tap:
         return module.register_forward_hook(self.output, prepend=True)
 
 
-def _images(batch: Any) -> Tensor:
-    """The images of a batch of ID fit data less the corrupt files the data module skipped (``fit_images``)."""
-    images, keep = fit_images(batch)
-    return images if keep is None else images[keep]
-
-
 def collect_stats(
     model: nn.Module,
     placement: str,
-    loader: Iterable[Any],
     request: StatsRequest,
-    max_samples: int | None = None,
-    device: torch.device | None = None,
+    fit: FitPass,
+    no_data: str = "calibrated shapers need ID fit data: set data.fit, or pass fit_dataloader=<an ID DataLoader>.",
 ) -> IDStats:
-    """``request``'s ID statistics from one pass of ``model`` (eval mode, inference mode, on ``device``, default
-    the model's) over the first ``max_samples`` samples (default all) of ``loader``; see the module docstring."""
-    if max_samples is not None and max_samples < 1:
-        raise ValueError(f"max_samples must be a positive number of fit samples or None (all), got {max_samples}.")
-    device = device or next(model.parameters(), torch.empty(0)).device
+    """``request``'s ID statistics from one ``fit`` pass of ``model`` (eval mode, inference mode; a UserError
+    ``no_data`` without fit data); see the module docstring."""
     values, unit_mean = _Subsample(MAX_VALUES), _UnitMean()
     hook_points = []
     if request.percentiles:
@@ -270,26 +221,15 @@ def collect_stats(
     if request.mean:
         hook_points.append((_Tap(unit_mean.add, "penultimate"), classifier_of(model), "input"))
     hooks = [tap.attach(module, side) for tap, module, side in hook_points]
-    was_training, seen = model.training, 0
+
+    def take(batch: FitBatch) -> None:
+        model(batch.images)
+
     try:
-        model.eval()
-        with torch.inference_mode():
-            for batch in loader:
-                images = _images(batch)[: None if max_samples is None else max_samples - seen]
-                if len(images):
-                    model(images.to(device))
-                seen += len(images)
-                if seen == max_samples:
-                    break
+        seen = fit.run(model, take, what="calibrated shapers", no_data=no_data)
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
-    if not seen:
-        raise UserError(
-            "the ID fit data (data.fit, or the fit_dataloader given) has no samples, so calibrated "
-            "shapers cannot be fitted. Fix: give a non-empty ID data set."
-        )
     qs = np.array(sorted(request.percentiles), dtype=np.float64)  # an array of q: interpolated in float64
     found = np.percentile(values.values().numpy(), qs) if len(qs) else []
     return IDStats(
@@ -297,52 +237,20 @@ def collect_stats(
     )
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
+def _read_stats(path: Path, key: dict[str, Any]) -> IDStats:
+    """The statistics of the calibration cache entry for ``key`` at ``path``."""
+    entry = json.loads(path.read_text())
+    if entry["key"] != json.loads(canonical_json(key)):
+        raise StaleEntry("holds another key")
+    mean = None if entry["mean"] is None else torch.tensor(entry["mean"], dtype=torch.float64)
+    return IDStats({float(q): float(v) for q, v in entry["percentiles"]}, mean, int(entry["n_samples"]))
 
 
-def _read_cache(path: Path) -> IDStats:
-    """The statistics cached at ``path``: none if there is no such file (or, with a warning, an unreadable one)."""
-    try:
-        entry = json.loads(path.read_text())
-        mean = None if entry["mean"] is None else torch.tensor(entry["mean"], dtype=torch.float64)
-        return IDStats({float(q): float(v) for q, v in entry["percentiles"]}, mean, int(entry["n_samples"]))
-    except FileNotFoundError:
-        return IDStats()
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        warnings.warn(f"ignoring the unreadable calibration cache {path} ({err!r}); recomputing it.", stacklevel=3)
-        return IDStats()
-
-
-def _write_cache(path: Path, key: dict[str, Any], stats: IDStats) -> None:
-    """Write ``stats`` to ``path`` atomically; warn (and carry on) if the cache folder is not writable."""
-    entry = {
+def _entry(key: dict[str, Any], stats: IDStats) -> dict[str, Any]:
+    """The calibration cache entry of ``stats`` under ``key``."""
+    return {
         "key": key,
         "n_samples": stats.n_samples,
         "percentiles": sorted(stats.percentiles.items()),
         "mean": None if stats.mean is None else stats.mean.tolist(),
     }
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda tmp: Path(tmp).write_text(_json(entry)))
-    except OSError as err:
-        warnings.warn(
-            f"could not write the calibration cache {path} ({err}); the next run collects the ID "
-            f"statistics again. Fix: set {CACHE_ENV} to a writable folder.",
-            stacklevel=3,
-        )
-
-
-def fit_loader_of(trainer: Any) -> DataLoader | None:
-    """The ID fit dataloader of ``trainer``'s data module (``OODDataModule.fit_dataloader``), or None."""
-    fit_dataloader = getattr(getattr(trainer, "datamodule", None), "fit_dataloader", None)
-    return fit_dataloader() if callable(fit_dataloader) else None
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the model's state (names, shapes and values): a cache key part for models without a name."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

@@ -16,8 +16,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from ash_lightning._cache import network_identity
 from ash_lightning.callbacks import OODMetricsCallback
 from ash_lightning.data import OODDataModule
+from ash_lightning.data.datamodule import SetIdentity
+from ash_lightning.data.sources import data_identity
 from ash_lightning.errors import UserError
 from ash_lightning.evaluation.feature_cache import (
     MARKER,
@@ -25,7 +28,7 @@ from ash_lightning.evaluation.feature_cache import (
     entry_dir,
     network_key,
     open_feature_cache,
-    read_entry,
+    read_set,
     set_key,
 )
 from ash_lightning.module import OODEvalModule
@@ -145,8 +148,10 @@ def _key(model: torch.nn.Module, spec: Any, **change: Any) -> dict:
     parts = {"backbone": "cifar_resnet20", "placement": "penultimate", "precision": "32-true", "device_type": "cpu"}
     parts.update({k: change.pop(k) for k in list(change) if k in parts})
     data = {"transform": {"input_size": (3, 32, 32)}, "skip_corrupt": False, "num_samples": 101} | change
-    network = network_key(parts["backbone"], model, parts["placement"], parts["precision"], parts["device_type"])
-    return set_key(network, spec, data["transform"], data["skip_corrupt"], data["num_samples"])
+    identity = network_identity(parts["backbone"], model)
+    network = network_key(identity, model, parts["placement"], parts["precision"], parts["device_type"])
+    identified = {"spec": data_identity(spec), "transform": data["transform"], "skip_corrupt": data["skip_corrupt"]}
+    return set_key(network, SetIdentity("id", identified, data["num_samples"]))
 
 
 def test_every_key_component_changes_the_entry(tiny_data: dict[str, Path], tmp_path: Path):
@@ -243,8 +248,9 @@ def test_incomplete_sets_and_multi_process_runs_are_not_cached(
     assert [p for p in cache.rglob("*") if p.is_file()] == []  # no set was evaluated whole: nothing is left
     module = OODEvalModule("cifar_resnet20", feature_cache=str(cache))
     trainer = SimpleNamespace(world_size=2, is_global_zero=True, datamodule=None)
+    network = network_identity("cifar_resnet20", module.model)
     with pytest.warns(UserWarning, match="feature_cache is not used: this run has 2 processes"):
-        assert open_feature_cache(str(cache), "cifar_resnet20", module.model, "penultimate", trainer, 8) is None
+        assert open_feature_cache(str(cache), network, module.model, "penultimate", trainer, 8) is None
 
 
 def test_any_dtype_round_trips_bit_for_bit(tmp_path: Path):
@@ -253,10 +259,10 @@ def test_any_dtype_round_trips_bit_for_bit(tmp_path: Path):
     key = {"k": 1}
     writer = EntryWriter(tmp_path / "e", key, 5, features.dtype, (3, 2))
     writer.add(features[3:], targets[3:], index[3:])
-    assert not writer.complete and read_entry(tmp_path / "e", key) is None  # nothing readable before commit
+    assert not writer.complete and read_set(tmp_path / "e", key) is None  # nothing readable before commit
     writer.add(features[:3], targets[:3], index[:3])
     assert writer.complete
     writer.commit()
-    got, got_targets, got_index = read_entry(tmp_path / "e", key).rows(torch.tensor([4, 2, 0]))
+    got, got_targets, got_index = read_set(tmp_path / "e", key).rows(torch.tensor([4, 2, 0]))
     assert got.dtype == torch.bfloat16 and torch.equal(got, features[[4, 2, 0]])
     assert got_targets.tolist() == [5, -1, 1] and got_index.tolist() == [4, -3, 0]

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ash_lightning.models  # noqa: F401  (registers cifar_resnet20)
 from ash_lightning.callbacks import ActivationShapingCallback
+from ash_lightning.data.fit_pass import FitPass
 from ash_lightning.errors import UserError
 from ash_lightning.shaping import calibration
 from ash_lightning.shaping.calibration import (
@@ -30,7 +31,6 @@ from ash_lightning.shaping.calibration import (
     dice_mask,
     lts,
     lts_factor,
-    make_cache_key,
     needs_calibration,
     vra,
 )
@@ -111,7 +111,7 @@ def percentile(x: Tensor, q: float) -> float:
 def fit(spec: str, x: Tensor, model: nn.Module | None = None, placement: str = "penultimate"):
     """``spec`` fitted on ``x`` (cached under a key naming the data)."""
     key = {**KEY, "fit": hashlib.sha256(x.numpy().tobytes()).hexdigest()}
-    return calibrate_shapers([get_shaping(spec)], model or Net(), placement, Fit(x), key)[0]
+    return calibrate_shapers([get_shaping(spec)], model or Net(), placement, FitPass(Fit(x), key))[0]
 
 
 def test_react_percentile_threshold():
@@ -135,14 +135,13 @@ def test_collect_stats_options_and_subsample(monkeypatch):
     x = torch.rand(11, 5)
     index = torch.arange(11)
     index[[2, 7]] = -1  # corrupt files the data module skipped
-    stats = collect_stats(
-        Net(), "penultimate", Fit(x, index)(), calibration.StatsRequest(frozenset({50.0}), mean=True), max_samples=6
-    )
+    request = calibration.StatsRequest(frozenset({50.0}), mean=True)
+    stats = collect_stats(Net(), "penultimate", request, FitPass(Fit(x, index), max_samples=6))
     kept = x[[0, 1, 3, 4, 5, 6]]
     assert stats.n_samples == 6 and stats.percentiles == {50.0: percentile(kept, 50)}
     torch.testing.assert_close(stats.mean, kept.double().mean(0))
     monkeypatch.setattr(calibration, "MAX_VALUES", 55)  # 11 samples x 5 units: still exact
-    stats = collect_stats(Net(), "penultimate", Fit(x)(), calibration.StatsRequest(frozenset({90.0})))
+    stats = collect_stats(Net(), "penultimate", calibration.StatsRequest(frozenset({90.0})), FitPass(Fit(x)))
     # The authors interpolate float32 activations in float32, we in float64: equal up to float32 rounding.
     assert stats.percentiles[90.0] == pytest.approx(react_threshold_reference(x.numpy(), 90), rel=1e-6, abs=0)
 
@@ -173,7 +172,7 @@ def test_react_percentile_above_the_cap_sees_every_unit(monkeypatch):
     monkeypatch.setattr(calibration, "MAX_VALUES", 2000 * 512)
     loader = DataLoader(TensorDataset(x), batch_size=250)
     request = calibration.StatsRequest(frozenset({90.0, 10.0, 99.0}))
-    stats = collect_stats(Net(torch.ones(2, 512), torch.zeros(2)), "penultimate", loader, request)
+    stats = collect_stats(Net(torch.ones(2, 512), torch.zeros(2)), "penultimate", request, FitPass(lambda: loader))
     for q in (90.0, 99.0):
         exact = react_threshold_reference(x.numpy(), q)
         assert abs(stats.percentiles[q] / exact - 1) < 0.005, (q, stats.percentiles[q], exact)
@@ -292,30 +291,38 @@ def test_lts_with_negative_features_matches_the_authors():
 def test_cache_skips_the_fit_data(cache):
     first = Fit(torch.rand(8, 5))
     specs = [get_shaping(s) for s in ("react@p90", "dice@90", "none")]
-    fitted = calibrate_shapers(specs, Net(), "penultimate", first, KEY)
+    fitted = calibrate_shapers(specs, Net(), "penultimate", FitPass(first, KEY))
     assert first.calls == 1 and fitted[2] is specs[2]
-    again = calibrate_shapers(specs, Net(), "penultimate", no_fit_data, dict(KEY))
+    again = calibrate_shapers(specs, Net(), "penultimate", FitPass(no_fit_data, dict(KEY)))
     assert [s.params for s in again] == [s.params for s in fitted]
     assert torch.equal(again[1].fn.mask, fitted[1].fn.mask)
     assert len(os.listdir(cache)) == 1 and str(next(cache.iterdir())).endswith(".json")  # no temporary files left
     for key, placement in (({**KEY, "fit": "other.npz"}, "penultimate"), (KEY, "fc")):
         other = Fit(torch.rand(8, 5))
-        calibrate_shapers(specs, Net(), placement, other, key)
+        calibrate_shapers(specs, Net(), placement, FitPass(other, key))
         assert other.calls == 1
     more = Fit(first.x)  # a new percentile is collected and merged into the entry
-    p95 = calibrate_shapers([get_shaping("react@p95")], Net(), "penultimate", more, KEY)[0]
+    p95 = calibrate_shapers([get_shaping("react@p95")], Net(), "penultimate", FitPass(more, KEY))[0]
     assert more.calls == 1 and p95.params == (percentile(first.x, 95),)
-    calibrate_shapers([get_shaping("react@p95"), *specs], Net(), "penultimate", no_fit_data, KEY)
-    assert calibrate_shapers(specs[2:], Net(), "penultimate", no_fit_data, KEY) == specs[2:]  # nothing to calibrate
+    calibrate_shapers([get_shaping("react@p95"), *specs], Net(), "penultimate", FitPass(no_fit_data, KEY))
+    assert (
+        calibrate_shapers(specs[2:], Net(), "penultimate", FitPass(no_fit_data, KEY)) == specs[2:]
+    )  # nothing to calibrate
 
 
-def test_make_cache_key_follows_the_checkpoint(tmp_path):
-    checkpoint = tmp_path / "weights.pt"
-    checkpoint.write_bytes(b"0")
-    key = make_cache_key("cifar_resnet20", checkpoint, {"kind": "npz", "path": "fit.npz"}, pretrained=False)
-    assert key["checkpoint"]["path"] == str(checkpoint.resolve()) and key["pretrained"] is False
-    os.utime(checkpoint, ns=(0, 10**9))
-    assert make_cache_key("cifar_resnet20", checkpoint, {"kind": "npz", "path": "fit.npz"}, pretrained=False) != key
+def test_corrupt_cache_entry_warns_once_and_is_rebuilt(cache):
+    specs = [get_shaping("react@p90")]
+    first = Fit(torch.rand(8, 5))
+    fitted = calibrate_shapers(specs, Net(), "penultimate", FitPass(first, KEY))
+    (entry,) = cache.iterdir()
+    entry.write_text(entry.read_text()[:-20])  # truncated
+    again = Fit(first.x)
+    with pytest.warns(UserWarning, match=r"calibration cache .*\.json is unreadable .*rebuilding it") as seen:
+        rebuilt = calibrate_shapers(specs, Net(), "penultimate", FitPass(again, KEY))
+    assert len(seen) == 1 and again.calls == 1 and rebuilt[0].params == fitted[0].params
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert calibrate_shapers(specs, Net(), "penultimate", FitPass(no_fit_data, KEY))[0].params == fitted[0].params
 
 
 def test_uncalibrated_shapers_fail_clearly():
@@ -326,13 +333,15 @@ def test_uncalibrated_shapers_fail_clearly():
         with attach_shaping(net, shaper), pytest.raises(ValueError, match=rf"{spec} needs ID statistics: set data.fit"):
             net(H_FIT)
     with pytest.raises(UserError, match=r"react@p90, dice@90 need ID statistics: set data\.fit \(ID fit data"):
-        calibrate_shapers([get_shaping("react@p90"), get_shaping("dice@90")], net, "penultimate", lambda: None, KEY)
+        calibrate_shapers(
+            [get_shaping("react@p90"), get_shaping("dice@90")], net, "penultimate", FitPass(lambda: None, KEY)
+        )
     with pytest.raises(UserError, match=r"ID fit data \(data\.fit, or the fit_dataloader given\) has no samples"):
-        calibrate_shapers([get_shaping("react@p90")], net, "penultimate", Fit(torch.rand(0, 5)), KEY)
+        calibrate_shapers([get_shaping("react@p90")], net, "penultimate", FitPass(Fit(torch.rand(0, 5)), KEY))
     headless = nn.Sequential(nn.Linear(5, 2))
     headless.get_classifier = lambda: headless  # a classifier without a (K, D) weight
     with pytest.raises(ValueError, match=r"dice@90 masks a linear classifier's \(K, D\) weight.*Fix:"):
-        calibrate_shapers([get_shaping("dice@90")], headless, "penultimate", Fit(H_FIT), KEY)
+        calibrate_shapers([get_shaping("dice@90")], headless, "penultimate", FitPass(Fit(H_FIT), KEY))
     with pytest.raises(ValueError, match=r"lts@90 .* only works at placement 'penultimate', not 'pre_pool'"):
         attach_shaping(net, "lts@90", "pre_pool")
 
@@ -357,7 +366,9 @@ def test_bad_specs(spec, reason):
 
 def test_sweep_equals_each_setting_alone(resnet, images):
     specs = ["none", "react@1", "react@p90", "vra@10@90", "dice@90", "lts@90", "ash_s@90"]
-    shapers = calibrate_shapers([get_shaping(s) for s in specs], resnet, "penultimate", Fit(images["fit"]), KEY)
+    shapers = calibrate_shapers(
+        [get_shaping(s) for s in specs], resnet, "penultimate", FitPass(Fit(images["fit"]), KEY)
+    )
     assert [s.spec for s in shapers] == specs and not any(map(needs_calibration, shapers))
     fit_features = resnet.forward_head(resnet.forward_features(images["fit"]), pre_logits=True)
     assert shapers[2].params == (percentile(fit_features, 90),)
@@ -410,7 +421,7 @@ def test_activation_shaping_callback(resnet, images, spec):
     assert torch.equal(wrapper(x), base)
     # The callback fits calibrated specs on the data module's fit data, as OODEvalModule does, and caches them.
     assert fit_data.calls == needs_calibration(callback.shaper)
-    expected = calibrate_shapers([get_shaping(spec)], resnet, "penultimate", Fit(images["fit"]), KEY)[0]
+    expected = calibrate_shapers([get_shaping(spec)], resnet, "penultimate", FitPass(Fit(images["fit"]), KEY))[0]
     with attach_shaping(resnet, expected):
         torch.testing.assert_close(shaped, resnet(x))
     callback.on_test_start(trainer, wrapper)
@@ -427,7 +438,7 @@ def test_activation_shaping_callback_without_fit_data(resnet):
 def test_shapers_pickle_and_hooked_models_copy():
     specs = ["react@p90", "vra@10@90", "dice@90", "lts@90"]
     unfitted = [get_shaping(s) for s in specs]
-    fitted = calibrate_shapers(unfitted, Net(), "penultimate", Fit(H_FIT), KEY)
+    fitted = calibrate_shapers(unfitted, Net(), "penultimate", FitPass(Fit(H_FIT), KEY))
     net, x = Net(), 5 * torch.rand(3, 5)
     for before, after in zip(unfitted, fitted, strict=True):
         assert needs_calibration(pickle.loads(pickle.dumps(before))) == (before.spec != "lts@90")
@@ -466,12 +477,3 @@ def test_main_py_calibrates_once_then_reads_the_cache(tiny_data: dict, tiny_chec
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
     # The calibrated settings differ from the unshaped-threshold ReAct: they really used the statistics.
     assert len({json.dumps(r["mean"]) for r in outputs[0]["runs"]}) == len(specs)
-
-
-def test_cache_key_expands_environment_variables_in_the_checkpoint_path(tiny_checkpoint, monkeypatch) -> None:
-    from ash_lightning.shaping.calibration import make_cache_key
-
-    monkeypatch.setenv("CKPT_DIR", str(tiny_checkpoint.parent))
-    key = make_cache_key("cifar_resnet20", f"$CKPT_DIR/{tiny_checkpoint.name}")
-    assert key == make_cache_key("cifar_resnet20", str(tiny_checkpoint))
-    assert key["checkpoint"]["size"] == tiny_checkpoint.stat().st_size
