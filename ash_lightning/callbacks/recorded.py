@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 
 def recorded(value: Any) -> Any:
-    """``value`` with mappings as dicts (string keys) and lists/tuples as lists; JSON scalars as they are (a
-    non-finite float as its string); anything else (modules, partials, OmegaConf containers' leaves, paths,
-    dtypes, devices) as ``str(value)``."""
-    if isinstance(value, Mapping):
+    """``value`` with dicts (string keys) and lists/tuples kept as such, JSON scalars as they are (a non-finite
+    float as its string), and anything else in its string form, ``str(value)``: modules, partials, OmegaConf
+    containers, paths, dtypes, devices."""
+    if isinstance(value, dict):
         return {str(k): recorded(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+    if isinstance(value, (list, tuple)):
         return [recorded(v) for v in value]
     if value is None or isinstance(value, (bool, int, str)):
         return value
