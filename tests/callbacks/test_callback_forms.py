@@ -262,3 +262,82 @@ def test_data_module_without_backbone_builds_its_transform_from_the_options(tmp_
         UserError, match=r"data.backbone is not set.*mean, std, crop_pct are missing\. Fix: set data\.mean"
     ):
         OODDataModule(id=spec, ood={"same": spec}, image_size=8)
+
+
+class Both(User):
+    """Takes ``dataloader_idx`` (so that today's form works too) and returns nothing."""
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self(batch[0])
+
+
+def test_ood_on_the_callback_scores_as_the_test_loop_does_at_the_trainers_precision(tmp_path: Path) -> None:
+    """The same OOD set through the test loop (today's form) and through ood= gives the same scores under
+    bf16-mixed autocast with ash_s@90 attached; at float32 they differ (the callback uses the trainer's precision)."""
+    far = Pairs(13, 2.0, 1)
+    stores = {}
+    for name, precision, ood in (
+        ("loop", "bf16-mixed", None),
+        ("callback", "bf16-mixed", {"far": far}),
+        ("float32", "32-true", {"far": far}),
+    ):
+        metrics = OODMetricsCallback(
+            ood=ood, ood_names=None if ood else ["far"], output_dir=str(tmp_path / name), log_figures=False
+        )
+        trainer = lp.Trainer(
+            accelerator="cpu",
+            precision=precision,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[ActivationShapingCallback("ash_s@90"), metrics],
+        )
+        loaders = [_id(), DataLoader(far, batch_size=4)] if ood is None else _id()
+        trainer.test(Both(), loaders, verbose=False)
+        stores[name], _ = load_scores(str(tmp_path / name))
+    for field in ("scores", "index", "targets"):
+        np.testing.assert_array_equal(stores["loop"]["far"][field], stores["callback"]["far"][field])
+    assert not np.allclose(stores["float32"]["far"]["scores"], stores["callback"]["far"]["scores"], rtol=0, atol=1e-6)
+
+
+class Transformed(Dataset):
+    """The ID data as images through its own ``transform`` attribute (a torchvision-style dataset)."""
+
+    def __init__(self, pixels: np.ndarray) -> None:
+        from torchvision.transforms import ToTensor
+
+        self.pixels, self.transform = pixels, ToTensor()
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.pixels[i])), 0
+
+
+class Conv(lp.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.net(batch[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def test_a_spec_reuses_the_id_transform_through_subset_and_concat(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (10, 6, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ood.npz", x=pixels[:5], y=np.zeros(5, dtype=np.int64))
+    id_set = torch.utils.data.ConcatDataset([torch.utils.data.Subset(Transformed(pixels), range(8))])
+    metrics = OODMetricsCallback(
+        ood={"same": f"npz:{tmp_path / 'ood.npz'}"}, output_dir=str(tmp_path), log_figures=False
+    )
+    _test(Conv(), [metrics], DataLoader(id_set, batch_size=4))
+    store, _ = load_scores(str(tmp_path))
+    np.testing.assert_allclose(store["same"]["scores"], store["id"]["scores"][:5], rtol=1e-6, atol=1e-6)
