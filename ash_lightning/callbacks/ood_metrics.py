@@ -50,7 +50,15 @@ from ash_lightning.callbacks.activation_shaping import ActivationShapingCallback
 from ash_lightning.callbacks.brief_errors import show_user_errors_briefly
 from ash_lightning.callbacks.capture import NetworkCapture
 from ash_lightning.callbacks.network import find_network
-from ash_lightning.callbacks.ood_sets import OODSet, described, id_test_loader, progress, shard_loader
+from ash_lightning.callbacks.ood_sets import (
+    OODSet,
+    OODSource,
+    described,
+    id_test_loader,
+    prepare,
+    progress,
+    shard_loader,
+)
 from ash_lightning.callbacks.recorded import recorded
 from ash_lightning.callbacks.scoring import RunScorer, Settings
 from ash_lightning.data.batches import batch_part, describe_batch, expected_layout
@@ -195,6 +203,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         self._runs: list[dict[str, str]] = []
         self._settings: Settings | None = None
         self._channels: int | None = None
+        self._ood_sources: list[OODSource] = []
         self._warned_no_index = self._warned_no_labels = self._module_runs = False
         self._directory = ""
 
@@ -208,6 +217,8 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         self._loaders = self._resolve_loaders(trainer)
         self._sets = [OODMetrics(self.tpr, self.convention) for _ in self._loaders]
         self._runs = self._resolve_runs(trainer, pl_module)
+        id_loader = id_test_loader(trainer)
+        self._ood_sources = [prepare(name, value, self.transform, id_loader) for name, value in self.ood.items()]
         if not self._module_runs:
             network = find_network(pl_module, self._network_name(trainer), "OODMetricsCallback")
             self.scorer.check(trainer, network)
@@ -392,16 +403,15 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
 
     def _score_ood_sets(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score the sets given by ``ood=`` (module docstring), each finished and saved in turn."""
-        if not self.ood:
+        if not self._ood_sources:
             return
         id_loader = id_test_loader(trainer)
         device = pl_module.device
-        for idx, (name, value) in enumerate(self.ood.items(), start=1):
+        for idx, ood in enumerate(self._ood_sources, start=1):
+            name = ood.name
             loader, positions = shard_loader(
-                name,
-                value,
+                ood,
                 id_loader,
-                self.transform,
                 self.batch_size,
                 self.num_workers,
                 self._channels,

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Subset
 
+from ash_lightning.data.base import Source
 from ash_lightning.data.datamodule import IndexedDataset
 from ash_lightning.data.sources import build_source
 from ash_lightning.errors import UserError
@@ -79,47 +81,56 @@ class InMode:
         return self.transform(image.convert(self.mode) if image.mode != self.mode else image)
 
 
-def spec_dataset(name: str, spec: Any, transform: Any, id_dataset: Any, channels: int | None) -> Dataset:
-    """The data set of a spec, ``(image, target, index)`` items, through ``transform`` (else the ID test data set's
-    own ``transform``) in the ID data's mode; a UserError naming ``transform=`` when there is neither."""
-    transform = transform if transform is not None else dataset_transform(id_dataset)
+@dataclass(frozen=True)
+class OODSource:
+    """An OOD set as given (``value``) and, for a data spec, its images (``source``) and their ``transform``."""
+
+    name: str
+    value: Any
+    source: Source | None = None
+    transform: Any = None
+
+
+def prepare(name: str, value: Any, transform: Any, id_loader: DataLoader | None) -> OODSource:
+    """Check an OOD set and, for a spec, read its file list and pick its transform: ``transform``, else the ID
+    test data set's own; UserErrors naming the fix for a value of another type and for a spec without either.
+    Called when testing starts, so that these fail before the ID set runs."""
+    if not (is_spec(value) or isinstance(value, (Dataset, DataLoader))):
+        raise UserError(
+            f"OODMetricsCallback(ood={{{name!r}: {type(value).__name__}}}): an OOD set is a Dataset, a DataLoader "
+            "or a data spec (e.g. 'npz:$DATASETS/mnist_test.npz' or {kind: folder, path: ...}). Fix: give one of "
+            "these."
+        )
+    if not is_spec(value):
+        return OODSource(name, value)
+    transform = transform if transform is not None else dataset_transform(getattr(id_loader, "dataset", None))
     if transform is None:
         raise UserError(
-            f"OODMetricsCallback(ood={{{name!r}: {described(spec)!r}}}): a data spec is read as images and needs a "
+            f"OODMetricsCallback(ood={{{name!r}: {described(value)!r}}}): a data spec is read as images and needs a "
             "transform, and the ID test data set has no `transform` attribute to reuse. Fix: pass "
             "OODMetricsCallback(transform=<the ID test transform, e.g. torchvision.transforms.ToTensor()>)."
         )
-    source = build_source(plain(spec), f"ood_metrics.ood.{name}")
-    mode = "L" if channels == 1 else "RGB"
-    return IndexedDataset(source, InMode(transform, mode), "raise", ())
+    return OODSource(name, value, build_source(plain(value), f"ood_metrics.ood.{name}"), transform)
 
 
 def shard_loader(
-    name: str,
-    value: Any,
+    ood: OODSource,
     id_loader: DataLoader | None,
-    transform: Any,
     batch_size: int | None,
     num_workers: int | None,
     channels: int | None,
     rank: int,
     world_size: int,
 ) -> tuple[DataLoader, list[int] | None]:
-    """This rank's loader of OOD set ``value`` and the set positions it yields in order (None: an
-    IterableDataset, whose positions are counted as it is read)."""
-    template = value if isinstance(value, DataLoader) else id_loader
-    if is_spec(value):
-        dataset: Any = spec_dataset(name, value, transform, None if id_loader is None else id_loader.dataset, channels)
-    elif isinstance(value, DataLoader):
-        dataset = value.dataset
-    elif isinstance(value, Dataset):
-        dataset = value
+    """This rank's loader of an OOD set and the set positions it yields in order (None: an IterableDataset,
+    whose positions are counted as it is read). A spec's images are given in the ID data's mode (``L`` for
+    one channel)."""
+    value = ood.value
+    if ood.source is not None:
+        dataset: Any = IndexedDataset(ood.source, InMode(ood.transform, "L" if channels == 1 else "RGB"), "raise", ())
     else:
-        raise UserError(
-            f"OODMetricsCallback(ood={{{name!r}: {type(value).__name__}}}): an OOD set is a Dataset, a DataLoader "
-            "or a data spec (e.g. 'npz:$DATASETS/mnist_test.npz' or {kind: folder, path: ...}). Fix: give one of "
-            "these."
-        )
+        dataset = value.dataset if isinstance(value, DataLoader) else value
+    template = value if isinstance(value, DataLoader) else id_loader
     size = (
         batch_size
         or (value.batch_size if isinstance(value, DataLoader) else None)
@@ -127,7 +138,7 @@ def shard_loader(
         or 1
     )
     workers = num_workers if num_workers is not None else (template.num_workers if template is not None else 0)
-    collate = value.collate_fn if isinstance(value, DataLoader) and not is_spec(value) else None
+    collate = value.collate_fn if isinstance(value, DataLoader) else None
     if isinstance(dataset, IterableDataset):
         return DataLoader(dataset, batch_size=size, num_workers=workers, collate_fn=collate), None
     positions = list(range(rank, len(dataset), world_size))
