@@ -5,7 +5,8 @@ A set is a ``torch.utils.data.Dataset``, a ``DataLoader``, or a data spec as in 
 batch size and workers unless the callback names its own; a DataLoader keeps its batch size, workers and
 ``collate_fn``. A spec's images (RGB) go through ``transform`` in the ID data's mode: a one-channel ID batch
 gives one-channel (``L``) images. Rank r of w scores the samples r, r+w, r+2w, ... (each once, no padding), and
-each sample's index is its position in the set, so gathering the ranks counts every sample once. An
+each sample's index is its position in the set, so gathering the ranks counts every sample once (a rank past
+the end of a set smaller than the world scores one repeated sample, counted once). An
 ``IterableDataset`` cannot be sharded: every rank scores all of it and the gather keeps each index once.
 """
 
@@ -141,7 +142,11 @@ def shard_loader(
     collate = value.collate_fn if isinstance(value, DataLoader) else None
     if isinstance(dataset, IterableDataset):
         return DataLoader(dataset, batch_size=size, num_workers=workers, collate_fn=collate), None
-    positions = list(range(rank, len(dataset), world_size))
+    if len(dataset) == 0:
+        raise UserError(f"OODMetricsCallback: OOD set {ood.name!r} is empty. Fix: give it samples, or leave it out.")
+    # a set smaller than the world gives the ranks past its end a repeat of one sample (gathering counts it once):
+    # every rank then has rows to gather
+    positions = list(range(rank, len(dataset), world_size)) or [rank % len(dataset)]
     loader = DataLoader(dataset, batch_size=size, sampler=positions, num_workers=workers, collate_fn=collate)
     return loader, positions
 

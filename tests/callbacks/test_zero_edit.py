@@ -263,7 +263,7 @@ if __name__ == "__main__":
     callbacks = [
         ActivationShapingCallback(["none", "ash_s@90", "react@p90"], fit_dataloader=fit),
         OODMetricsCallback(
-            ood={"far": Plain(25, 2.0, 1), "near": Plain(19, 0.5, 2)},
+            ood={"far": Plain(25, 2.0, 1), "near": Plain(19, 0.5, 2), "single": Plain(1, 1.0, 3)},
             score=["energy", "knn@5"],
             fit_dataloader=fit,
             batch_size=4,
@@ -280,7 +280,8 @@ if __name__ == "__main__":
 
 
 def test_ddp_two_processes_equal_one(tmp_path: Path) -> None:
-    """OOD sets sharded by the callback (25 and 19 samples: uneven shards), a sweep of 3 settings with a
+    """OOD sets sharded by the callback (25 and 19 samples: uneven shards; 1 sample: a rank with none of its
+    own), a sweep of 3 settings with a
     calibrated one and a fitted detector: 2 CPU processes give what one gives."""
     (tmp_path / "project.py").write_text(DDP_PROJECT)
     for name, devices in (("one", "1"), ("two", "2")):
@@ -288,4 +289,4 @@ def test_ddp_two_processes_equal_one(tmp_path: Path) -> None:
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_evaluation(tmp_path / "one", tmp_path / "two")
     counts = json.loads((tmp_path / "two" / "ood_results.json").read_text())["counts"]
-    assert counts == {"id": 33, "far": 25, "near": 19}
+    assert counts == {"id": 33, "far": 25, "near": 19, "single": 1}
