@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
 
 from ash_lightning._cache import network_identity
+from ash_lightning.callbacks.brief_errors import show_user_errors_briefly
+from ash_lightning.callbacks.fit_data import id_fit_data
 from ash_lightning.callbacks.network import find_network
-from ash_lightning.data.fit_pass import FitData, FitPass, fit_batches, fit_loader_of
+from ash_lightning.callbacks.scoring import Settings
+from ash_lightning.data.fit_pass import FitData, FitPass
 from ash_lightning.errors import UserError
-from ash_lightning.lightning_packages import CALLBACK_BASES
+from ash_lightning.lightning_packages import CALLBACK_BASES, rank_zero_info
 from ash_lightning.shaping.calibration import calibrate_shapers, make_cache_key, needs_calibration
 from ash_lightning.shaping.hooks import ShapingHandle, attach_shaping
-from ash_lightning.shaping.specs import get_shaping
+from ash_lightning.shaping.specs import Shaper, get_shaping
+
+if TYPE_CHECKING:
+    from ash_lightning.callbacks.types import LightningModule, Trainer
 
 
 class ActivationShapingCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback of every installed package
     """Attach ``spec`` (e.g. ``"ash_s@90"``) at ``placement`` when testing/predicting starts, remove it at the end.
+
+    A list of specs (``["none", "ash_s@90", "react@p90"]``) is a sweep: nothing is attached while the user's
+    ``test_step`` runs, and ``OODMetricsCallback`` evaluates every setting from that one backbone pass per batch,
+    ranked in one table (see ``ash_lightning.callbacks.scoring``).
 
     ``module`` names the network inside the LightningModule (e.g. ``"model"``). By default it is the first child
     (attribute) of the LightningModule that is an ``nn.Module`` with a classifier (timm's ``get_classifier()``,
@@ -50,47 +62,91 @@ class ActivationShapingCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the C
 
     def __init__(
         self,
-        spec: str,
+        spec: str | Sequence[str],
         placement: str = "penultimate",
         module: str | None = None,
         fit_dataloader: FitData | None = None,
     ) -> None:
+        specs = [spec] if isinstance(spec, str) else [str(one) for one in spec]
         try:
-            self.shaper = get_shaping(spec)
+            self.requested = [get_shaping(one) for one in specs]
         except ValueError as err:
-            raise UserError(str(err)) from err
-        self.spec, self.placement, self.module = self.shaper.spec, placement, module
+            raise UserError(f"ActivationShapingCallback: {err}") from err
+        self.specs = [shaper.spec for shaper in self.requested]
+        if not self.specs:
+            raise UserError("ActivationShapingCallback([]) lists no shaping. Fix: e.g. ['none', 'ash_s@90'].")
+        repeated = next((one for i, one in enumerate(self.specs) if one in self.specs[:i]), None)
+        if repeated is not None:
+            raise UserError(
+                f"ActivationShapingCallback lists {repeated!r} twice (as written, or the same setting written two "
+                "ways). Fix: remove the repeat."
+            )
+        self.spec, self.placement, self.module = ", ".join(self.specs), placement, module
         self.fit_dataloader = fit_dataloader
+        self.shapers: list[Shaper] = list(self.requested)  # calibrated ones are fitted when testing starts
         self._handle: ShapingHandle | None = None
 
-    def _fit_loader(self, trainer: Any) -> Iterable[Any]:
-        """The ID fit data: ``fit_dataloader``, else the data module's; a UserError naming both ways if neither."""
-        if self.fit_dataloader is not None:
-            return fit_batches(self.fit_dataloader)
-        loader = fit_loader_of(trainer)
-        if loader is None:
-            raise UserError(
-                f"{self.spec} needs ID statistics, and the trainer has no ID fit data for it. Fix: pass "
-                f"ActivationShapingCallback({self.spec!r}, fit_dataloader=<an ID DataLoader, or a "
-                "callable returning one>), or fit it yourself with ash_lightning.shaping.calibration.calibrate("
-                f"model, {self.spec!r}, loader) and attach the result with attach_shaping."
-            )
-        return loader
+    @property
+    def sweep(self) -> bool:
+        """Several settings: none is attached while the user's loop runs; ``OODMetricsCallback`` evaluates each."""
+        return len(self.specs) > 1
 
-    def _attach(self, trainer: Any, pl_module: Any) -> None:  # either Lightning package's Trainer and module
-        self._detach()
-        network, shaper = find_network(pl_module, self.module, "ActivationShapingCallback"), self.shaper
-        if needs_calibration(shaper):
+    def settings(self) -> Settings:
+        """The settings ``OODMetricsCallback`` evaluates: the attached one, or every one of a sweep."""
+        return Settings(self.specs, self.shapers if self.sweep else None, self.placement)
+
+    def _fit_data(self, trainer: Trainer) -> Iterable[Any]:
+        spec = self.specs[0] if not self.sweep else self.specs
+        return id_fit_data(
+            self.fit_dataloader,
+            trainer,
+            ", ".join(shaper.spec for shaper in self.requested if needs_calibration(shaper)),
+            f"pass ActivationShapingCallback({spec!r}, fit_dataloader=<an ID DataLoader, or a callable returning "
+            "one>), or fit it yourself with ash_lightning.shaping.calibration.calibrate(model, spec, loader) and "
+            "attach the result with attach_shaping.",
+        )
+
+    def _calibrate(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
+        """The network, with ``shapers`` fitted on the ID fit data where they need it."""
+        network = find_network(pl_module, self.module, "ActivationShapingCallback")
+        if any(map(needs_calibration, self.requested)):
             fit = getattr(trainer.datamodule, "hparams", {}).get("fit") if self.fit_dataloader is None else None
             key = make_cache_key(network_identity(type(network).__name__, network), fit) if fit is not None else None
-            fit_pass = FitPass(lambda: self._fit_loader(trainer), key, device=pl_module.device)
-            (shaper,) = calibrate_shapers([shaper], network, self.placement, fit_pass)
-        self._handle = attach_shaping(network, shaper, self.placement)
+            fit_pass = FitPass(lambda: self._fit_data(trainer), key, device=pl_module.device)
+            self.shapers = calibrate_shapers(self.requested, network, self.placement, fit_pass)
+        return network
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        show_user_errors_briefly()
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._detach()
+        network = self._calibrate(trainer, pl_module)
+        if self.sweep:
+            rank_zero_info(
+                f"ActivationShapingCallback: a sweep of {len(self.specs)} settings; your own test_step runs the "
+                "network unshaped (its logged metrics are those of your model as trained), and OODMetricsCallback "
+                "evaluates every setting from the same pass."
+            )
+            return
+        self._handle = attach_shaping(network, self.shapers[0], self.placement)
+        rank_zero_info(
+            f"ActivationShapingCallback: {self.spec} is attached to {type(network).__name__} while testing, so the "
+            "metrics your test_step logs are those of the shaped network."
+        )
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._detach()
+        if self.sweep:
+            raise UserError(
+                f"ActivationShapingCallback({self.specs}) is a sweep; predicting runs one setting. Fix: give one "
+                "spec, e.g. ActivationShapingCallback('ash_s@90'), to predict."
+            )
+        self._handle = attach_shaping(self._calibrate(trainer, pl_module), self.shapers[0], self.placement)
 
     def _detach(self, *_: object) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
 
-    on_test_start = on_predict_start = _attach
     on_test_end = on_predict_end = on_exception = _detach

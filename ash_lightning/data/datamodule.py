@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 DatasetSpec = str | dict[str, Any]
 ROLES = ("id", "ood", "val_id", "val_ood")
 OnCorrupt = Literal["raise", "skip", "mark"]
+TRANSFORM_OPTIONS = ("image_size", "mean", "std", "crop_pct")  # what a data module without a backbone needs
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # timm's eval transform names
 
 
@@ -167,13 +168,16 @@ class OODDataModuleMixin:
         return [info.name for info in self.loaders if info.role == "ood"]
 
     def data_config(self) -> dict[str, Any]:
-        """The backbone's timm data config with this module's overrides applied."""
+        """The backbone's timm data config with this module's overrides applied; without a backbone, the config
+        the explicit options give (``interpolation`` defaults to bilinear, centre crop)."""
         hp = self.hparams
         cfg = (
-            resolve_data_config(pretrained_cfg=_pretrained_cfg(hp.backbone)) if hp.backbone else resolve_data_config({})
+            resolve_data_config(pretrained_cfg=_pretrained_cfg(hp.backbone))
+            if hp.backbone
+            else {"interpolation": "bilinear", "crop_mode": "center"}
         )
         overrides = {
-            "input_size": (3, hp.image_size, hp.image_size) if hp.image_size else None,
+            "input_size": (len(hp.mean or cfg["mean"]), hp.image_size, hp.image_size) if hp.image_size else None,
             "mean": hp.mean,
             "std": hp.std,
             "interpolation": hp.interpolation,
@@ -270,6 +274,14 @@ class OODDataModuleMixin:
 
 def _check_options(hp: Mapping[str, Any]) -> None:
     """Range checks of the numeric and named options (UserError naming the key, value, range and fix)."""
+    missing = [key for key in TRANSFORM_OPTIONS if hp["backbone"] is None and hp[key] is None]
+    if missing:
+        raise UserError(
+            f"data.backbone is not set, so the transform comes from the explicit options, and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing. Fix: set data.{', data.'.join(missing)} (e.g. "
+            "image_size: 32, mean: [0.49, 0.48, 0.45], std: [0.25, 0.24, 0.26], crop_pct: 1.0), or data.backbone to "
+            "a timm model name whose config gives them."
+        )
     check_int("data.batch_size", hp["batch_size"], 1, example=64)
     check_int("data.num_workers", hp["num_workers"], 0, example=4)
     if hp["image_size"] is not None:
