@@ -33,6 +33,10 @@ OOD_FILES = {
     "fashionmnist": "fashionmnist_test.npz",
     "tinyimagenet": "tinyimagenet_resize32_test.npz",
 }
+#: The 16-setting sweep the speed benchmarks time: ASH-P/B/S and SCALE at four percentiles.
+SWEEP_16 = [f"{variant}@{p}" for variant in ("ash_p", "ash_b", "ash_s", "scale") for p in (65, 75, 85, 90)]
+#: The CIFAR-10 config the end-to-end benchmarks run.
+CIFAR10_CONFIG = REPO / "configs" / "cifar10_resnet20_ash_s.yaml"
 GROUPS = {"near": ["tinyimagenet", "textures"], "far": ["mnist", "fashionmnist"]}
 CHECKPOINTS = {
     "cifar_resnet20": "akamaster_resnet20-12fca82f.th",

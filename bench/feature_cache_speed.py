@@ -29,9 +29,10 @@ from ash_lightning.cli.app import main as cli_main
 from ash_lightning.data import OODDataModule
 
 from _common import (
+    CIFAR10_CONFIG,
     ID_FILE,
     OOD_FILES,
-    REPO,
+    SWEEP_16,
     checkpoint_file,
     command_line,
     datasets_dir,
@@ -40,8 +41,8 @@ from _common import (
     publish,
 )
 
-GRID = [f"{variant}@{p}" for variant in ("ash_p", "ash_b", "ash_s", "scale") for p in (65, 75, 85, 90)]
-CONFIG = REPO / "configs" / "cifar10_resnet20_ash_s.yaml"
+GRID = SWEEP_16
+CONFIG = CIFAR10_CONFIG
 
 
 def sweep_config(limit: int, cache: Path | None, out: Path) -> dict:

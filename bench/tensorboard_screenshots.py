@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from _common import ID_FILE, OOD_FILES, REPO, checkpoint_file, datasets_dir
+from _common import CIFAR10_CONFIG, ID_FILE, OOD_FILES, REPO, checkpoint_file, datasets_dir
 
-CONFIG = REPO / "configs" / "cifar10_resnet20_ash_s.yaml"
+CONFIG = CIFAR10_CONFIG
 GRID = ["none", *(f"{method}@{p}" for method in ("ash_s", "scale") for p in (65, 75, 85, 90, 95))]
 VIEWS = {  # file name -> (URL fragment, window size, zoom)
     "tensorboard_hparams.png": ("#hparams", (2600, 900), 0.6),
