@@ -127,7 +127,7 @@ def _build_detector(name: str, cls: type[Detector], texts: list[str]) -> Detecto
 
 
 # the name ``ash_lightning.detectors`` exports; detectors/fitting.py, detectors/scoring.py and
-# callbacks/detector_features.py call it
+# evaluation/tensorboard.py call it
 parse_detector = get_detector
 
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ash_lightning.callbacks import ActivationShapingCallback, OODMetricsCallback
 from ash_lightning.data import OODDataModule
 from ash_lightning.errors import UserError
-from ash_lightning.evaluation.results import load_scores
+from ash_lightning.evaluation.score_store import load_scores
 from tests.conftest import REPO
 
 

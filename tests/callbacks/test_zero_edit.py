@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ash_lightning.evaluation.results import load_scores
+from ash_lightning.evaluation.score_store import load_scores
 from tests.callbacks.user_projects import (
     CLI_MAIN,
     CLI_MODEL,
