@@ -32,7 +32,7 @@ from ash_lightning.errors import UserError
 from ash_lightning.evaluation.feature_cache import DEFAULT_MAX_GIB, FeatureCache, check_placement, open_feature_cache
 from ash_lightning.evaluation.results import run_entry
 from ash_lightning.models.backbone import create_backbone, warn_if_random_weights
-from ash_lightning.shaping.calibration import calibrate_shapers, fit_loader_of, make_cache_key, needs_calibration
+from ash_lightning.shaping.calibration import calibrate_shapers, make_cache_key, needs_calibration
 from ash_lightning.shaping.hooks import attach_shaping
 from ash_lightning.shaping.specs import get_shaping
 from ash_lightning.shaping.sweep import outputs_from_shared, runs_backbone_once, shaped_logits, shared_part
@@ -193,27 +193,30 @@ class OODEvalModuleMixin:
                 len(self.shapers),
             )
         if any(map(needs_calibration, self.requested_shapers)) or self.detectors:
-            self._fit_on_id_data()
+            self.fit_on_id_data(self.trainer.datamodule)
 
-    def _fit_on_id_data(self) -> None:
+    def fit_on_id_data(self, datamodule: Any) -> None:
         """Calibrate the calibrated shapers, then fit the detectors per shaping (both cached, keyed by the model,
-        the data module's ``fit`` spec and transform)."""
-        hp, datamodule = self.hparams, self.trainer.datamodule
+        ``datamodule``'s ``fit`` spec and transform; its ``fit_dataloader`` is read on a cache miss)."""
+        hp = self.hparams
         fit_spec = getattr(datamodule, "hparams", {}).get("fit")
+        data_config = self._data_config(datamodule)
         key = make_cache_key(
             hp.backbone,
             hp.checkpoint_path,
             fit_spec,
             pretrained=hp.pretrained,
             num_classes=hp.num_classes,
-            data_config=self._data_config(),
+            data_config=data_config,
         )
+        fit_dataloader = getattr(datamodule, "fit_dataloader", None)
+        fit_loader = lambda: fit_dataloader() if callable(fit_dataloader) else None  # noqa: E731
         if any(map(needs_calibration, self.requested_shapers)):
             self.shapers = calibrate_shapers(
                 self.requested_shapers,
                 self.model,
                 self.placement,
-                lambda: fit_loader_of(self.trainer),
+                fit_loader,
                 key,
                 max_samples=hp.calibration_samples,
                 device=self.device,
@@ -221,18 +224,17 @@ class OODEvalModuleMixin:
         fitted = fit_detectors(
             self.detectors,
             FitSettings.of_shapers(self.model, self.shapers, self.placement),
-            lambda: fit_loader_of(self.trainer),
+            fit_loader,
             key if fit_spec is not None else None,
             self.placement,
             max_samples=hp.calibration_samples,
             device=self.device,
         )
         self.fitted = [{one.spec: one for one in row} for row in fitted]
-        self._std = tuple(self._data_config()["std"])
+        self._std = tuple(data_config["std"])
 
-    def _data_config(self) -> dict[str, Any]:
+    def _data_config(self, datamodule: Any) -> dict[str, Any]:
         """The data module's transform config, else the backbone's timm config."""
-        datamodule = self.trainer.datamodule
         if hasattr(datamodule, "data_config"):
             return datamodule.data_config()
         return resolve_data_config(model=self.model)

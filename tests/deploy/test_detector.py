@@ -1,0 +1,99 @@
+"""``load_detector`` / ``OODDetector``: a finished run's settings, rebuilt without Lightning, give its saved scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ash_lightning
+from ash_lightning.data import OODDataModule
+from ash_lightning.errors import UserError
+from ash_lightning.evaluation.metrics import fpr_key
+from ash_lightning.evaluation.score_store import load_scores
+from tests.conftest import main_in_process, tiny_config
+
+SHAPINGS, SCORES = ["ash_s@90", "react@p90"], ["energy", "knn@5"]
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tiny_data: dict, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A main.py sweep with a calibrated shaping and a fitted detector, selected on validation data."""
+    tmp_path = tmp_path_factory.mktemp("sweep_run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ASH_CACHE_DIR", str(tmp_path / "cache"))
+        config = tiny_config(tiny_data, tiny_checkpoint, tmp_path, shaping=SHAPINGS, score=SCORES)
+        config["data"]["fit"] = {"kind": "npz", "path": str(tiny_data["id"]), "limit": 60}
+        config["data"]["val_id"] = {"kind": "npz", "path": str(tiny_data["id"]), "limit": 50}
+        config["data"]["val_ood"] = {"dark": {"kind": "npz", "path": str(tiny_data["dark"]), "limit": 30}}
+        status, _, err = main_in_process(config, tmp_path)
+    assert status == 0, err[-3000:]
+    return tmp_path / "run" / "v"
+
+
+def id_images(tiny_data: dict, name: str = "id") -> torch.Tensor:
+    """The set's images as the run transformed them, in order."""
+    datamodule = OODDataModule(
+        id={"kind": "npz", "path": str(tiny_data["id"])},
+        ood={"x": "unused"},
+        predict={"kind": "npz", "path": str(tiny_data[name])},
+        backbone="cifar_resnet20",
+    )
+    return torch.cat([x for x, _, _ in datamodule.predict_dataloader()])
+
+
+@pytest.mark.parametrize("refit", [False, True], ids=["from_caches", "refitted"])
+def test_every_setting_gives_the_runs_saved_scores_and_flags_at_its_threshold(
+    sweep_run: Path, tiny_data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refit: bool
+) -> None:
+    monkeypatch.setenv("ASH_CACHE_DIR", str(sweep_run.parents[1] / "cache") if not refit else str(tmp_path))
+    store, meta = load_scores(str(sweep_run))
+    images = {name: id_images(tiny_data, name) for name in ("id", "dark")}
+    for column, run in enumerate(meta["runs"]):
+        detector = ash_lightning.load_detector(sweep_run, run["shaping"], run["score"])
+        assert isinstance(detector, ash_lightning.OODDetector)
+        for name in ("id", "dark"):
+            scores, is_ood = detector(images[name])
+            np.testing.assert_allclose(scores.double().numpy(), store[name]["scores"][:, column], rtol=1e-5, atol=1e-5)
+            assert torch.equal(is_ood, scores.double() < detector.threshold)
+    if refit:  # the refitted statistics were written to the (empty) cache
+        assert any(tmp_path.rglob("*"))
+
+
+def test_the_selected_setting_flags_one_minus_tpr_of_val_id_and_the_validation_fpr_of_val_ood(
+    sweep_run: Path, tiny_data: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    monkeypatch.setenv("ASH_CACHE_DIR", str(sweep_run.parents[1] / "cache"))
+    results = json.loads((sweep_run / "ood_results.json").read_text())
+    selected = results["selected"]
+    detector = ash_lightning.load_detector(sweep_run)
+    assert detector.threshold == selected["threshold"]["value"]
+    assert selected["threshold"]["set"] == "val_id"
+    _, is_ood_val = detector(id_images(tiny_data)[:50])
+    assert is_ood_val.double().mean() <= 1 - 0.95 + 1e-12  # at least TPR kept; fewer flagged only through ties
+    _, is_ood_dark = detector(id_images(tiny_data, "dark")[:30])
+    validation_fpr = selected["validation_mean"][fpr_key(0.95)]
+    assert 1 - is_ood_dark.double().mean().item() == pytest.approx(validation_fpr, abs=1e-12)
+
+
+def test_a_setting_the_run_lacks_and_a_folder_without_a_run_are_one_user_error(sweep_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"no setting ash_b@65 \+ energy.*ash_s@90 \+ energy.*--predict.threshold"):
+        ash_lightning.load_detector(sweep_run, "ash_b@65", "energy")
+    with pytest.raises(UserError, match="neither ood_results.json nor scores.npz"):
+        ash_lightning.load_detector(tmp_path)
+
+
+def test_ood_detector_from_parts_refuses_unfitted_settings() -> None:
+    import timm
+
+    model = timm.create_model("cifar_resnet20")
+    with pytest.raises(ValueError, match="calibrate"):
+        ash_lightning.OODDetector(model, "react@p90", "energy", 0.0)
+    with pytest.raises(ValueError, match="fit_detector"):
+        ash_lightning.OODDetector(model, "none", "knn@5", 0.0)
+    scores, is_ood = ash_lightning.OODDetector(model, "none", "odin", 0.5)(torch.rand(3, 3, 32, 32))
+    assert scores.shape == is_ood.shape == (3,)
