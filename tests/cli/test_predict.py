@@ -155,3 +155,33 @@ def test_ddp_two_processes_give_the_same_rows(run: Path, tiny_data: dict, tmp_pa
     np.testing.assert_allclose([float(r["score"]) for r in two], [float(r["score"]) for r in one], rtol=1e-5)
     assert [r["is_ood"] for r in two] == [r["is_ood"] for r in one]
     assert torch.tensor([int(r["pred"]) for r in two]).equal(torch.tensor([int(r["pred"]) for r in one]))
+
+
+def test_on_shared_cifar10_predict_flags_one_minus_tpr_of_the_id_set_and_one_minus_fpr95_of_mnist(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATASETS", str(shared_data))
+    config = yaml.safe_load((REPO / "configs" / "cifar10_resnet20_ash_s.yaml").read_text())
+    config["data"]["ood"] = {"mnist": config["data"]["ood"]["mnist"]}
+    config["data"].pop("groups")
+    for spec in [config["data"]["id"], config["data"]["ood"]["mnist"]]:
+        spec["limit"] = 500
+    config["data"].update(batch_size=250, num_workers=0)
+    config["trainer"].update(accelerator="cpu", enable_progress_bar=False)
+    config["trainer"]["logger"]["init_args"].update(save_dir=str(tmp_path), name="run", version="v")
+    status, _, err = main_in_process(config, tmp_path)
+    assert status == 0, err[-3000:]
+    run = tmp_path / "run" / "v"
+    (entry,) = json.loads((run / "ood_results.json").read_text())["runs"]
+    for name, spec in (("cifar10", config["data"]["id"]), ("mnist", config["data"]["ood"]["mnist"])):
+        data = yaml.safe_dump(spec, default_flow_style=True).strip()
+        status, _, err = predict("--from_run", str(run), "--data.predict", data, *QUIET)
+        assert status == 0, err[-3000:]
+        flagged = np.array([r["is_ood"] == "1" for r in rows_of(latest(run))])
+        assert len(flagged) == 500
+        if name == "cifar10":  # 475 of 500 kept at TPR 0.95; more only through ties at the threshold
+            assert flagged.sum() <= 25 and flagged.sum() == np.sum(
+                load_scores(str(run))[0]["cifar10"]["scores"] < entry["threshold"]["value"]
+            )
+        else:
+            assert (~flagged).mean() == entry["ood"]["mnist"]["fpr95"]

@@ -97,3 +97,38 @@ def test_ood_detector_from_parts_refuses_unfitted_settings() -> None:
         ash_lightning.OODDetector(model, "none", "knn@5", 0.0)
     scores, is_ood = ash_lightning.OODDetector(model, "none", "odin", 0.5)(torch.rand(3, 3, 32, 32))
     assert scores.shape == is_ood.shape == (3,)
+
+
+def test_a_callbacks_run_folder_with_the_users_network(tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A run of OODMetricsCallback + ActivationShapingCallback in a plain Lightning module: load_detector takes the
+    user's network (and, for a calibrated shaping, its fit data) and gives the run's saved scores."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from ash_lightning.callbacks import ActivationShapingCallback, OODMetricsCallback
+    from tests.evaluation.test_evaluation import PlainClassifier
+
+    fit = {"kind": "npz", "path": str(tiny_data["id"]), "limit": 40}
+    datamodule = OODDataModule(
+        id={"kind": "npz", "path": str(tiny_data["id"])},
+        ood={"dark": {"kind": "npz", "path": str(tiny_data["dark"])}},
+        fit=fit,
+        backbone="cifar_resnet20",
+        batch_size=16,
+    )
+    module = PlainClassifier(tiny_checkpoint)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        callbacks=[ActivationShapingCallback("react@p90"), OODMetricsCallback(ood_names=["dark"])],
+        enable_progress_bar=False,
+        logger=TensorBoardLogger(str(tmp_path), name="run", version="v"),
+    )
+    trainer.test(module, datamodule=datamodule)
+    run = tmp_path / "run" / "v"
+    store, _ = load_scores(str(run))
+    with pytest.raises(UserError, match="fit_data="):
+        ash_lightning.load_detector(run, model=module.net)
+    detector = ash_lightning.load_detector(run, model=module.net, fit_data=datamodule.fit_dataloader())
+    assert detector.shaper.spec == "react@p90"
+    scores, _ = detector(id_images(tiny_data, "dark"))
+    np.testing.assert_allclose(scores.double().numpy(), store["dark"]["scores"][:, 0], rtol=1e-5, atol=1e-5)
