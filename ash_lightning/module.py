@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 from timm.data import resolve_data_config
 from torch import Tensor
+from tqdm import tqdm
 
 from ash_lightning._options import check_int, check_range
 from ash_lightning.detectors import Detector, FittedDetector
@@ -193,11 +194,13 @@ class OODEvalModuleMixin:
                 len(self.shapers),
             )
         if any(map(needs_calibration, self.requested_shapers)) or self.detectors:
-            self.fit_on_id_data(self.trainer.datamodule)
+            progress = self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero
+            self.fit_on_id_data(self.trainer.datamodule, progress=progress)
 
-    def fit_on_id_data(self, datamodule: Any) -> None:
+    def fit_on_id_data(self, datamodule: Any, progress: bool = False) -> None:
         """Calibrate the calibrated shapers, then fit the detectors per shaping (both cached, keyed by the model,
-        ``datamodule``'s ``fit`` spec and transform; its ``fit_dataloader`` is read on a cache miss)."""
+        ``datamodule``'s ``fit`` spec and transform; its ``fit_dataloader`` is read on a cache miss, with a
+        progress bar when ``progress``)."""
         hp = self.hparams
         fit_spec = getattr(datamodule, "hparams", {}).get("fit")
         data_config = self._data_config(datamodule)
@@ -210,7 +213,13 @@ class OODEvalModuleMixin:
             data_config=data_config,
         )
         fit_dataloader = getattr(datamodule, "fit_dataloader", None)
-        fit_loader = lambda: fit_dataloader() if callable(fit_dataloader) else None  # noqa: E731
+
+        def fit_loader() -> Any:
+            loader = fit_dataloader() if callable(fit_dataloader) else None
+            if loader is None or not progress:
+                return loader
+            return tqdm(loader, desc="fitting on data.fit", unit="batch", leave=False)
+
         if any(map(needs_calibration, self.requested_shapers)):
             self.shapers = calibrate_shapers(
                 self.requested_shapers,

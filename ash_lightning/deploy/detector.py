@@ -137,7 +137,7 @@ def _from_config(config: dict[str, Any], setting: RunSetting, device: torch.devi
     model_args = {**config["model"], "shaping": setting.shaping, "score": setting.score, "feature_cache": None}
     module = OODEvalModule(**model_args).to(device)
     datamodule = OODDataModule(**{**config["data"], "backbone": model_args["backbone"]})
-    module.fit_on_id_data(datamodule)
+    module.fit_on_id_data(datamodule, progress=True)
     data_config = datamodule.data_config()
     fitted = module.fitted[0].get(setting.score)
     return OODDetector(
