@@ -132,3 +132,41 @@ def test_a_callbacks_run_folder_with_the_users_network(tiny_data: dict, tiny_che
     assert detector.shaper.spec == "react@p90"
     scores, _ = detector(id_images(tiny_data, "dark"))
     np.testing.assert_allclose(scores.double().numpy(), store["dark"]["scores"][:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_predict_with_another_setting_of_the_run_uses_its_validation_threshold(
+    sweep_run: Path, tiny_data: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from tests.cli.test_predict import QUIET, latest, npz, predict, rows_of
+
+    monkeypatch.setenv("ASH_CACHE_DIR", str(sweep_run.parents[1] / "cache"))
+    args = ("--from_run", str(sweep_run), "--model.shaping", "react@p90", "--model.score", "knn@5")
+    status, out, err = predict(*args, "--data.predict", npz(tiny_data["bright"]), *QUIET)
+    assert status == 0, err[-3000:]
+    results = json.loads((sweep_run / "ood_results.json").read_text())
+    column = [(r["shaping"], r["score"]) for r in results["runs"]].index(("react@p90", "knn@5"))
+    threshold = results["runs"][column]["validation"]["threshold"]
+    summary = json.loads((latest(sweep_run) / "predictions_summary.json").read_text())
+    assert summary["threshold"] == threshold["value"] and "'val_id' set (react@p90 + knn@5)" in out
+    rows = rows_of(latest(sweep_run))
+    store, _ = load_scores(str(sweep_run))
+    np.testing.assert_allclose([float(r["score"]) for r in rows], store["bright"]["scores"][:, column], rtol=1e-5)
+
+
+def test_skipped_corrupt_files_are_left_out_and_counted(tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from tests.cli.test_predict import predict, rows_of
+    from tests.conftest import write_image_folder
+
+    write_image_folder(tmp_path / "images", 5, seed=4, truncated=("broken.jpg",))
+    config = tiny_config(tiny_data, tiny_checkpoint, tmp_path)
+    config["data"].update(predict={"kind": "folder", "path": str(tmp_path / "images")}, skip_corrupt=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    status, out, err = predict("--config", str(tmp_path / "config.yaml"), "--predict.threshold", "0")
+    assert status == 0, err[-3000:]
+    rows = rows_of(tmp_path / "run" / "v")
+    assert len(rows) == 5 and not any(r["path"].endswith("broken.jpg") for r in rows)
+    assert "Predicted 5 samples, 1 corrupt file(s) skipped" in out
