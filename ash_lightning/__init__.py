@@ -4,6 +4,7 @@ The functional API mirrors the original ASH code: ``from ash_lightning import as
 """
 
 import ash_lightning.shaping.calibration  # noqa: F401  (registers react@p<q>, dice, vra, lts)
+from ash_lightning.deploy import OODDetector, load_detector
 from ash_lightning.evaluation.metrics import OODMetrics, ood_metrics, summarize, unique_by_index
 from ash_lightning.scores.functional import energy, gen, max_logit, msp, neg_entropy
 from ash_lightning.scores.specs import get_score, list_scores, register_score
@@ -13,6 +14,7 @@ from ash_lightning.shaping.specs import Shaper, get_shaping, list_shapings, regi
 
 __version__ = "0.1.0"
 __all__ = [
+    "OODDetector",
     "OODMetrics",
     "Shaper",
     "ShapingHandle",
@@ -27,6 +29,7 @@ __all__ = [
     "get_shaping",
     "list_scores",
     "list_shapings",
+    "load_detector",
     "max_logit",
     "msp",
     "neg_entropy",

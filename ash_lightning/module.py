@@ -23,11 +23,12 @@ import pytorch_lightning as pl
 import torch
 from timm.data import resolve_data_config
 from torch import Tensor
+from tqdm import tqdm
 
 from ash_lightning._cache import network_identity
 from ash_lightning._options import check_int, check_range
 from ash_lightning.data.datamodule import OODDataModuleMixin
-from ash_lightning.data.fit_pass import FitPass, fit_loader_of
+from ash_lightning.data.fit_pass import FitPass
 from ash_lightning.detectors import Detector, FittedDetector
 from ash_lightning.detectors.fitting import FitSettings, check_detectors, fit_detectors
 from ash_lightning.detectors.scoring import SettingBatch, detector_score, resolve_score, score_name
@@ -205,15 +206,24 @@ class OODEvalModuleMixin:
                 len(self.shapers),
             )
         if any(map(needs_calibration, self.requested_shapers)) or self.detectors:
-            self._fit_on_id_data()
+            progress = self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero
+            self.fit_on_id_data(self.trainer.datamodule, progress=progress)
 
-    def _fit_on_id_data(self) -> None:
-        """Calibrate the calibrated shapers, then fit the detectors per shaping, in one fit pass each (both
-        cached, keyed by the network identity and the data module's ``fit_identity``)."""
-        datamodule = self.trainer.datamodule
+    def fit_on_id_data(self, datamodule: Any, progress: bool = False) -> None:
+        """Calibrate the calibrated shapers, then fit the detectors per shaping, in one fit pass each (both cached,
+        keyed by the network identity and ``datamodule``'s ``fit_identity``); its ``fit_dataloader`` is read on a
+        cache miss, with a progress bar when ``progress``."""
         data = datamodule.fit_identity() if isinstance(datamodule, OODDataModuleMixin) else None
+        fit_dataloader = getattr(datamodule, "fit_dataloader", None)
+
+        def fit_loader() -> Any:
+            loader = fit_dataloader() if callable(fit_dataloader) else None
+            if loader is None or not progress:
+                return loader
+            return tqdm(loader, desc="fitting on data.fit", unit="batch", leave=False)
+
         fit = FitPass(
-            lambda: fit_loader_of(self.trainer),
+            fit_loader,
             None if data is None else make_cache_key(self._network_identity(), data),
             self.hparams.calibration_samples,
             self.device,
@@ -223,11 +233,10 @@ class OODEvalModuleMixin:
         settings = FitSettings.of_shapers(self.model, self.shapers, self.placement)
         fitted = fit_detectors(self.detectors, settings, self.placement, fit)
         self.fitted = [{one.spec: one for one in row} for row in fitted]
-        self._std = tuple(self._data_config()["std"])
+        self._std = tuple(self._data_config(datamodule)["std"])
 
-    def _data_config(self) -> dict[str, Any]:
+    def _data_config(self, datamodule: Any) -> dict[str, Any]:
         """The data module's transform config, else the backbone's timm config."""
-        datamodule = self.trainer.datamodule
         if isinstance(datamodule, OODDataModuleMixin):
             return datamodule.data_config()
         return resolve_data_config(model=self.model)

@@ -24,6 +24,7 @@ LAYERS = {
     "evaluation": 6,
     "module": 7,
     "callbacks": 8,
+    "deploy": 8,
     "cli": 9,
     "lightning": 10,
     "demo": 10,

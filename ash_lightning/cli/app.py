@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from ash_lightning._files import writable_directory
 from ash_lightning.cli.allocator import keep_freed_memory_unless_disabled
@@ -34,6 +35,7 @@ class _CLI:
         from ash_lightning.callbacks.interrupt import StopAfterBatchOnCtrlC
         from ash_lightning.cli.yaml_config import use_strict_yaml
         from ash_lightning.data import OODDataModule
+        from ash_lightning.deploy.writer import PredictionWriter
         from ash_lightning.module import OODEvalModule
 
         use_strict_yaml()
@@ -42,7 +44,17 @@ class _CLI:
             def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
                 parser.add_lightning_class_args(OODMetricsCallback, "ood_metrics")
                 parser.set_defaults({"ood_metrics.verbose": False})  # after_test prints the table
+                # PredictionWriter's options; LightningCLI names the group of trainer.predict's own ones "predict"
+                parser.add_argument("--predict.threshold", type=float | None, help=WRITER_HELP["threshold"])
+                parser.add_argument("--predict.from_run", type=str | None, help=WRITER_HELP["from_run"])
                 parser.link_arguments("model.backbone", "data.backbone")
+
+            def instantiate_trainer(self, **kwargs: Any) -> Any:
+                trainer = super().instantiate_trainer(**kwargs)
+                if self.subcommand == "predict":
+                    options = self.config["predict"]["predict"]
+                    trainer.callbacks.append(PredictionWriter(options["threshold"], options["from_run"]))
+                return trainer
 
             def before_instantiate_classes(self) -> None:
                 check_accelerator(self.config[self.subcommand].trainer.accelerator)
@@ -59,6 +71,11 @@ class _CLI:
                 if self.trainer.is_global_zero and metrics and metrics[0].summary:
                     print(metrics[0].summary)
 
+            def after_predict(self) -> None:
+                writers = [cb for cb in self.trainer.callbacks if isinstance(cb, PredictionWriter)]
+                if self.trainer.is_global_zero and writers and writers[0].summary:
+                    print(writers[0].summary)
+
         OODCLI(
             OODEvalModule,
             OODDataModule,
@@ -74,8 +91,68 @@ class _CLI:
             parser_kwargs={
                 "description": "Evaluate activation shaping for OOD detection on any timm backbone.",
                 "exit_on_error": False,
+                "predict": {"description": PREDICT_DESCRIPTION},
             },
         )
+
+
+PREDICT_DESCRIPTION = """Score new, unlabelled images with one detector setting and flag those that look
+out-of-distribution: writes predictions.csv (path or index, score, is_ood, predicted class, max softmax; one row
+per sample, in input order) and predictions_summary.json (count, fraction flagged, threshold and its source).
+
+  main.py predict --from_run runs/<name>/version_N --data.predict "{kind: folder, path: images/}"
+
+--from_run <run folder> takes that finished test run's config, its selected setting (or the one
+--model.shaping/--model.score name among its settings) and its threshold (at the run's TPR, on val_id when the
+run had validation sets, else on its ID test set); the fitted statistics come from the caches or are refitted
+on its data.fit. Without --from_run, give a --config and --predict.threshold <t>: a sample scoring below t is
+OOD. Files go to <run folder>/predict/version_M (with --from_run) or the logger's directory."""
+
+
+def from_run_args(args: list[str]) -> list[str]:
+    """``main.py predict`` arguments with ``--from_run RUN`` (or ``--from_run=RUN``) replaced by the run's config
+    (its setting: the selected one; its logger: ``RUN/predict``) and ``--predict.from_run RUN``; later arguments
+    override them. Other arguments are returned as they are."""
+    import yaml
+
+    from ash_lightning.deploy.run_folder import run_config, run_results, run_setting
+
+    rest, run_dir = list(args), None
+    for i, arg in enumerate(rest):
+        if arg == "--from_run" or arg.startswith("--from_run="):
+            value = arg.partition("=")[2] if "=" in arg else (rest[i + 1] if i + 1 < len(rest) else "")
+            if not value:
+                raise UserError("--from_run needs a run folder. Usage: main.py predict --from_run <run folder> ...")
+            del rest[i : i + (1 if "=" in arg else 2)]
+            run_dir = value
+            break
+    if run_dir is None:
+        return rest
+    results = run_results(run_dir)
+    config = {k: v for k, v in run_config(run_dir, results).items() if k in PREDICT_CONFIG_KEYS}
+    if not (config.get("model") or {}).get("backbone"):
+        raise UserError(
+            f"{run_dir!r} has no main.py config.yaml naming the network (a run of the callbacks?). Fix: pass "
+            "--config <a main.py config with that model> and --predict.threshold, or use load_detector in Python."
+        )
+    setting = run_setting(results)
+    config["model"] = {**config["model"], "shaping": setting.shaping, "score": setting.score, "feature_cache": None}
+    logger = {"save_dir": run_dir, "name": "predict", "default_hp_metric": False}
+    config["trainer"] = {
+        **(config.get("trainer") or {}),
+        "logger": {"class_path": f"{MAIN_PACKAGE}.loggers.TensorBoardLogger", "init_args": logger},
+    }
+    return [*rest[:1], "--config", yaml.safe_dump(config), "--predict.from_run", run_dir, *rest[1:]]
+
+
+#: The help of ``main.py predict``'s options ``--predict.threshold`` and ``--predict.from_run``.
+WRITER_HELP = {
+    "threshold": "samples scoring below it are flagged OOD (default: the threshold of --from_run's setting)",
+    "from_run": "set by --from_run <run folder>: the run whose threshold applies",
+}
+
+#: The keys of a test run's config.yaml that ``main.py predict`` takes (``verbose`` is ``test``'s alone).
+PREDICT_CONFIG_KEYS = ("seed_everything", "trainer", "model", "data", "ood_metrics")
 
 
 def check_accelerator(accelerator: object) -> None:
@@ -127,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             list_specs(args[1:])
         else:
             keep_freed_memory_unless_disabled()
-            _CLI.run(None if argv is None else args)
+            _CLI.run(None if argv is None and args[:1] != ["predict"] else from_run_args(args))
     except (KeyboardInterrupt, SystemExit) as stop:
         signum = stopping_signal(stop)
         if signum is None:

@@ -17,7 +17,7 @@ Evaluate activation shaping for OOD detection on any timm backbone, with a train
 
 commands:
   test      OOD metrics per data set of a config: main.py test --config configs/X.yaml
-  predict   per-sample logits and OOD scores of a config's test data, without metrics
+  predict   flag new images as OOD with a run's chosen detector: main.py predict --from_run RUN --data.predict SPEC
   report    recompute the metrics table from a run directory or scores.npz, without the model
   list      every shaping, score and detector spec form, with a one-line description
 

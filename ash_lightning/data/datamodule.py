@@ -104,6 +104,7 @@ class OODDataModuleMixin:
         groups: optional group name -> OOD set names (e.g. ``near``/``far``) averaged in the results.
         val_id, val_ood: optional validation sets; the best setting of a sweep is chosen on them.
         fit: optional ID data for calibrated methods (ReAct percentile, DICE, VRA).
+        predict: optional unlabelled data that ``main.py predict`` scores and flags (any spec ``ood`` takes).
         backbone: timm name whose pretrained config gives the transform (linked from the model by the CLI).
         image_size, mean, std, interpolation, crop_pct: override the backbone's data config.
         skip_corrupt: skip undecodable image files with a warning (recorded in the results) instead of failing.
@@ -125,6 +126,7 @@ class OODDataModuleMixin:
         val_id: DatasetSpec | None = None,
         val_ood: dict[str, DatasetSpec] | None = None,
         fit: DatasetSpec | None = None,
+        predict: DatasetSpec | None = None,
         backbone: str | None = None,
         batch_size: int = 256,
         num_workers: int = 0,
@@ -161,6 +163,7 @@ class OODDataModuleMixin:
         self.loaders: list[LoaderInfo] = [info for _, info, _ in specs]
         self.sources: dict[str, Source] = {}
         self._without_images: frozenset[str] = frozenset()
+        self.predict_source: Source | None = None  # built by predict_dataloader
 
     @property
     def ood_names(self) -> list[str]:
@@ -265,6 +268,16 @@ class OODDataModuleMixin:
         if self.hparams.fit is None:
             return None
         return self._loader(build_source(self.hparams.fit, "data.fit"), "raise")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The ``predict`` data in its order (``main.py predict``); a UserError when it is not configured."""
+        if self.hparams.predict is None:
+            raise UserError(
+                "main.py predict scores the images of data.predict, which is not set. Fix: pass "
+                '--data.predict <spec>, any spec data.ood takes (e.g. "{kind: folder, path: images/}").'
+            )
+        self.predict_source = build_source(self.hparams.predict, "data.predict")
+        return self._loader(self.predict_source, "raise")
 
     def sample_paths(self, name: str, indices: list[int]) -> list[str]:
         """File paths of the given sample indices of data set ``name`` (indices where paths are unknown)."""

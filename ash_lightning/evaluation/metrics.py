@@ -18,7 +18,15 @@ from torchmetrics.utilities import dim_zero_cat
 
 from ash_lightning._options import CONVENTIONS, check_convention, check_tpr
 
-__all__ = ["CONVENTIONS", "OODMetrics", "fpr_key", "ood_metrics", "summarize", "unique_by_index"]
+__all__ = [
+    "CONVENTIONS",
+    "OODMetrics",
+    "fpr_key",
+    "ood_metrics",
+    "summarize",
+    "threshold_at_tpr",
+    "unique_by_index",
+]
 
 ScoresLike = Tensor | np.ndarray | Sequence[float]
 
@@ -45,6 +53,30 @@ def _as_float64(scores: ScoresLike, set_name: str) -> np.ndarray:
             "fix or drop them (e.g. check the model's logits for overflow) before computing OOD metrics."
         )
     return array
+
+
+def _meets_tpr(id_ge: np.ndarray, n_id: int, tpr: float) -> np.ndarray:
+    """Whether keeping ``id_ge`` of ``n_id`` ID scores reaches ``tpr``: the one float comparison that both the
+    ``paper`` FPR of :func:`ood_metrics` and :func:`threshold_at_tpr` make."""
+    return id_ge / n_id >= tpr
+
+
+def threshold_at_tpr(id_scores: ScoresLike, tpr: float = 0.95) -> float:
+    """The largest threshold t keeping at least ``tpr`` of the ID scores >= t (higher = more in-distribution).
+
+    It is always one of the ID scores, and it is the operating point of the ``paper`` convention: a sample is
+    flagged OOD when its score < t, and ``ood_metrics(id, ood, tpr=tpr)[fpr_key(tpr)] == mean(ood >= t)``.
+
+    Example:
+        >>> threshold_at_tpr([4.0, 3.0, 2.0, 1.0], tpr=0.75)  # 4, 3 and 2 are >= 2
+        2.0
+    """
+    check_tpr("tpr", tpr)
+    id64 = _as_float64(id_scores, "ID")
+    distinct = np.unique(id64)  # ascending
+    id_ge = id64.size - np.searchsorted(np.sort(id64), distinct, side="left")  # ID scores >= each distinct score
+    last = np.count_nonzero(_meets_tpr(id_ge, id64.size, tpr)) - 1
+    return float(distinct[last])
 
 
 def ood_metrics(
@@ -103,7 +135,7 @@ def ood_metrics(
     precision_out = ood_le / (ood_le + id_le)
     if convention == "paper":
         # id_ge is non-increasing: the last distinct score meeting the TPR is the largest threshold.
-        last = np.count_nonzero(id_ge / n_id >= tpr) - 1
+        last = np.count_nonzero(_meets_tpr(id_ge, n_id, tpr)) - 1
         fpr = ood_ge[last] / n_ood
         aupr_in = float(np.dot(id_eq, precision_in)) / n_id
         aupr_out = float(np.dot(ood_eq, precision_out)) / n_ood

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ash_lightning.errors import UserError
-from ash_lightning.evaluation.metrics import fpr_key, ood_metrics, summarize
+from ash_lightning.evaluation.metrics import fpr_key, ood_metrics, summarize, threshold_at_tpr
 from ash_lightning.evaluation.score_store import Store, scores_path
 from ash_lightning.shaping.specs import Shaper
 
@@ -39,6 +39,12 @@ def _set_metrics(
     id_scores: np.ndarray, sets: Mapping[str, np.ndarray], tpr: float, convention: str
 ) -> dict[str, dict[str, float]]:
     return {name: ood_metrics(id_scores, s, tpr=tpr, convention=convention) for name, s in sets.items()}
+
+
+def threshold_entry(id_scores: np.ndarray, tpr: float, set_name: str) -> dict[str, Any]:
+    """The operating point of one run on one ID set: ``value`` = :func:`threshold_at_tpr` (scores below it are
+    flagged OOD), the ``tpr`` it keeps and the ``set`` it was computed on."""
+    return {"value": threshold_at_tpr(id_scores, tpr), "tpr": tpr, "set": set_name}
 
 
 def id_accuracy(arrays: Mapping[str, np.ndarray], column: int) -> float | None:
@@ -70,8 +76,10 @@ def compute_results(
     tpr: float = 0.95,
     convention: str = "paper",
 ) -> dict[str, Any]:
-    """Per run: metrics per OOD set, their mean and group means, ID accuracy; a ranking; and, when
-    validation sets are present, the run ``selected`` on them (lowest mean validation FPR, then AUROC)."""
+    """Per run: metrics per OOD set, their mean and group means, ID accuracy, the ``threshold`` at ``tpr`` on the
+    ID test set (``threshold_entry``); a ranking; and, when validation sets are present, per run the validation
+    metrics and threshold on ``val_id``, and the run ``selected`` on them (lowest mean validation FPR, then AUROC)
+    with that validation threshold."""
     by_role: dict[str, list[str]] = {}
     for info in loaders:
         by_role.setdefault(info["role"], []).append(info["name"])
@@ -81,15 +89,26 @@ def compute_results(
         per_set = _set_metrics(
             store[id_name]["scores"][:, r], {n: store[n]["scores"][:, r] for n in by_role["ood"]}, tpr, convention
         )
-        entry = {**run, "id_accuracy": id_accuracy(store[id_name], r), "ood": per_set, **summarize(per_set, groups)}
+        entry = {
+            **run,
+            "id_accuracy": id_accuracy(store[id_name], r),
+            "threshold": threshold_entry(store[id_name]["scores"][:, r], tpr, id_name),
+            "ood": per_set,
+            **summarize(per_set, groups),
+        }
         if "val_id" in by_role:
+            val_id = store[by_role["val_id"][0]]["scores"][:, r]
             val = _set_metrics(
-                store[by_role["val_id"][0]]["scores"][:, r],
+                val_id,
                 {n: store[n]["scores"][:, r] for n in by_role["val_ood"]},
                 tpr,
                 convention,
             )
-            entry["validation"] = {"ood": val, "mean": summarize(val)["mean"]}
+            entry["validation"] = {
+                "ood": val,
+                "mean": summarize(val)["mean"],
+                "threshold": threshold_entry(val_id, tpr, by_role["val_id"][0]),
+            }
         out_runs.append(entry)
     results: dict[str, Any] = {
         "runs": out_runs,
@@ -110,6 +129,7 @@ def compute_results(
             "validation_mean": out_runs[best]["validation"]["mean"],
             "test_mean": out_runs[best]["mean"],
             "test_ood": out_runs[best]["ood"],
+            "threshold": out_runs[best]["validation"]["threshold"],
         }
     return results
 

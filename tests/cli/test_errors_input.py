@@ -22,6 +22,7 @@ from PIL import Image
 from ash_lightning.cli.app import main
 from ash_lightning.cli.exit_codes import user_error
 from ash_lightning.data.base import FileSource
+from ash_lightning.evaluation.metrics import threshold_at_tpr
 from ash_lightning.evaluation.score_store import load_scores, save_scores
 from ash_lightning.models.backbone import RandomWeightsWarning
 from tests.cli.test_errors import TRACEBACK, _apply, _run_dir
@@ -354,6 +355,10 @@ def test_report_overrides_tpr_and_convention(saved_run: Path, capsys: pytest.Cap
     results = json.loads((saved_run / "ood_results.json").read_text())
     assert results["tpr"] == 0.9 and results["convention"] == "openood" and results["missing"] == ["near"]
     assert "fpr90" in results["runs"][0]["ood"]["far"]
+    # The operating point is recomputed at the new TPR from the saved ID scores.
+    id_scores = _store(40)["scores"][:, 0]
+    assert results["runs"][0]["threshold"] == {"value": threshold_at_tpr(id_scores, 0.9), "tpr": 0.9, "set": "id"}
+    assert np.mean(id_scores >= results["runs"][0]["threshold"]["value"]) >= 0.9
 
 
 @pytest.mark.parametrize(

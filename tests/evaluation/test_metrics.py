@@ -11,7 +11,14 @@ from sklearn.metrics import auc, average_precision_score, precision_recall_curve
 from torch.utils.data import DistributedSampler
 from torchmetrics.functional.classification import binary_auroc
 
-from ash_lightning.evaluation.metrics import OODMetrics, fpr_key, ood_metrics, summarize, unique_by_index
+from ash_lightning.evaluation.metrics import (
+    OODMetrics,
+    fpr_key,
+    ood_metrics,
+    summarize,
+    threshold_at_tpr,
+    unique_by_index,
+)
 
 TOL = 1e-9
 CONVENTIONS = ("paper", "openood")
@@ -368,3 +375,31 @@ def test_oodmetrics_samples_empty_and_optional_columns_all_or_none() -> None:
         OODMetrics().update(torch.zeros(2), True, preds=torch.zeros(1))
     metric.update(torch.tensor([[3.0]]), True)
     assert metric.compute() == ood_metrics([3.0], [1.0, 2.0])  # a single column is fine
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+@pytest.mark.parametrize("tpr", [0.95, 0.9, 0.5, 1.0, 0.01, 0.7])
+def test_threshold_at_tpr_is_the_paper_fpr_operating_point(kind: str, tpr: float) -> None:
+    """The threshold is an ID score keeping >= tpr of ID scores, the next larger ID score keeps fewer, and the
+    paper FPR is exactly the fraction of OOD scores >= it (random and heavily tied cases, many sizes)."""
+    rng = np.random.default_rng(7)
+    for n_id, n_ood in [*SIZES, (20, 20), (3, 7), (100, 57)]:
+        for offset in (0.0, 20.0, -1000.0):
+            id_scores, ood_scores = make_case(rng, kind, n_id, n_ood, offset)
+            t = threshold_at_tpr(id_scores, tpr)
+            assert t in id_scores
+            assert np.mean(id_scores >= t) >= tpr
+            above = id_scores[id_scores > t]
+            assert not above.size or np.mean(id_scores >= above.min()) < tpr
+            assert ood_metrics(id_scores, ood_scores, tpr=tpr)[fpr_key(tpr)] == np.mean(ood_scores >= t)
+
+
+def test_threshold_at_tpr_by_hand_and_errors() -> None:
+    assert threshold_at_tpr([4.0, 3.0, 2.0, 1.0], tpr=0.75) == 2.0
+    assert threshold_at_tpr([4.0, 3.0, 2.0, 1.0], tpr=0.76) == 1.0
+    assert threshold_at_tpr([1.0, 1.0, 1.0, 5.0], tpr=0.5) == 1.0  # ties: 5 alone keeps 1/4
+    assert threshold_at_tpr(torch.tensor([2.0, 9.0]), tpr=0.5) == 9.0
+    with pytest.raises(ValueError, match="non-finite"):
+        threshold_at_tpr([1.0, float("nan")])
+    with pytest.raises(Exception, match="tpr"):
+        threshold_at_tpr([1.0], tpr=0.0)
