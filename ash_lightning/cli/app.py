@@ -1,4 +1,5 @@
-"""Command line: ``python main.py test --config configs/X.yaml`` (a LightningCLI) and ``main.py report RUN``.
+"""Command line: ``python main.py test --config configs/X.yaml`` (a LightningCLI), ``main.py predict --from_run RUN
+--data.predict SPEC`` (the run's chosen detector on new data, ``ash_lightning.deploy``) and ``main.py report RUN``.
 
 ``main`` reads the global flags once (``--verbose``: Lightning's tips and accelerator lines stay in the output,
 ``cli.logs``; ``--debug``: tracebacks), answers help and the commands without a model (``cli.commands``), runs the
