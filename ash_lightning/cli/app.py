@@ -59,6 +59,13 @@ class _CLI:
 
             def before_instantiate_classes(self) -> None:
                 check_accelerator(self.config[self.subcommand].trainer.accelerator)
+                if self.subcommand != "predict":
+                    given = [k for k, v in self.config[self.subcommand]["predict"].items() if v is not None]
+                    if given:
+                        raise UserError(
+                            f"--predict.{given[0]} applies to `main.py predict` only, not to `main.py "
+                            f"{self.subcommand}`. Fix: remove it, or run main.py predict."
+                        )
 
             def before_test(self) -> None:
                 for logger in self.trainer.loggers:

@@ -185,3 +185,12 @@ def test_on_shared_cifar10_predict_flags_one_minus_tpr_of_the_id_set_and_one_min
             )
         else:
             assert (~flagged).mean() == entry["ood"]["mnist"]["fpr95"]
+
+
+def test_predict_options_given_to_test_are_an_error_not_ignored(
+    tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(tiny_data, tiny_checkpoint, tmp_path)
+    status, _, err = main_in_process(config, tmp_path, "--predict.threshold", "3.5")
+    assert status == 2 and "--predict.threshold applies to `main.py predict` only" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
