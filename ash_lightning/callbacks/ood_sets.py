@@ -171,9 +171,6 @@ def progress(trainer: Trainer, description: str, total: int | None) -> Iterator[
     rich = getattr(bar, "progress", None)
     if rich is not None and callable(getattr(rich, "add_task", None)):
         task = rich.add_task(description, total=total)
-        try:
-            yield lambda: rich.update(task, advance=1, refresh=True)
-        finally:
-            rich.update(task, visible=False)
+        yield lambda: rich.update(task, advance=1, refresh=True)  # stays shown, as a finished tqdm bar does
         return
     yield lambda: None
