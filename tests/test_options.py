@@ -28,7 +28,10 @@ NOISE = {"kind": "gaussian", "num_samples": 4, "size": 8}
 
 
 def _data(**options: object) -> OODDataModule:
-    return OODDataModule(id=NOISE, ood={"bright": {**NOISE, "kind": "uniform"}}, **options)
+    """A data module whose transform comes from a backbone's config, so only the option under test can fail."""
+    return OODDataModule(
+        id=NOISE, ood={"bright": {**NOISE, "kind": "uniform"}}, **{"backbone": "cifar_resnet20", **options}
+    )
 
 
 def _model(**options: object) -> OODEvalModule:

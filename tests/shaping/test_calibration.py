@@ -420,13 +420,13 @@ def test_activation_shaping_callback(resnet, images, spec):
     assert not torch.allclose(shaped, base)
     assert torch.equal(wrapper(x), base)
     # The callback fits calibrated specs on the data module's fit data, as OODEvalModule does, and caches them.
-    assert fit_data.calls == needs_calibration(callback.shaper)
+    assert fit_data.calls == needs_calibration(callback.requested[0])
     expected = calibrate_shapers([get_shaping(spec)], resnet, "penultimate", FitPass(Fit(images["fit"]), KEY))[0]
     with attach_shaping(resnet, expected):
         torch.testing.assert_close(shaped, resnet(x))
     callback.on_test_start(trainer, wrapper)
     callback.on_test_end(trainer, wrapper)
-    assert fit_data.calls == needs_calibration(callback.shaper)
+    assert fit_data.calls == needs_calibration(callback.requested[0])
 
 
 def test_activation_shaping_callback_without_fit_data(resnet):
