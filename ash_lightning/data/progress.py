@@ -107,8 +107,9 @@ def _rich_display(columns: list[Any], console: Any, description: str, total: int
 
 
 def _of_bar(trainer: Any) -> PassProgress:
-    """The display of a pass for ``trainer``'s bar as it is now (module docstring)."""
-    bar = trainer.progress_bar_callback
+    """The display of a pass for ``trainer``'s bar as it is now (module docstring; an object without a
+    ``progress_bar_callback``, e.g. a stand-in trainer, has none)."""
+    bar = getattr(trainer, "progress_bar_callback", None)
     if bar is None or not trainer.is_global_zero or not getattr(bar, "is_enabled", True):
         return no_progress
     if callable(getattr(bar, "init_test_tqdm", None)):  # TQDMProgressBar of either package: it draws on stdout
