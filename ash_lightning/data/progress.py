@@ -92,9 +92,10 @@ def _tqdm_bar(make: Callable[[], Any], description: str, total: int | None) -> I
 
 @contextmanager
 def _rich_task(progress: Any, description: str, total: int | None) -> Iterator[Advance]:
-    """A task of the running rich ``progress``; it stays shown when done, as a finished tqdm bar does."""
+    """A task of the running rich ``progress`` (drawn by its own refresh thread); it stays shown when done, as a
+    finished tqdm bar does."""
     task = progress.add_task(description, total=total)
-    yield lambda: progress.update(task, advance=1, refresh=True)
+    yield lambda: progress.update(task, advance=1)
 
 
 @contextmanager
