@@ -23,12 +23,12 @@ import pytorch_lightning as pl
 import torch
 from timm.data import resolve_data_config
 from torch import Tensor
-from tqdm import tqdm
 
 from ash_lightning._cache import network_identity
 from ash_lightning._options import check_int, check_range
 from ash_lightning.data.datamodule import OODDataModuleMixin
 from ash_lightning.data.fit_pass import FitPass
+from ash_lightning.data.progress import PassProgress, no_progress, trainer_progress
 from ash_lightning.detectors import Detector, FittedDetector
 from ash_lightning.detectors.fitting import FitSettings, check_detectors, fit_detectors
 from ash_lightning.detectors.scoring import SettingBatch, detector_score, resolve_score, score_name
@@ -206,27 +206,22 @@ class OODEvalModuleMixin:
                 len(self.shapers),
             )
         if any(map(needs_calibration, self.requested_shapers)) or self.detectors:
-            progress = self.trainer.progress_bar_callback is not None and self.trainer.is_global_zero
-            self.fit_on_id_data(self.trainer.datamodule, progress=progress)
+            self.fit_on_id_data(self.trainer.datamodule, trainer_progress(self.trainer))
 
-    def fit_on_id_data(self, datamodule: Any, progress: bool = False) -> None:
+    def fit_on_id_data(self, datamodule: Any, progress: PassProgress = no_progress) -> None:
         """Calibrate the calibrated shapers, then fit the detectors per shaping, in one fit pass each (both cached,
         keyed by the network identity and ``datamodule``'s ``fit_identity``); its ``fit_dataloader`` is read on a
-        cache miss, with a progress bar when ``progress``."""
+        cache miss, each pass shown by ``progress`` (``ash_lightning.data.progress``; the trainer's bar when
+        testing)."""
         data = datamodule.fit_identity() if isinstance(datamodule, OODDataModuleMixin) else None
         fit_dataloader = getattr(datamodule, "fit_dataloader", None)
-
-        def fit_loader() -> Any:
-            loader = fit_dataloader() if callable(fit_dataloader) else None
-            if loader is None or not progress:
-                return loader
-            return tqdm(loader, desc="fitting on data.fit", unit="batch", leave=False)
-
         fit = FitPass(
-            fit_loader,
+            lambda: fit_dataloader() if callable(fit_dataloader) else None,
             None if data is None else make_cache_key(self._network_identity(), data),
             self.hparams.calibration_samples,
             self.device,
+            "data.fit" if isinstance(datamodule, OODDataModuleMixin) else "the data module's fit_dataloader()",
+            progress,
         )
         if any(map(needs_calibration, self.requested_shapers)):
             self.shapers = calibrate_shapers(self.requested_shapers, self.model, self.placement, fit)

@@ -9,10 +9,11 @@ from torch import nn
 
 from ash_lightning._cache import network_identity
 from ash_lightning.callbacks.brief_errors import show_user_errors_briefly
-from ash_lightning.callbacks.fit_data import id_fit_data
+from ash_lightning.callbacks.fit_data import fit_data_name, id_fit_data
 from ash_lightning.callbacks.network import find_network
 from ash_lightning.callbacks.scoring import Settings
 from ash_lightning.data.fit_pass import FitData, FitPass
+from ash_lightning.data.progress import trainer_progress
 from ash_lightning.errors import UserError
 from ash_lightning.lightning_packages import CALLBACK_BASES, rank_zero_info
 from ash_lightning.shaping.calibration import calibrate_shapers, make_cache_key, needs_calibration
@@ -112,7 +113,13 @@ class ActivationShapingCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the C
         if any(map(needs_calibration, self.requested)):
             fit = getattr(trainer.datamodule, "hparams", {}).get("fit") if self.fit_dataloader is None else None
             key = make_cache_key(network_identity(type(network).__name__, network), fit) if fit is not None else None
-            fit_pass = FitPass(lambda: self._fit_data(trainer), key, device=pl_module.device)
+            fit_pass = FitPass(
+                lambda: self._fit_data(trainer),
+                key,
+                device=pl_module.device,
+                data_name=fit_data_name(self.fit_dataloader, trainer),
+                progress=trainer_progress(trainer),
+            )
             self.shapers = calibrate_shapers(self.requested, network, self.placement, fit_pass)
         return network
 

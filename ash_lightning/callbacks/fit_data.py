@@ -25,6 +25,14 @@ def id_fit_data(fit_dataloader: FitData | None, trainer: Trainer, needs: str, fi
     return loader
 
 
+def fit_data_name(fit_dataloader: FitData | None, trainer: Trainer) -> str:
+    """What the fit passes' progress calls the data ``id_fit_data`` reads: ``fit_dataloader``, else the data
+    module's ``data.fit`` (an ``OODDataModule``'s) or ``fit_dataloader()``."""
+    if fit_dataloader is not None:
+        return "fit_dataloader"
+    return "data.fit" if "fit" in getattr(trainer.datamodule, "hparams", {}) else "the data module's fit_dataloader()"
+
+
 def require_fit_labels(loader: Iterable[Any], needs: str) -> None:
     """A UserError unless the first batch of ``loader`` carries class labels (none negative)."""
     first = next(iter(loader), None)

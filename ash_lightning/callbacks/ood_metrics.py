@@ -56,13 +56,13 @@ from ash_lightning.callbacks.ood_sets import (
     described,
     id_test_loader,
     prepare,
-    progress,
     shard_loader,
 )
 from ash_lightning.callbacks.recorded import recorded
 from ash_lightning.callbacks.scoring import RunScorer, Settings
 from ash_lightning.data.batches import batch_part, describe_batch, expected_layout
 from ash_lightning.data.fit_pass import FitData
+from ash_lightning.data.progress import trainer_progress
 from ash_lightning.errors import UserError
 from ash_lightning.evaluation.constant_scores import constant_score_warning
 from ash_lightning.evaluation.metrics import OODMetrics
@@ -421,7 +421,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
             )
             done = 0
             total = len(loader) if positions is not None else None
-            with progress(trainer, f"OOD {name}", total) as advance, torch.inference_mode():
+            with trainer_progress(trainer)(f"OOD {name}", total) as advance, torch.inference_mode():
                 for batch in loader:
                     images = batch_part(batch, "images")
                     if images is None:

@@ -12,8 +12,7 @@ the end of a set smaller than the world scores one repeated sample, counted once
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -149,28 +148,3 @@ def shard_loader(
     positions = list(range(rank, len(dataset), world_size)) or [rank % len(dataset)]
     loader = DataLoader(dataset, batch_size=size, sampler=positions, num_workers=workers, collate_fn=collate)
     return loader, positions
-
-
-@contextmanager
-def progress(trainer: Trainer, description: str, total: int | None) -> Iterator[Callable[[], None]]:
-    """A progress bar of the trainer's kind (its tqdm or rich bar; nothing without one) for ``total`` batches;
-    yields the function that advances it by one."""
-    bar: Any = trainer.progress_bar_callback
-    if bar is None or not trainer.is_global_zero:
-        yield lambda: None
-        return
-    if callable(getattr(bar, "init_test_tqdm", None)):
-        tqdm = bar.init_test_tqdm()  # TQDMProgressBar of either package
-        tqdm.reset(total=total)
-        tqdm.set_description(description)
-        try:
-            yield lambda: tqdm.update(1)
-        finally:
-            tqdm.close()
-        return
-    rich = getattr(bar, "progress", None)
-    if rich is not None and callable(getattr(rich, "add_task", None)):
-        task = rich.add_task(description, total=total)
-        yield lambda: rich.update(task, advance=1, refresh=True)  # stays shown, as a finished tqdm bar does
-        return
-    yield lambda: None

@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from ash_lightning._cache import network_identity
-from ash_lightning.callbacks.fit_data import id_fit_data, require_fit_labels
+from ash_lightning.callbacks.fit_data import fit_data_name, id_fit_data, require_fit_labels
 from ash_lightning.data.batches import expected_layout
 from ash_lightning.data.fit_pass import FitData, FitPass
+from ash_lightning.data.progress import trainer_progress
 from ash_lightning.detectors import Detector, FeatureDetector, FittedDetector
 from ash_lightning.detectors.fitting import FitSettings, check_detectors, fit_detectors
 from ash_lightning.detectors.scoring import SettingBatch, detector_score, resolve_score, score_name
@@ -129,6 +130,8 @@ class RunScorer:
             lambda: self._fit_data(trainer, ", ".join(d.spec for d in detectors)),
             key,
             device=next(network.parameters()).device,
+            data_name=fit_data_name(self.fit_dataloader, trainer),
+            progress=trainer_progress(trainer),
         )
         fitted = fit_detectors(detectors, fit_settings, settings.placement, fit_pass)
         return [{one.spec: one for one in row} for row in fitted]

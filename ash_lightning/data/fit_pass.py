@@ -5,11 +5,13 @@ and fitted detectors (``ash_lightning.detectors.fitting``) collect their statist
 identifies network and data (None: nothing is cached), at most how many samples, and on which device.
 ``FitPass.run(model, take, ...)`` puts the model in eval mode (restoring its mode after), reads each batch's
 images (``fit_images``: corrupt files the data module skipped are dropped) and labels, cuts the pass at
-``max_samples`` and hands each non-empty ``FitBatch`` to ``take``.
+``max_samples`` and hands each non-empty ``FitBatch`` to ``take``, showing the pass's ``progress``
+(``ash_lightning.data.progress``: ``fit <what> on <data_name>``, in batches).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -20,9 +22,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ash_lightning.data.batches import batch_part, fit_images
+from ash_lightning.data.progress import PassProgress, no_progress
 from ash_lightning.errors import UserError
 
-__all__ = ["FitBatch", "FitData", "FitPass", "fit_batches", "fit_loader_of"]
+__all__ = ["FitBatch", "FitData", "FitPass", "fit_batches", "fit_loader_of", "planned_batches"]
 
 FitData = Iterable[Any] | Callable[[], Iterable[Any]]
 
@@ -30,6 +33,17 @@ FitData = Iterable[Any] | Callable[[], Iterable[Any]]
 def fit_batches(data: FitData) -> Iterable[Any]:
     """``data`` itself when it is a DataLoader (or any iterable of batches), else ``data()``."""
     return data if isinstance(data, Iterable) else data()
+
+
+def planned_batches(loader: Iterable[Any], max_samples: int | None) -> int | None:
+    """The batches a pass over ``loader`` reads: ``len(loader)`` (None when unknown), at most as many as
+    ``max_samples`` fill at its ``batch_size`` (a pass that drops corrupt files reads more)."""
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    size = getattr(loader, "batch_size", None)
+    return min(total, math.ceil(max_samples / size)) if max_samples is not None and size else total
 
 
 def fit_loader_of(trainer: Any) -> DataLoader | None:
@@ -59,12 +73,16 @@ class FitPass:
             identity (nothing is then read from or written to a cache).
         max_samples: take the first this many samples (None: all).
         device: where the images go (None: the model's device).
+        data_name: what the progress calls the fit data (e.g. ``data.fit``).
+        progress: how a pass is shown (``ash_lightning.data.progress``; default: not at all).
     """
 
     data: Callable[[], Iterable[Any] | None]
     cache_key: dict[str, Any] | None = None
     max_samples: int | None = None
     device: torch.device | None = None
+    data_name: str = "the fit data"
+    progress: PassProgress = no_progress
 
     def __post_init__(self) -> None:
         if self.max_samples is not None and self.max_samples < 1:
@@ -86,16 +104,17 @@ class FitPass:
         grad_mode: Callable[[], AbstractContextManager[Any]] = torch.inference_mode,
     ) -> int:
         """Hand every non-empty batch of the first ``max_samples`` samples to ``take``, with ``model`` in eval
-        mode and under ``grad_mode()`` (default ``torch.inference_mode``); the number of samples taken. A
-        UserError ``no_data`` when ``data()`` is None, and one naming ``what`` (e.g. "the detectors") when it
-        yields no samples."""
+        mode and under ``grad_mode()`` (default ``torch.inference_mode``); the number of samples taken. ``what``
+        names the methods fitted (e.g. "knn@50, mds") in the progress and in a UserError when the data yields no
+        samples; a UserError ``no_data`` when ``data()`` is None."""
         loader = self.data()
         if loader is None:
             raise UserError(no_data)
         device, seen, was_training = self.device_of(model), 0, model.training
+        progress = self.progress(f"fit {what} on {self.data_name}", planned_batches(loader, self.max_samples))
         try:
             model.eval()
-            with grad_mode():
+            with grad_mode(), progress as advance:
                 for batch in loader:
                     images, keep = fit_images(batch)
                     labels = batch_part(batch, "labels")
@@ -107,6 +126,7 @@ class FitPass:
                     if len(images):
                         take(FitBatch(images.to(device), labels, batch))
                     seen += len(images)
+                    advance()
                     if seen == self.max_samples:
                         break
         finally:

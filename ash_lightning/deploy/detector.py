@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ash_lightning.data.progress import terminal_progress
 from ash_lightning.deploy.run_folder import RunSetting, run_config, run_results, run_setting
 from ash_lightning.detectors import Detector, FittedDetector
 from ash_lightning.detectors.fitting import fit_detector
@@ -137,7 +138,7 @@ def _from_config(config: dict[str, Any], setting: RunSetting, device: torch.devi
     model_args = {**config["model"], "shaping": setting.shaping, "score": setting.score, "feature_cache": None}
     module = OODEvalModule(**model_args).to(device)
     datamodule = OODDataModule(**{**config["data"], "backbone": model_args["backbone"]})
-    module.fit_on_id_data(datamodule, progress=True)
+    module.fit_on_id_data(datamodule, terminal_progress())
     data_config = datamodule.data_config()
     fitted = module.fitted[0].get(setting.score)
     return OODDetector(

@@ -261,7 +261,9 @@ def _fit_missing(
         shifts={(s, detectors[j].spec): [] for s, j in missing if isinstance(detectors[j], AdaScale)},
     )
     take = functools.partial(collected.add, settings)
-    fit.run(settings.model, take, what="the detectors", no_data=no_data, grad_mode=nullcontext)  # no inference mode
+    under = f" under {', '.join(settings.names[s] for s in sorted({s for s, _ in missing}))}"
+    what = ", ".join(specs) + (under if len(settings.names) > 1 else "")
+    fit.run(settings.model, take, what=what, no_data=no_data, grad_mode=nullcontext)  # no inference mode
     labels = torch.cat(collected.labels) if collected.labelled else None
     weight, bias = classifier_weights(settings.model) if features else (None, None)
     result: dict[tuple[int, int], FittedDetector] = {}

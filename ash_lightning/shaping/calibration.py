@@ -124,7 +124,8 @@ def calibrate_shapers(shapers: list[Shaper], model: nn.Module, placement: str, f
     if missing:
         log.info("calibration: collecting ID statistics %s at placement %r", missing, placement)
         no_data = missing_fit_data_message([unfitted.spec for unfitted in pending])
-        stats = stats.merged(collect_stats(model, placement, missing, fit, no_data))
+        what = ", ".join(unfitted.spec for unfitted in pending)
+        stats = stats.merged(collect_stats(model, placement, missing, fit, no_data, what))
         if path:
             entry = canonical_json(_entry(key, stats))
             write_entry(path, lambda tmp: Path(tmp).write_text(entry), "calibration cache")
@@ -211,9 +212,10 @@ def collect_stats(
     request: StatsRequest,
     fit: FitPass,
     no_data: str = "calibrated shapers need ID fit data: set data.fit, or pass fit_dataloader=<an ID DataLoader>.",
+    what: str = "calibrated shapers",
 ) -> IDStats:
     """``request``'s ID statistics from one ``fit`` pass of ``model`` (eval mode, inference mode; a UserError
-    ``no_data`` without fit data); see the module docstring."""
+    ``no_data`` without fit data; ``what``: the shapers fitted, for its progress); see the module docstring."""
     values, unit_mean = _Subsample(MAX_VALUES), _UnitMean()
     hook_points = []
     if request.percentiles:
@@ -226,7 +228,7 @@ def collect_stats(
         model(batch.images)
 
     try:
-        seen = fit.run(model, take, what="calibrated shapers", no_data=no_data)
+        seen = fit.run(model, take, what=what, no_data=no_data)
     finally:
         for hook in hooks:
             hook.remove()

@@ -1,6 +1,6 @@
 """The OOD sets of ``OODMetricsCallback(ood=...)`` under Lightning's RichProgressBar (the Hydra template's default
-bar): each set is a task of the trainer's own rich bar, advanced once per batch, and the results equal those under
-the tqdm bar."""
+bar) on a terminal: each set is a task of the trainer's own rich bar, advanced once per batch, and the results equal
+those under the tqdm bar."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ash_lightning.callbacks import ActivationShapingCallback, OODMetricsCallback
 
 L = pytest.importorskip("lightning")
-pytest.importorskip("rich")
+rich = pytest.importorskip("rich")
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar  # noqa: E402
 
 
@@ -35,10 +35,10 @@ class Model(L.LightningModule):
 
 
 class SpyRich(RichProgressBar):
-    """RichProgressBar recording the tasks added to its progress display and how often each advanced."""
+    """RichProgressBar on a terminal recording the tasks added to its progress display and how often each advanced."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(console_kwargs={"force_terminal": True})
         self.tasks: dict[str, int] = {}
 
     def _init_progress(self, trainer) -> None:
@@ -77,6 +77,9 @@ def _run(bar, out: Path) -> dict:
 
 def test_ood_sets_show_on_the_rich_bar_and_equal_the_tqdm_results(tmp_path: Path) -> None:
     rich_bar = SpyRich()
-    with_rich = _run(rich_bar, tmp_path / "rich")
+    try:
+        with_rich = _run(rich_bar, tmp_path / "rich")
+    finally:
+        rich.reconfigure()  # the bar made rich's global console a terminal
     assert rich_bar.tasks.get("OOD shifted") == 5  # 40 samples in batches of 8
     assert with_rich == _run(TQDMProgressBar(), tmp_path / "tqdm")
