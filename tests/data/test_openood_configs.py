@@ -39,6 +39,23 @@ BENCHMARKS = {
     ),
     "imagenet": ("images_largescale", ["ssb_hard", "ninco"], ["inaturalist", "textures", "openimage_o"], "openimage_o"),
 }
+# The covariate-shifted ID sets of each benchmark (DATA_INFO[...]["csid"]["datasets"], in order) and their list names.
+CSID = {
+    "cifar10": {"cifar10c": "test_cifar10c"},
+    "cifar100": {},
+    "imagenet200": {
+        "imagenet_v2": "test_imagenet200_v2",
+        "imagenet_c": "test_imagenet200_c",
+        "imagenet_r": "test_imagenet200_r",
+    },
+    "imagenet": {
+        "imagenet_v2": "test_imagenet_v2",
+        "imagenet_c": "test_imagenet_c",
+        "imagenet_r": "test_imagenet_r",
+        "imagenet_es": "test_imagenet_es",
+    },
+}
+AT_INPUT_SIZE = {"imagenet_c": 224}  # stored at the network's input size (read with `resize: false`)
 # The image folder each set's list points into (as in OpenOOD's lists: "<folder>/<split or class>/<file>").
 FOLDERS = {
     "cifar10": "cifar10/test",
@@ -55,21 +72,33 @@ FOLDERS = {
     "ninco": "ninco/amphiuma_means",
     "inaturalist": "inaturalist/Images",
     "openimage_o": "openimage_o/images",
+    "cifar10c": "cifar10c/gaussian_noise/5",
+    "imagenet_v2": "imagenet_v2/0",
+    "imagenet_c": "imagenet_c/blur/defocus_blur/5/n01440764",
+    "imagenet_r": "imagenet_r/n01443537",
+    "imagenet_es": "imagenet_es/es-test/param_control/l1/param_1",
 }
 # A backbone override only where the config's network is too slow for a CPU test: a ViT-Ti of the same family.
 BACKBONE_OVERRIDES = {"imagenet_vit_b16.yaml": "vit_tiny_patch16_224"}
 
 
 def _write_list(
-    tree: Path, benchmark: str, list_name: str, images_root: str, folder: str, label: int | None, size: int, seed: int
+    tree: Path,
+    benchmark: str,
+    list_name: str,
+    images_root: str,
+    folder: str,
+    label: int | None,
+    shape: tuple[int, int],
+    seed: int,
 ) -> None:
-    """``IMAGES_PER_LIST`` JPEGs under ``tree/images_root/folder`` and their list ``benchmark_imglist/...``."""
+    """``IMAGES_PER_LIST`` JPEGs of ``shape`` (H, W) under ``tree/images_root/folder``, and their list."""
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(IMAGES_PER_LIST):
         relative = f"{folder}/{list_name}_{i:04d}.jpg"
         (tree / images_root / relative).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(tree / images_root / relative)
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(tree / images_root / relative)
         lines.append(f"{relative} {i % 3 if label is None else label}")
     path = tree / "benchmark_imglist" / benchmark / f"{list_name}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +107,8 @@ def _write_list(
 
 def build_openood_tree(tree: Path) -> Path:
     """A miniature of the folder OpenOOD's download script fills: every list of the four v1.5 benchmarks, in its
-    exact format (``relative/path label``, -1 for OOD sets), with a few generated JPEGs behind each line."""
+    exact format (``relative/path label``, -1 for OOD sets), with a few generated JPEGs behind each line (not square,
+    except ImageNet-C's, which are stored at the input size)."""
     seed = 0
     for benchmark, (images_root, near, far, val_ood) in BENCHMARKS.items():
         size = 32 if benchmark.startswith("cifar") else 64
@@ -91,9 +121,12 @@ def build_openood_tree(tree: Path) -> Path:
             (f"test_{name}", "images_classic" if name.startswith("texture") else images_root, name, -1)
             for name in near + far
         ]
+        lists += [(list_name, images_root, name, None) for name, list_name in CSID[benchmark].items()]
         for list_name, root, folder_key, label in lists:
             seed += 1
-            _write_list(tree, benchmark, list_name, root, FOLDERS[folder_key], label, size, seed)
+            side = AT_INPUT_SIZE.get(folder_key)
+            shape = (side, side) if side else (size, size + 8)
+            _write_list(tree, benchmark, list_name, root, FOLDERS[folder_key], label, shape, seed)
     return tree
 
 
@@ -146,9 +179,18 @@ def test_config_runs_end_to_end_on_a_miniature_openood_tree(config: Path, openoo
     assert results["id"] == benchmark and results["convention"] == "openood"
     assert results["ood_sets"] == near + far and results["groups"] == {"near": near, "far": far}
     assert results["selected"]["shaping"].startswith("ash_s@")  # chosen on val_<benchmark> against val_<val_ood>
+    csid = list(CSID[benchmark])
+    assert results.get("csid_sets", []) == csid
+    assert {name: results["counts"][name] for name in csid} == dict.fromkeys(csid, IMAGES_PER_LIST)
     for run in results["runs"]:
         assert set(run["ood"]) == set(near + far)
         assert all(0 <= m["auroc"] <= 1 for m in run["ood"].values())
+        if csid:
+            assert set(run["fsood"]["ood"]) == set(near + far) and set(run["fsood"]["groups"]) == {"near", "far"}
+            assert list(run["fsood"]["csid_accuracy"]) == csid
+            assert all(0 <= m["auroc"] <= 1 for m in run["fsood"]["ood"].values())
+        else:
+            assert "fsood" not in run
 
 
 def _broken_tree(tree: Path, benchmark: str, list_name: str, edit: str) -> None:
