@@ -443,7 +443,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
                     images = batch_part(batch, "images")
                     if images is None:
                         raise UserError(
-                            f"OODMetricsCallback: the items of {role} set {name!r} hold no image tensor "
+                            f"OODMetricsCallback: the items of {role.upper()} set {name!r} hold no image tensor "
                             f"({describe_batch(batch)}). Fix: make them (image tensor, label) or a dict with an "
                             "'image' "
                             "tensor, or give a data spec with OODMetricsCallback(transform=...)."

@@ -239,6 +239,33 @@ def test_imglist_errors_exit_2_with_one_error_line(
     assert not list(tmp_path.glob("**/ood_results.json"))
 
 
+def test_without_the_csid_images_the_error_says_how_to_run_without_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """download.py's ood_v1.5 does not fetch CIFAR-10-C: the run stops naming it, and --data.csid '{}' runs without."""
+    tree = build_openood_tree(tmp_path / "data")
+    for image in (tree / "images_classic" / "cifar10c").rglob("*.jpg"):
+        image.unlink()
+    monkeypatch.setenv("DATASETS", str(tree))
+    monkeypatch.delenv("ASH_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    config = {
+        "model": {"backbone": "openood_resnet18_32x32.openood_v15_cifar10", "shaping": "ash_s@90"},
+        "data": str(REPO / "configs" / "openood_v1.5" / "data" / "cifar10.yaml"),
+        "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False},
+        "ood_metrics": {"output_dir": str(tmp_path / "out")},
+    }
+    status, _, err = main_in_process(config, tmp_path, "--data.num_workers", "0")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert status == 2 and len(errors) == 1, err[-2000:]
+    assert "data.csid.cifar10c: " in errors[0] and "test_cifar10c.txt:1: image" in errors[0]
+    assert errors[0].endswith("Or leave the covariate-shifted ID sets out: --data.csid '{}'.")
+    status, _, err = main_in_process(config, tmp_path, "--data.num_workers", "0", "--data.csid", "{}")
+    assert status == 0, err[-2000:]
+    results = json.loads((tmp_path / "out" / "ood_results.json").read_text())
+    assert "csid_sets" not in results and "cifar10c" not in results["counts"]
+
+
 def test_missing_image_through_main_py_exits_2_without_traceback(tmp_path: Path) -> None:
     tree = tmp_path / "data"
     build_openood_tree(tree)

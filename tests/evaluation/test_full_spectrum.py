@@ -1,18 +1,24 @@
 """Full-spectrum OOD (csid sets counted as ID) against a transcription of OpenOOD v1.5's evaluator, and the csid
-parts of the results: table, CSV rows, logger scalars, TensorBoard session metrics."""
+parts of the results: table, CSV rows, logger scalars, TensorBoard session metrics; and ``main.py test`` end to end."""
 
 from __future__ import annotations
 
 import csv
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ash_lightning.cli.commands import report
 from ash_lightning.evaluation.full_spectrum import full_spectrum_metrics, full_spectrum_scalars
 from ash_lightning.evaluation.metrics import ood_metrics
 from ash_lightning.evaluation.results import compute_results, format_table, write_results
+from ash_lightning.evaluation.score_store import load_scores
 from ash_lightning.evaluation.tensorboard import setting_metrics
+from tests.conftest import run_main, tiny_config, write_npz
 
 TOL = 1e-6
 NEAR, FAR = ["ssb_hard", "ninco"], ["inaturalist", "textures"]
@@ -60,7 +66,7 @@ def openood_fsood(id_test, csid, ood):
     table = {}
     for split in ("near", "far"):
         metrics_list = []
-        for name, (ood_pred, ood_conf, ood_gt) in ood[split].items():
+        for ood_pred, ood_conf, ood_gt in ood[split].values():
             ood_gt = -1 * np.ones_like(ood_gt)
             pred = np.concatenate([id_pred, ood_pred])
             conf = np.concatenate([id_conf, ood_conf])
@@ -157,7 +163,8 @@ def test_table_csv_and_scalars_carry_the_full_spectrum_results(case: tuple[dict,
     assert f"imagenet_c {100 * best['fsood']['csid_accuracy']['imagenet_c']:.2f}%" in table
     assert f"| ninco | {100 * best['fsood']['ood']['ninco']['fpr95']:.2f} |" in table
     _, csv_path = write_results(results, str(tmp_path))
-    rows = {(row["shaping"], row["set"]): row for row in csv.DictReader(open(csv_path))}
+    with open(csv_path) as lines:
+        rows = {(row["shaping"], row["set"]): row for row in csv.DictReader(lines)}
     assert len(rows) == 2 * (4 + 2 + 1) * 2 + 2 * 2  # runs × (sets, groups, mean) × (ood, fsood) + runs × csid sets
     for run in results["runs"]:
         row = rows[(run["shaping"], "fsood:group:near")]
@@ -185,3 +192,50 @@ def test_without_csid_sets_nothing_changes(case: tuple[dict, list, list]) -> Non
     assert "Full-spectrum" not in format_table(without) and full_spectrum_scalars(without["runs"][0]) == {}
     for a, b in zip(with_csid["runs"], without["runs"], strict=True):
         assert {k: v for k, v in a.items() if k != "fsood"} == b
+
+
+def test_main_py_test_reports_full_spectrum_results_everywhere(
+    tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """One ``main.py test`` sweep with two csid sets and a detector fitted on data.fit: the JSON's fsood numbers are
+    those of the saved scores with the csid sets counted as ID; the printed table, the CSV, the TensorBoard scalars
+    and ``main.py report`` carry them. (The config is written with sorted keys: the sets are named in that order.)"""
+    csid = {
+        "shifted": {"kind": "npz", "path": str(write_npz(tmp_path / "shifted.npz", 29, 3, 0.8))},
+        "tinted": {"kind": "npz", "path": str(write_npz(tmp_path / "tinted.npz", 19, 4, 0.7))},
+    }
+    config = tiny_config(tiny_data, tiny_checkpoint, tmp_path, shaping=["none", "ash_s@90"], score=["energy", "knn@5"])
+    config["data"] |= {"csid": csid, "fit": {"kind": "npz", "path": str(tiny_data["id"]), "select": "0::2"}}
+    proc = run_main(config, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "run" / "v"
+    results = json.loads((run_dir / "ood_results.json").read_text())
+    assert results["csid_sets"] == ["shifted", "tinted"]
+    assert results["counts"] == {"id": 101, "dark": 67, "bright": 53, "shifted": 29, "tinted": 19}
+    store, meta = load_scores(str(run_dir))
+    assert [info["role"] for info in meta["loaders"]] == ["id", "ood", "ood", "csid", "csid"]
+    for r, run in enumerate(results["runs"]):
+        as_id = np.concatenate([store[n]["scores"][:, r] for n in ("id", "shifted", "tinted")])
+        for name in ("dark", "bright"):
+            assert run["fsood"]["ood"][name] == pytest.approx(ood_metrics(as_id, store[name]["scores"][:, r]), abs=TOL)
+            assert run["ood"][name] == pytest.approx(
+                ood_metrics(store["id"]["scores"][:, r], store[name]["scores"][:, r]), abs=TOL
+            )
+        labelled = [store[n] for n in ("id", "shifted", "tinted")]
+        correct = sum(int((a["preds"][:, r] == a["targets"]).sum()) for a in labelled)
+        assert run["fsood"]["accuracy"] == pytest.approx(correct / (101 + 29 + 19), abs=1e-12)
+        assert set(run["fsood"]["csid_accuracy"]) == {"shifted", "tinted"}
+    assert "Full-spectrum (ID = id + the csid sets" in proc.stdout
+    with open(run_dir / "ood_results.csv") as lines:
+        csv_sets = [row["set"] for row in csv.DictReader(lines)]
+    assert csv_sets.count("fsood:mean") == 4 and csv_sets.count("csid:tinted") == 4
+    events = EventAccumulator(str(run_dir), size_guidance={"histograms": 0})
+    events.Reload()
+    best = results["runs"][0]
+    prefix = f"{best['shaping']}|{best['score']}/"
+    assert events.Scalars(f"{prefix}fsood/dark/auroc")[0].value == pytest.approx(best["fsood"]["ood"]["dark"]["auroc"])
+    assert events.Scalars(f"{prefix}csid/accuracy")[0].value == pytest.approx(best["fsood"]["accuracy"])
+    assert f"{prefix}scores/shifted" in events.Tags()["histograms"]
+    (run_dir / "ood_results.json").unlink()
+    report([str(run_dir)])
+    assert json.loads((run_dir / "ood_results.json").read_text()) == results
