@@ -32,7 +32,8 @@ alone: when it ends (``on_test_epoch_end``) the callback scores each OOD set its
 attached as for the ID set, sharded across ranks (each sample once, by index), with a progress bar of the trainer's
 kind. They never pass through the user's ``test_step``, so the metrics it logs are the ID set's alone. A sweep
 (``ActivationShapingCallback([...])``) is scored from one backbone pass per batch for every setting
-(``ash_lightning.callbacks.scoring``).
+(``ash_lightning.callbacks.scoring``). Covariate-shifted ID sets (``csid=``, scored after ``ood=`` the same way, or
+role ``csid`` declared by the data module) add the full-spectrum results (``ash_lightning.evaluation.full_spectrum``).
 """
 
 from __future__ import annotations
