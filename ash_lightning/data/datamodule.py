@@ -302,13 +302,9 @@ class OODDataModuleMixin:
         on_corrupt: OnCorrupt = "raise" if self.trainer is None else "mark"
         return [
             self._loader(
-                self.sources[info.name],
-                self.specs[info.name],
-                f"data.{what}",
-                on_corrupt,
-                images=info.name not in self._without_images,
+                self.sources[info.name], spec, f"data.{what}", on_corrupt, images=info.name not in self._without_images
             )
-            for what, info, _ in self._specs
+            for what, info, spec in self._specs
         ]
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
