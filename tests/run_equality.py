@@ -63,24 +63,48 @@ def assert_same_evaluation(run_a: Path, run_b: Path, id_name: str = "id") -> Non
     assert [(r["shaping"], r["score"]) for r in results_a["runs"]] == [
         (r["shaping"], r["score"]) for r in results_b["runs"]
     ]
+    csid = results_a.get("csid_sets", [])
+    assert csid == results_b.get("csid_sets", [])
     for column, (run_result_a, run_result_b) in enumerate(zip(results_a["runs"], results_b["runs"], strict=True)):
         assert run_result_a["id_accuracy"] == run_result_b["id_accuracy"]
-        id_a, id_b = store_a[id_name]["scores"][:, column], store_b[id_name]["scores"][:, column]
-        any_flip = False
-        for ood_name, metrics_a in run_result_a["ood"].items():
-            metrics_b = run_result_b["ood"][ood_name]
-            ood_a, ood_b = store_a[ood_name]["scores"][:, column], store_b[ood_name]["scores"][:, column]
-            flipped = _flipped_pairs(id_a, ood_a, id_b, ood_b)
-            near_tie = np.abs(id_a[:, None] - ood_a[None, :]) <= 2 * tolerance[column]
-            assert not (flipped & ~near_tie).any(), f"{ood_name}, run {column}: a pair far apart changed order"
-            if not flipped.any():
-                assert metrics_a == metrics_b, (ood_name, column)
-                continue
-            any_flip = True
-            n_id, n_ood = flipped.shape
-            assert abs(metrics_a["auroc"] - metrics_b["auroc"]) <= flipped.sum() / (n_id * n_ood)
-            moved = flipped.any(axis=1).sum() + flipped.any(axis=0).sum()
-            for key in ("fpr95", "aupr_in", "aupr_out"):
-                assert abs(metrics_a[key] - metrics_b[key]) <= moved / min(n_id, n_ood), (ood_name, column, key)
-        if not any_flip:
-            assert run_result_a["mean"] == run_result_b["mean"]
+        # the standard results (ID = the ID test set) and, with csid sets, the full-spectrum ones (ID = both)
+        parts = [(run_result_a, run_result_b, [id_name])]
+        if csid:
+            parts.append((run_result_a["fsood"], run_result_b["fsood"], [id_name, *csid]))
+            assert run_result_a["fsood"]["accuracy"] == run_result_b["fsood"]["accuracy"]
+            assert run_result_a["fsood"]["csid_accuracy"] == run_result_b["fsood"]["csid_accuracy"]
+        for part_a, part_b, id_names in parts:
+            id_a, id_b = (np.concatenate([s[n]["scores"][:, column] for n in id_names]) for s in (store_a, store_b))
+            _assert_same_metrics(part_a, part_b, id_a, id_b, store_a, store_b, column, tolerance[column])
+
+
+def _assert_same_metrics(
+    part_a: dict,
+    part_b: dict,
+    id_a: np.ndarray,
+    id_b: np.ndarray,
+    store_a: dict,
+    store_b: dict,
+    column: int,
+    tolerance: float,
+) -> None:
+    """Per OOD set of two results (``ood`` and ``mean`` of a run, or of its ``fsood``) with ID scores ``id_a`` and
+    ``id_b``: equal metrics where no pair flipped, else within the near-tie bound (module docstring)."""
+    any_flip = False
+    for ood_name, metrics_a in part_a["ood"].items():
+        metrics_b = part_b["ood"][ood_name]
+        ood_a, ood_b = store_a[ood_name]["scores"][:, column], store_b[ood_name]["scores"][:, column]
+        flipped = _flipped_pairs(id_a, ood_a, id_b, ood_b)
+        near_tie = np.abs(id_a[:, None] - ood_a[None, :]) <= 2 * tolerance
+        assert not (flipped & ~near_tie).any(), f"{ood_name}, run {column}: a pair far apart changed order"
+        if not flipped.any():
+            assert metrics_a == metrics_b, (ood_name, column)
+            continue
+        any_flip = True
+        n_id, n_ood = flipped.shape
+        assert abs(metrics_a["auroc"] - metrics_b["auroc"]) <= flipped.sum() / (n_id * n_ood)
+        moved = flipped.any(axis=1).sum() + flipped.any(axis=0).sum()
+        for key in ("fpr95", "aupr_in", "aupr_out"):
+            assert abs(metrics_a[key] - metrics_b[key]) <= moved / min(n_id, n_ood), (ood_name, column, key)
+    if not any_flip:
+        assert part_a["mean"] == part_b["mean"]

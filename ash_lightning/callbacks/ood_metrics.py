@@ -32,7 +32,8 @@ alone: when it ends (``on_test_epoch_end``) the callback scores each OOD set its
 attached as for the ID set, sharded across ranks (each sample once, by index), with a progress bar of the trainer's
 kind. They never pass through the user's ``test_step``, so the metrics it logs are the ID set's alone. A sweep
 (``ActivationShapingCallback([...])``) is scored from one backbone pass per batch for every setting
-(``ash_lightning.callbacks.scoring``).
+(``ash_lightning.callbacks.scoring``). Covariate-shifted ID sets (``csid=``, scored after ``ood=`` the same way, or
+role ``csid`` declared by the data module) add the full-spectrum results (``ash_lightning.evaluation.full_spectrum``).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from ash_lightning.data.fit_pass import FitData
 from ash_lightning.data.progress import trainer_progress
 from ash_lightning.errors import UserError
 from ash_lightning.evaluation.constant_scores import constant_score_warning
+from ash_lightning.evaluation.full_spectrum import full_spectrum_scalars
 from ash_lightning.evaluation.metrics import OODMetrics
 from ash_lightning.evaluation.plots import curves_figure, sweep_figure
 from ash_lightning.evaluation.results import (
@@ -91,6 +93,9 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         ood: OOD set name -> a Dataset, a DataLoader or a data spec (``"npz:path"``, ``{kind: folder, path: ...}``),
             scored by the callback after the user's test loop, which then holds the ID set alone (module
             docstring). Any Mapping works (Hydra's DictConfig, LightningCLI's dicts).
+        csid: covariate-shifted ID set name -> a Dataset, a DataLoader or a data spec, scored like ``ood`` after
+            it (needs ``ood``): counted as ID in the full-spectrum results (``fsood``), with their accuracy
+            (``ash_lightning.evaluation.full_spectrum``). With ``OODDataModule``, ``data.csid`` declares them instead.
         transform: the transform of the images of data specs in ``ood`` (default: the ID test data set's own
             ``transform`` attribute).
         batch_size, num_workers: for the Datasets and specs in ``ood`` (default: the ID test loader's).
@@ -162,12 +167,15 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         verbose: bool = True,
         fit_dataloader: FitData | None = None,
         std: Sequence[float] | None = None,
+        csid: Mapping[str, OODSet] | None = None,
     ) -> None:
         if nonfinite not in NONFINITE_POLICIES:
             raise UserError(f"nonfinite={nonfinite!r}; use one of {NONFINITE_POLICIES}.")
         self.ood: dict[str, OODSet] = {str(name): value for name, value in (ood or {}).items()}
         if ood is not None and not self.ood:
             raise UserError("OODMetricsCallback(ood={}) names no OOD set. Fix: e.g. ood={'noise': <a Dataset>}.")
+        self.csid: dict[str, OODSet] = {str(name): value for name, value in (csid or {}).items()}
+        _check_csid(self.ood, self.csid)
         self.transform, self.module = transform, module
         if batch_size is not None:
             check_int("ood_metrics.batch_size", batch_size, 1, example=64)
@@ -219,7 +227,11 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         self._sets = [OODMetrics(self.tpr, self.convention) for _ in self._loaders]
         self._runs = self._resolve_runs(trainer, pl_module)
         id_loader = id_test_loader(trainer)
-        self._ood_sources = [prepare(name, value, self.transform, id_loader) for name, value in self.ood.items()]
+        self._ood_sources = [
+            prepare(name, value, self.transform, id_loader, role)
+            for role, sets in self._own_sets().items()
+            for name, value in sets.items()
+        ]
         if not self._module_runs:
             network = find_network(pl_module, self._network_name(trainer), "OODMetricsCallback")
             self.scorer.check(trainer, network)
@@ -261,7 +273,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
             self._finish_loader(trainer, dataloader_idx)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for idx in range(len(self._loaders) - len(self.ood)):  # the test loop's sets
+        for idx in range(len(self._loaders) - len(self._ood_sources)):  # the test loop's sets
             self._finish_unfinished(trainer, idx)
         self._score_ood_sets(trainer, pl_module)
         self.results = results = results_from_store(self._store, self._meta(trainer, pl_module))
@@ -296,6 +308,10 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
     def _shaping(self, trainer: Trainer) -> ActivationShapingCallback | None:
         return next((cb for cb in trainer.callbacks if isinstance(cb, ActivationShapingCallback)), None)
 
+    def _own_sets(self) -> dict[str, dict[str, OODSet]]:
+        """The sets the callback scores itself after the test loop, by role: ``ood=``'s, then ``csid=``'s."""
+        return {"ood": self.ood, "csid": self.csid}
+
     def _network_name(self, trainer: Trainer) -> str | None:
         shaping = self._shaping(trainer)
         return self.module if self.module is not None or shaping is None else shaping.module
@@ -311,7 +327,8 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
                     "either ood= with the ID set as the only test dataloader, or the OOD sets as extra test "
                     "dataloaders (with dataloader_idx in test_step) and no ood=."
                 )
-            return [{"name": "id", "role": "id"}, *({"name": name, "role": "ood"} for name in self.ood)]
+            own = self._own_sets().items()
+            return [{"name": "id", "role": "id"}, *({"name": n, "role": role} for role, sets in own for n in sets)]
         if declared:
             return [{"name": info.name, "role": info.role} for info in declared]
         others = list(self.ood_names or [f"ood{i}" for i in range(1, count)])
@@ -403,7 +420,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         return scores, outputs.logits.transpose(0, 1).squeeze(1), preds
 
     def _score_ood_sets(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Score the sets given by ``ood=`` (module docstring), each finished and saved in turn."""
+        """Score the sets given by ``ood=`` and ``csid=`` (module docstring), each finished and saved in turn."""
         if not self._ood_sources:
             return
         id_loader = id_test_loader(trainer)
@@ -421,12 +438,13 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
             )
             done = 0
             total = len(loader) if positions is not None else None
-            with trainer_progress(trainer)(f"OOD {name}", total) as advance, torch.inference_mode():
+            role = self._loaders[idx]["role"]
+            with trainer_progress(trainer)(f"{role.upper()} {name}", total) as advance, torch.inference_mode():
                 for batch in loader:
                     images = batch_part(batch, "images")
                     if images is None:
                         raise UserError(
-                            f"OODMetricsCallback: the items of OOD set {name!r} hold no image tensor "
+                            f"OODMetricsCallback: the items of {role.upper()} set {name!r} hold no image tensor "
                             f"({describe_batch(batch)}). Fix: make them (image tensor, label) or a dict with an "
                             "'image' "
                             "tensor, or give a data spec with OODMetricsCallback(transform=...)."
@@ -440,7 +458,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
                         returned = pl_module(images.to(device))
                     called = self._capture is not None and self._capture.called
                     rows = self._parse(None if called else returned, batch, trainer, idx, "forward", index)
-                    self._sets[idx].update(is_id=False, **rows)
+                    self._sets[idx].update(is_id=role.endswith("id"), **rows)
                     advance()
             self._finish_loader(trainer, idx)
 
@@ -520,7 +538,11 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
                 "convention": self.convention,
                 "nonfinite": self.nonfinite,
                 "score": self.scorer.names,
-                **({"ood": {name: described(value) for name, value in self.ood.items()}} if self.ood else {}),
+                **{
+                    role: {name: described(value) for name, value in sets.items()}
+                    for role, sets in self._own_sets().items()
+                    if sets
+                },
             },
         }
         for key, obj in (("model", pl_module or trainer.lightning_module), ("data", datamodule)):
@@ -555,6 +577,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
             scalars.update({f"{prefix}ood/{s}/{k}": v for s, m in sets.items() for k, v in m.items()})
             if run["id_accuracy"] is not None:
                 scalars[f"{prefix}id/accuracy"] = run["id_accuracy"]
+            scalars.update({f"{prefix}{tag}": value for tag, value in full_spectrum_scalars(run).items()})
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
         writer = tensorboard_writer(trainer.loggers)
@@ -562,7 +585,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         if writer is not None:
             for r, run in enumerate(results["runs"]):
                 prefix = "" if single else f"{run['shaping']}|{run['score']}/"
-                for name in [id_name, *results["ood_sets"]]:
+                for name in [id_name, *results["ood_sets"], *results.get("csid_sets", [])]:
                     writer.add_histogram(
                         f"{prefix}scores/{name}", self._store[name]["scores"][:, r], trainer.global_step
                     )
@@ -585,6 +608,21 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         if writer is not None:
             log_results(writer, results, self._store, trainer.global_step)
             writer.flush()
+
+
+def _check_csid(ood: Mapping[str, OODSet], csid: Mapping[str, OODSet]) -> None:
+    """UserErrors for ``csid=`` without ``ood=`` and for a name used by both (or ``id``)."""
+    if csid and not ood:
+        raise UserError(
+            f"OODMetricsCallback(csid={list(csid)}) scores the csid sets after the OOD sets of ood=, which is not "
+            "given. Fix: pass the OOD sets as ood= too, or declare both in the data module (data.ood, data.csid)."
+        )
+    shared = sorted(set(csid) & {*ood, "id"})
+    if shared:
+        raise UserError(
+            f"OODMetricsCallback: {shared} named in csid= and in ood= (or 'id', the ID set's name); results are "
+            "keyed by set name. Fix: rename the csid set."
+        )
 
 
 def _num_batches(trainer: Trainer, dataloader_idx: int) -> float:

@@ -1,4 +1,4 @@
-"""The OOD sets given to ``OODMetricsCallback(ood=...)``: each becomes a DataLoader over this rank's shard.
+"""The sets given to ``OODMetricsCallback(ood=..., csid=...)``: each becomes a DataLoader over this rank's shard.
 
 A set is a ``torch.utils.data.Dataset``, a ``DataLoader``, or a data spec as in ``data.ood`` (``"npz:path"``,
 ``{kind: folder, path: ...}``, ``imglist``, the torchvision kinds). A Dataset or spec gets the ID test loader's
@@ -91,26 +91,33 @@ class OODSource:
     transform: Any = None
 
 
-def prepare(name: str, value: Any, transform: Any, id_loader: DataLoader | None) -> OODSource:
-    """Check an OOD set and, for a spec, read its file list and pick its transform: ``transform``, else the ID
-    test data set's own; UserErrors naming the fix for a value of another type and for a spec without either.
-    Called when testing starts, so that these fail before the ID set runs."""
+def prepare(name: str, value: Any, transform: Any, id_loader: DataLoader | None, role: str = "ood") -> OODSource:
+    """Check a set of ``OODMetricsCallback(<role>=...)`` (``ood`` or ``csid``) and, for a spec, read its file list
+    and pick its transform: ``transform``, else the ID test data set's own; UserErrors naming the fix for a value of
+    another type, for a spec without either, and for a spec with ``resize`` (the data module's key: the callback's
+    transform is the user's). Called when testing starts, so that these fail before the ID set runs."""
     if not (is_spec(value) or isinstance(value, (Dataset, DataLoader))):
         raise UserError(
-            f"OODMetricsCallback(ood={{{name!r}: {type(value).__name__}}}): an OOD set is a Dataset, a DataLoader "
+            f"OODMetricsCallback({role}={{{name!r}: {type(value).__name__}}}): a set is a Dataset, a DataLoader "
             "or a data spec (e.g. 'npz:$DATASETS/mnist_test.npz' or {kind: folder, path: ...}). Fix: give one of "
             "these."
         )
     if not is_spec(value):
         return OODSource(name, value)
+    if isinstance(value, Mapping) and "resize" in value:
+        raise UserError(
+            f"OODMetricsCallback({role}={{{name!r}: ...}}): `resize` is read by OODDataModule only; the callback's "
+            "specs go through its transform=. Fix: drop `resize` and give this set as a Dataset with its own "
+            "transform."
+        )
     transform = transform if transform is not None else dataset_transform(getattr(id_loader, "dataset", None))
     if transform is None:
         raise UserError(
-            f"OODMetricsCallback(ood={{{name!r}: {described(value)!r}}}): a data spec is read as images and needs a "
-            "transform, and the ID test data set has no `transform` attribute to reuse. Fix: pass "
+            f"OODMetricsCallback({role}={{{name!r}: {described(value)!r}}}): a data spec is read as images and needs "
+            "a transform, and the ID test data set has no `transform` attribute to reuse. Fix: pass "
             "OODMetricsCallback(transform=<the ID test transform, e.g. torchvision.transforms.ToTensor()>)."
         )
-    return OODSource(name, value, build_source(plain(value), f"ood_metrics.ood.{name}"), transform)
+    return OODSource(name, value, build_source(plain(value), f"ood_metrics.{role}.{name}"), transform)
 
 
 def shard_loader(

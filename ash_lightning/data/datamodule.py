@@ -1,7 +1,9 @@
 """``OODDataModule``: one ID test set and named OOD sets as one multi-dataloader test loop.
 
-Dataloader 0 is the ID set, then one dataloader per OOD set in the given order, then (optionally) the
-ID-validation set and the OOD-validation sets used to select a setting without touching the test sets.
+Dataloader 0 is the ID set, then one dataloader per OOD set in the given order, then (optionally) one per
+covariate-shifted ID (csid) set, whose samples count as ID in the full-spectrum metrics
+(``ash_lightning.evaluation.full_spectrum``), then (optionally) the ID-validation set and the OOD-validation sets used
+to select a setting without touching the test sets.
 Every batch is ``(images, targets, index)``; a negative index marks a corrupt file that was skipped. A set named
 in ``load_without_images`` (its features come from the feature cache) is loaded without decoding:
 ``(empty (B, 0) tensor, -1, index)`` batches, in the main process. ``test_set_identities`` and ``fit_identity``
@@ -15,16 +17,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytorch_lightning as pl
 import timm
 import torch
+from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
 
 from ash_lightning._options import check_choice, check_int, check_range
 from ash_lightning.data.base import CorruptImageError, Source
@@ -35,7 +39,7 @@ if TYPE_CHECKING:
     from pytorch_lightning.utilities.parsing import AttributeDict
 
 DatasetSpec = str | dict[str, Any]
-ROLES = ("id", "ood", "val_id", "val_ood")
+ROLES = ("id", "ood", "csid", "val_id", "val_ood")
 OnCorrupt = Literal["raise", "skip", "mark"]
 TRANSFORM_OPTIONS = ("image_size", "mean", "std", "crop_pct")  # what a data module without a backbone needs
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # timm's eval transform names
@@ -93,6 +97,42 @@ class IndexedDataset(Dataset):
         return self.transform(image), target, i
 
 
+class AtInputSize:
+    """``Normalize(mean, std)(ToTensor()(image))`` with no resize or crop, for images stored at the network's input
+    size ``(height, width)``: OpenOOD v1.5's ``ImageNetCPreProcessor`` (``openood/evaluation_api/preprocessor.py``),
+    which its evaluator applies to ImageNet-C. An image of another size is a UserError naming the set ``what``."""
+
+    def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float], what: str) -> None:
+        self.size, self.what = size, what
+        self.normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        if (image.height, image.width) != self.size:
+            raise UserError(
+                f"{self.what}: an image is {image.height}×{image.width} pixels, but `resize: false` takes images at "
+                f"the network's input size {self.size[0]}×{self.size[1]}. Fix: remove `resize: false` from that "
+                "spec (its images are then resized and cropped like the others)."
+            )
+        return self.normalize(image)
+
+
+def check_resize(spec: Any, what: str) -> None:
+    """A UserError unless a spec's optional ``resize`` key is a bool."""
+    if isinstance(spec, Mapping) and not isinstance(spec.get("resize", True), bool):
+        raise UserError(
+            f"{what}.resize: {spec['resize']!r} is not true or false. Fix: write `resize: false` for images stored at "
+            "the network's input size (only converted and normalised), or leave the key out."
+        )
+
+
+def eval_transform(config: Mapping[str, Any], spec: Any, what: str) -> Any:
+    """The test transform of a spec's images: timm's eval transform of the data ``config`` (resize, centre crop,
+    normalise), or ``AtInputSize`` for a spec with ``resize: false``."""
+    if isinstance(spec, Mapping) and spec.get("resize") is False:
+        return AtInputSize(tuple(config["input_size"][1:]), config["mean"], config["std"], what)
+    return create_transform(**config, is_training=False)
+
+
 class OODDataModuleMixin:
     """ID and OOD test sets (and optional validation sets) with transforms from the backbone's timm config.
 
@@ -105,6 +145,8 @@ class OODDataModuleMixin:
         val_id, val_ood: optional validation sets; the best setting of a sweep is chosen on them.
         fit: optional ID data for calibrated methods (ReAct percentile, DICE, VRA).
         predict: optional unlabelled data that ``main.py predict`` scores and flags (any spec ``ood`` takes).
+        csid: optional covariate-shifted ID set name -> spec (OpenOOD v1.5's csid sets, e.g. ImageNet-V2), evaluated
+            after the OOD sets: counted as ID in the full-spectrum results, with their accuracy.
         backbone: timm name whose pretrained config gives the transform (linked from the model by the CLI).
         image_size, mean, std, interpolation, crop_pct: override the backbone's data config.
         skip_corrupt: skip undecodable image files with a warning (recorded in the results) instead of failing.
@@ -127,6 +169,7 @@ class OODDataModuleMixin:
         val_ood: dict[str, DatasetSpec] | None = None,
         fit: DatasetSpec | None = None,
         predict: DatasetSpec | None = None,
+        csid: dict[str, DatasetSpec] | None = None,
         backbone: str | None = None,
         batch_size: int = 256,
         num_workers: int = 0,
@@ -154,10 +197,13 @@ class OODDataModuleMixin:
         self.groups = dict(groups or {})
         specs = [("id", LoaderInfo(_id_name(id), "id"), id)]
         specs += [(f"ood.{n}", LoaderInfo(n, "ood"), s) for n, s in ood.items()]
+        specs += [(f"csid.{n}", LoaderInfo(n, "csid"), s) for n, s in _csid_sets(csid).items()]
         if val_id is not None:
             specs += [("val_id", LoaderInfo("val_id", "val_id"), val_id)]
             specs += [(f"val_ood.{n}", LoaderInfo(f"val_{n}", "val_ood"), s) for n, s in (val_ood or {}).items()]
         _check_unique_names(specs)
+        for what, spec in [(what, spec) for what, _, spec in specs] + [("fit", fit), ("predict", predict)]:
+            check_resize(spec, f"data.{what}")
         self._specs = specs
         self.specs: dict[str, DatasetSpec] = {info.name: spec for _, info, spec in specs}
         self.loaders: list[LoaderInfo] = [info for _, info, _ in specs]
@@ -221,13 +267,20 @@ class OODDataModuleMixin:
         if self.sources:
             return
         for what, info, spec in self._specs:
-            self.sources[info.name] = build_source(spec, f"data.{what}")
+            try:
+                self.sources[info.name] = build_source(spec, f"data.{what}")
+            except UserError as err:
+                if info.role != "csid":
+                    raise
+                raise UserError(f"{err} Or leave the covariate-shifted ID sets out: --data.csid '{{}}'.") from None
 
-    def _loader(self, source: Source, on_corrupt: OnCorrupt, images: bool = True) -> DataLoader:
+    def _loader(
+        self, source: Source, spec: DatasetSpec, what: str, on_corrupt: OnCorrupt, images: bool = True
+    ) -> DataLoader:
         cfg = self.data_config()
         dataset = IndexedDataset(
             source,
-            create_transform(**cfg, is_training=False),
+            eval_transform(cfg, spec, what),
             "skip" if self.hparams.skip_corrupt else on_corrupt,
             tuple(cfg["input_size"]),
             images,
@@ -248,8 +301,10 @@ class OODDataModuleMixin:
         self.setup("test")
         on_corrupt: OnCorrupt = "raise" if self.trainer is None else "mark"
         return [
-            self._loader(self.sources[info.name], on_corrupt, images=info.name not in self._without_images)
-            for info in self.loaders
+            self._loader(
+                self.sources[info.name], spec, f"data.{what}", on_corrupt, images=info.name not in self._without_images
+            )
+            for what, info, spec in self._specs
         ]
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -267,7 +322,7 @@ class OODDataModuleMixin:
         """The ID data that calibrated methods estimate their statistics on (None if not configured)."""
         if self.hparams.fit is None:
             return None
-        return self._loader(build_source(self.hparams.fit, "data.fit"), "raise")
+        return self._loader(build_source(self.hparams.fit, "data.fit"), self.hparams.fit, "data.fit", "raise")
 
     def predict_dataloader(self) -> DataLoader:
         """The ``predict`` data in its order (``main.py predict``); a UserError when it is not configured."""
@@ -277,7 +332,7 @@ class OODDataModuleMixin:
                 '--data.predict <spec>, any spec data.ood takes (e.g. "{kind: folder, path: images/}").'
             )
         self.predict_source = build_source(self.hparams.predict, "data.predict")
-        return self._loader(self.predict_source, "raise")
+        return self._loader(self.predict_source, self.hparams.predict, "data.predict", "raise")
 
     def sample_paths(self, name: str, indices: list[int]) -> list[str]:
         """File paths of the given sample indices of data set ``name`` (indices where paths are unknown)."""
@@ -315,10 +370,23 @@ def _check_unique_names(specs: list[tuple[str, LoaderInfo, Any]]) -> None:
         if info.name in seen:
             raise UserError(
                 f"data.{what} and data.{seen[info.name]} are both named {info.name!r}; names must be "
-                "unique across data.id, data.ood and data.val_* (results and scores are keyed by "
+                "unique across data.id, data.ood, data.csid and data.val_* (results and scores are keyed by "
                 "them). Fix: rename one of them."
             )
         seen[info.name] = what
+
+
+def _csid_sets(csid: Any) -> dict[str, DatasetSpec]:
+    """``data.csid`` as set name -> spec, ``{}`` when unset; a UserError when it is not such a mapping."""
+    if csid is None:
+        return {}
+    if not isinstance(csid, Mapping):
+        raise UserError(
+            f"data.csid must map each covariate-shifted ID set's name to its spec, as data.ood does; got "
+            f"{type(csid).__name__} {str(csid)[:80]!r}. Fix: e.g. csid: {{imagenet_v2: {{kind: imglist, list: "
+            "$DATASETS/benchmark_imglist/imagenet/test_imagenet_v2.txt, root: $DATASETS/images_largescale}}."
+        )
+    return {str(name): spec for name, spec in csid.items()}
 
 
 class OODDataModule(OODDataModuleMixin, pl.LightningDataModule):

@@ -25,6 +25,7 @@ __all__ = [
     "ood_metrics",
     "summarize",
     "threshold_at_tpr",
+    "top1_accuracy",
     "unique_by_index",
 ]
 
@@ -167,6 +168,17 @@ def _openood_fpr(id_eq: np.ndarray, ood_eq: np.ndarray, id_le: np.ndarray, ood_l
     kept[1:-1] = (id_eq[2:] != id_eq[1:-1]) | (ood_eq[2:] != ood_eq[1:-1])
     first = np.flatnonzero(kept & (ood_le / ood_le[-1] >= tpr))[0]
     return id_le[first] / id_le[-1]
+
+
+def top1_accuracy(arrays: Mapping[str, np.ndarray], column: int) -> float | None:
+    """Top-1 accuracy of run ``column`` (``preds`` (N, R) against ``targets`` (N,)) on the labelled samples
+    (targets >= 0); None without predictions or labels."""
+    if "preds" not in arrays:
+        return None
+    labelled = arrays["targets"] >= 0
+    if not labelled.any():
+        return None
+    return float((arrays["preds"][labelled, column] == arrays["targets"][labelled]).mean())
 
 
 def unique_by_index(index: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from ash_lightning.errors import UserError
-from ash_lightning.evaluation.metrics import fpr_key, ood_metrics, summarize, threshold_at_tpr
+from ash_lightning.evaluation.full_spectrum import full_spectrum_entry, full_spectrum_rows
+from ash_lightning.evaluation.metrics import fpr_key, ood_metrics, summarize, threshold_at_tpr, top1_accuracy
 from ash_lightning.evaluation.score_store import Store, scores_path
 from ash_lightning.shaping.specs import Shaper
 
@@ -47,16 +48,6 @@ def threshold_entry(id_scores: np.ndarray, tpr: float, set_name: str) -> dict[st
     return {"value": threshold_at_tpr(id_scores, tpr), "tpr": tpr, "set": set_name}
 
 
-def id_accuracy(arrays: Mapping[str, np.ndarray], column: int) -> float | None:
-    """Top-1 accuracy of run ``column`` on the labelled samples (targets >= 0); None without labels."""
-    if "preds" not in arrays:
-        return None
-    labelled = arrays["targets"] >= 0
-    if not labelled.any():
-        return None
-    return float((arrays["preds"][labelled, column] == arrays["targets"][labelled]).mean())
-
-
 def rank_runs(runs: Sequence[Mapping[str, Any]], key: str = "mean") -> list[int]:
     """Run positions sorted by mean FPR (ascending), then mean AUROC (descending)."""
 
@@ -77,9 +68,10 @@ def compute_results(
     convention: str = "paper",
 ) -> dict[str, Any]:
     """Per run: metrics per OOD set, their mean and group means, ID accuracy, the ``threshold`` at ``tpr`` on the
-    ID test set (``threshold_entry``); a ranking; and, when validation sets are present, per run the validation
-    metrics and threshold on ``val_id``, and the run ``selected`` on them (lowest mean validation FPR, then AUROC)
-    with that validation threshold."""
+    ID test set (``threshold_entry``), and with csid sets (role ``csid``) the full-spectrum results ``fsood``
+    (``full_spectrum_entry``); a ranking; and, when validation sets are present, per run the validation metrics and
+    threshold on ``val_id``, and the run ``selected`` on them (lowest mean validation FPR, then AUROC) with that
+    validation threshold."""
     by_role: dict[str, list[str]] = {}
     for info in loaders:
         by_role.setdefault(info["role"], []).append(info["name"])
@@ -91,11 +83,15 @@ def compute_results(
         )
         entry = {
             **run,
-            "id_accuracy": id_accuracy(store[id_name], r),
+            "id_accuracy": top1_accuracy(store[id_name], r),
             "threshold": threshold_entry(store[id_name]["scores"][:, r], tpr, id_name),
             "ood": per_set,
             **summarize(per_set, groups),
         }
+        if by_role.get("csid"):
+            entry["fsood"] = full_spectrum_entry(
+                store, id_name, by_role["csid"], by_role["ood"], r, groups, tpr, convention
+            )
         if "val_id" in by_role:
             val_id = store[by_role["val_id"][0]]["scores"][:, r]
             val = _set_metrics(
@@ -116,6 +112,7 @@ def compute_results(
         "counts": {n: int(len(a["index"])) for n, a in store.items()},
         "id": id_name,
         "ood_sets": by_role["ood"],
+        **({"csid_sets": by_role["csid"]} if by_role.get("csid") else {}),
         "groups": dict(groups or {}),
         "tpr": tpr,
         "convention": convention,
@@ -145,19 +142,13 @@ def format_table(results: Mapping[str, Any]) -> str:
     runs = results["runs"]
     selected = "selected" in results
     best = runs[results["selected"]["run"] if selected else results["ranking"][0]]
-    head = f"| OOD set | {fkey.upper()} ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |\n|---|---:|---:|---:|---:|\n"
-    rows = [(name, m) for name, m in best["ood"].items()]
-    rows += [(f"*{g}*", m) for g, m in best["groups"].items()] + [("**mean**", best["mean"])]
     lines = [f"**Warning: {note}**\n" for note in results.get("warnings", [])]
     lines += [
         f"### {best['shaping']} + {best['score']}{' (selected on validation data)' if selected else ''}  "
         f"(ID accuracy {_pct(best['id_accuracy'])}%, convention {results['convention']})",
         "",
-        head.rstrip("\n"),
-    ]
-    lines += [
-        f"| {n} | {_pct(m[fkey])} | {_pct(m['auroc'])} | {_pct(m['aupr_in'])} | {_pct(m['aupr_out'])} |"
-        for n, m in rows
+        *_metric_table(best, fkey),
+        *_full_spectrum_table(best, results["id"], fkey),
     ]
     if len(runs) > 1:
         lines += [
@@ -184,8 +175,37 @@ def format_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _metric_table(part: Mapping[str, Any], fkey: str) -> list[str]:
+    """The Markdown table of per-OOD-set metrics, group means and the mean of ``part`` (a run, or its ``fsood``)."""
+    rows = [*part["ood"].items(), *((f"*{g}*", m) for g, m in part["groups"].items()), ("**mean**", part["mean"])]
+    return [
+        f"| OOD set | {fkey.upper()} ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {n} | {_pct(m[fkey])} | {_pct(m['auroc'])} | {_pct(m['aupr_in'])} | {_pct(m['aupr_out'])} |"
+            for n, m in rows
+        ),
+    ]
+
+
+def _full_spectrum_table(run: Mapping[str, Any], id_name: str, fkey: str) -> list[str]:
+    """The full-spectrum part of a run's table (csid sets counted as ID), with the csid accuracies; none without."""
+    fsood = run.get("fsood")
+    if fsood is None:
+        return []
+    csid = ", ".join(f"{name} {_pct(accuracy)}%" for name, accuracy in fsood["csid_accuracy"].items())
+    return [
+        "",
+        f"Full-spectrum (ID = {id_name} + the csid sets; accuracy of them pooled {_pct(fsood['accuracy'])}%; "
+        f"csid accuracy: {csid})",
+        "",
+        *_metric_table(fsood, fkey),
+    ]
+
+
 def write_results(results: Mapping[str, Any], directory: str) -> tuple[str, str]:
-    """Write ``ood_results.json`` and ``ood_results.csv`` (one row per run and OOD set, mean and group)."""
+    """Write ``ood_results.json`` and ``ood_results.csv`` (one row per run and OOD set, mean and group; with csid
+    sets also the ``full_spectrum_rows``; the last column is the row's accuracy)."""
     os.makedirs(directory, exist_ok=True)
     json_path, csv_path = os.path.join(directory, "ood_results.json"), os.path.join(directory, "ood_results.csv")
     with open(json_path, "w") as f:
@@ -196,17 +216,14 @@ def write_results(results: Mapping[str, Any], directory: str) -> tuple[str, str]
         writer.writerow(["shaping", "score", "set", fkey, "auroc", "aupr_in", "aupr_out", "id_accuracy"])
         for run in results["runs"]:
             rows = [*run["ood"].items(), *((f"group:{g}", m) for g, m in run["groups"].items()), ("mean", run["mean"])]
-            for name, m in rows:
+            for name, m, accuracy in [*((n, m, run["id_accuracy"]) for n, m in rows), *full_spectrum_rows(run)]:
                 writer.writerow(
                     [
                         run["shaping"],
                         run["score"],
                         name,
-                        m[fkey],
-                        m["auroc"],
-                        m["aupr_in"],
-                        m["aupr_out"],
-                        run["id_accuracy"],
+                        *(m.get(key, "") for key in (fkey, "auroc", "aupr_in", "aupr_out")),
+                        accuracy,
                     ]
                 )
     return json_path, csv_path

@@ -11,7 +11,8 @@ folder as a run):
   parameters (``percentile``, ``threshold`` ...), ``score``, ``score_method``, the score's parameters
   (``score.k`` ...), ``backbone``, ``placement``, ``checkpoint`` (file name), ``run`` (the folder ``D``).
   Metrics (scalars): ``mean/<fpr>``, ``mean/auroc``, ``mean/aupr_in``, ``mean/aupr_out``,
-  ``mean_<group>/{<fpr>,auroc}``, ``set/<set>/{<fpr>,auroc}``, ``id/accuracy``; ``<fpr>`` is ``fpr95`` at TPR 0.95.
+  ``mean_<group>/{<fpr>,auroc}``, ``set/<set>/{<fpr>,auroc}``, ``id/accuracy``, and with csid sets the
+  full-spectrum means ``fsood_mean/...`` and ``csid/accuracy`` (pooled); ``<fpr>`` is ``fpr95`` at TPR 0.95.
   No experiment summary is written: TensorBoard builds the table's columns from all sessions under its logdir,
   so several runs in one folder share one table. A logger that wrote one (Lightning's ``TensorBoardLogger`` with
   its default ``default_hp_metric=True``) makes TensorBoard show that one's columns instead, so a warning asks for
@@ -123,14 +124,19 @@ def setting_hparams(run: Mapping[str, Any], config: Mapping[str, Any], run_dir: 
 
 
 def setting_metrics(run: Mapping[str, Any], tpr: float) -> dict[str, float]:
-    """A session's metrics: the four means, FPR and AUROC per group and per OOD set, ID accuracy (when known);
-    named so that TensorBoard's alphabetical columns start with the accuracy and the means."""
+    """A session's metrics: the four means, FPR and AUROC per group and per OOD set, ID accuracy (when known), the
+    four full-spectrum means and the pooled csid accuracy (with csid sets); named so that TensorBoard's
+    alphabetical columns start with the accuracies and the means."""
     fkey = fpr_key(tpr)
     out = {f"mean/{k}": run["mean"][k] for k in (fkey, "auroc", "aupr_in", "aupr_out")}
     for prefix, sets in (("mean_", run["groups"]), ("set/", run["ood"])):
         out.update({f"{prefix}{name}/{k}": m[k] for name, m in sets.items() for k in (fkey, "auroc")})
     if run.get("id_accuracy") is not None:
         out["id/accuracy"] = run["id_accuracy"]
+    if "fsood" in run:
+        out.update({f"fsood_mean/{k}": run["fsood"]["mean"][k] for k in (fkey, "auroc", "aupr_in", "aupr_out")})
+        if run["fsood"]["accuracy"] is not None:
+            out["csid/accuracy"] = run["fsood"]["accuracy"]
     return {k: float(v) for k, v in out.items()}
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ash_lightning.callbacks import ActivationShapingCallback, OODMetricsCallback
 from ash_lightning.data import OODDataModule
 from ash_lightning.errors import UserError
+from ash_lightning.evaluation.metrics import ood_metrics
 from ash_lightning.evaluation.score_store import load_scores
 from tests.conftest import REPO
 
@@ -111,6 +112,45 @@ def test_a_sweep_from_the_callbacks_is_one_backbone_pass_per_batch_and_equals_ea
                 sweep[name]["scores"][:, 2 * s : 2 * s + 2], alone[name]["scores"], rtol=1e-5, atol=1e-5
             )
         assert one.results["runs"][0]["id_accuracy"] == runs[2 * s]["id_accuracy"]
+
+
+def test_csid_sets_on_the_callback_are_scored_like_ood_sets_and_count_as_id_in_the_full_spectrum_results(
+    tmp_path: Path,
+) -> None:
+    id_loader = DataLoader(Pairs(20, 0.0, 0), batch_size=8)
+    far, shifted = Pairs(13, 2.0, 1), Pairs(11, 0.5, 2)
+    stores, results = {}, {}
+    for name, sets in (
+        ("csid", {"ood": {"far": far}, "csid": {"shifted": shifted}}),
+        ("as_ood", {"ood": {"far": far, "shifted": shifted}}),
+    ):
+        metrics = OODMetricsCallback(
+            **sets,
+            score=["energy", "knn@5"],
+            fit_dataloader=FIT,
+            batch_size=8,
+            output_dir=str(tmp_path / name),
+            log_figures=False,
+            verbose=False,
+        )
+        _test(User(), [ActivationShapingCallback(["none", "ash_s@90"], fit_dataloader=FIT), metrics], id_loader)
+        stores[name], _ = load_scores(str(tmp_path / name))
+        results[name] = metrics.results
+    assert results["csid"]["csid_sets"] == ["shifted"]
+    assert results["csid"]["counts"] == {"id": 20, "far": 13, "shifted": 11}
+    for field in ("scores", "index", "targets", "preds"):
+        np.testing.assert_array_equal(stores["csid"]["shifted"][field], stores["as_ood"]["shifted"][field])
+    store = stores["csid"]
+    for r, run in enumerate(results["csid"]["runs"]):
+        assert set(run["ood"]) == {"far"} and run["ood"]["far"] == results["as_ood"]["runs"][r]["ood"]["far"]
+        as_id = np.concatenate([store["id"]["scores"][:, r], store["shifted"]["scores"][:, r]])
+        assert run["fsood"]["ood"]["far"] == ood_metrics(as_id, store["far"]["scores"][:, r])
+        hand = np.mean(store["shifted"]["preds"][:, r] == store["shifted"]["targets"])
+        assert run["fsood"]["csid_accuracy"] == {"shifted": pytest.approx(hand)}
+    with pytest.raises(UserError, match=r"csid=\['shifted'\]\) scores the csid sets after the OOD sets of ood="):
+        OODMetricsCallback(csid={"shifted": shifted})
+    with pytest.raises(UserError, match=r"\['far'\] named in csid= and in ood="):
+        OODMetricsCallback(ood={"far": far}, csid={"far": shifted})
 
 
 class NoImages(Dataset):

@@ -39,6 +39,23 @@ BENCHMARKS = {
     ),
     "imagenet": ("images_largescale", ["ssb_hard", "ninco"], ["inaturalist", "textures", "openimage_o"], "openimage_o"),
 }
+# The covariate-shifted ID sets of each benchmark (DATA_INFO[...]["csid"]["datasets"], in order) and their list names.
+CSID = {
+    "cifar10": {"cifar10c": "test_cifar10c"},
+    "cifar100": {},
+    "imagenet200": {
+        "imagenet_v2": "test_imagenet200_v2",
+        "imagenet_c": "test_imagenet200_c",
+        "imagenet_r": "test_imagenet200_r",
+    },
+    "imagenet": {
+        "imagenet_v2": "test_imagenet_v2",
+        "imagenet_c": "test_imagenet_c",
+        "imagenet_r": "test_imagenet_r",
+        "imagenet_es": "test_imagenet_es",
+    },
+}
+AT_INPUT_SIZE = {"imagenet_c": 224}  # stored at the network's input size (read with `resize: false`)
 # The image folder each set's list points into (as in OpenOOD's lists: "<folder>/<split or class>/<file>").
 FOLDERS = {
     "cifar10": "cifar10/test",
@@ -55,21 +72,33 @@ FOLDERS = {
     "ninco": "ninco/amphiuma_means",
     "inaturalist": "inaturalist/Images",
     "openimage_o": "openimage_o/images",
+    "cifar10c": "cifar10c/gaussian_noise/5",
+    "imagenet_v2": "imagenet_v2/0",
+    "imagenet_c": "imagenet_c/blur/defocus_blur/5/n01440764",
+    "imagenet_r": "imagenet_r/n01443537",
+    "imagenet_es": "imagenet_es/es-test/param_control/l1/param_1",
 }
 # A backbone override only where the config's network is too slow for a CPU test: a ViT-Ti of the same family.
 BACKBONE_OVERRIDES = {"imagenet_vit_b16.yaml": "vit_tiny_patch16_224"}
 
 
 def _write_list(
-    tree: Path, benchmark: str, list_name: str, images_root: str, folder: str, label: int | None, size: int, seed: int
+    tree: Path,
+    benchmark: str,
+    list_name: str,
+    images_root: str,
+    folder: str,
+    label: int | None,
+    shape: tuple[int, int],
+    seed: int,
 ) -> None:
-    """``IMAGES_PER_LIST`` JPEGs under ``tree/images_root/folder`` and their list ``benchmark_imglist/...``."""
+    """``IMAGES_PER_LIST`` JPEGs of ``shape`` (H, W) under ``tree/images_root/folder``, and their list."""
     rng = np.random.default_rng(seed)
     lines = []
     for i in range(IMAGES_PER_LIST):
         relative = f"{folder}/{list_name}_{i:04d}.jpg"
         (tree / images_root / relative).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(tree / images_root / relative)
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(tree / images_root / relative)
         lines.append(f"{relative} {i % 3 if label is None else label}")
     path = tree / "benchmark_imglist" / benchmark / f"{list_name}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +107,8 @@ def _write_list(
 
 def build_openood_tree(tree: Path) -> Path:
     """A miniature of the folder OpenOOD's download script fills: every list of the four v1.5 benchmarks, in its
-    exact format (``relative/path label``, -1 for OOD sets), with a few generated JPEGs behind each line."""
+    exact format (``relative/path label``, -1 for OOD sets), with a few generated JPEGs behind each line (not square,
+    except ImageNet-C's, which are stored at the input size)."""
     seed = 0
     for benchmark, (images_root, near, far, val_ood) in BENCHMARKS.items():
         size = 32 if benchmark.startswith("cifar") else 64
@@ -91,9 +121,12 @@ def build_openood_tree(tree: Path) -> Path:
             (f"test_{name}", "images_classic" if name.startswith("texture") else images_root, name, -1)
             for name in near + far
         ]
+        lists += [(list_name, images_root, name, None) for name, list_name in CSID[benchmark].items()]
         for list_name, root, folder_key, label in lists:
             seed += 1
-            _write_list(tree, benchmark, list_name, root, FOLDERS[folder_key], label, size, seed)
+            side = AT_INPUT_SIZE.get(folder_key)
+            shape = (side, side) if side else (size, size + 8)
+            _write_list(tree, benchmark, list_name, root, FOLDERS[folder_key], label, shape, seed)
     return tree
 
 
@@ -146,9 +179,18 @@ def test_config_runs_end_to_end_on_a_miniature_openood_tree(config: Path, openoo
     assert results["id"] == benchmark and results["convention"] == "openood"
     assert results["ood_sets"] == near + far and results["groups"] == {"near": near, "far": far}
     assert results["selected"]["shaping"].startswith("ash_s@")  # chosen on val_<benchmark> against val_<val_ood>
+    csid = list(CSID[benchmark])
+    assert results.get("csid_sets", []) == csid
+    assert {name: results["counts"][name] for name in csid} == dict.fromkeys(csid, IMAGES_PER_LIST)
     for run in results["runs"]:
         assert set(run["ood"]) == set(near + far)
         assert all(0 <= m["auroc"] <= 1 for m in run["ood"].values())
+        if csid:
+            assert set(run["fsood"]["ood"]) == set(near + far) and set(run["fsood"]["groups"]) == {"near", "far"}
+            assert list(run["fsood"]["csid_accuracy"]) == csid
+            assert all(0 <= m["auroc"] <= 1 for m in run["fsood"]["ood"].values())
+        else:
+            assert "fsood" not in run
 
 
 def _broken_tree(tree: Path, benchmark: str, list_name: str, edit: str) -> None:
@@ -195,6 +237,33 @@ def test_imglist_errors_exit_2_with_one_error_line(
     assert len(errors) == 1 and expected in errors[0] and "data.ood.tin" in errors[0], err[-2000:]
     assert "Traceback" not in err
     assert not list(tmp_path.glob("**/ood_results.json"))
+
+
+def test_without_the_csid_images_the_error_says_how_to_run_without_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """download.py's ood_v1.5 does not fetch CIFAR-10-C: the run stops naming it, and --data.csid '{}' runs without."""
+    tree = build_openood_tree(tmp_path / "data")
+    for image in (tree / "images_classic" / "cifar10c").rglob("*.jpg"):
+        image.unlink()
+    monkeypatch.setenv("DATASETS", str(tree))
+    monkeypatch.delenv("ASH_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    config = {
+        "model": {"backbone": "openood_resnet18_32x32.openood_v15_cifar10", "shaping": "ash_s@90"},
+        "data": str(REPO / "configs" / "openood_v1.5" / "data" / "cifar10.yaml"),
+        "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False},
+        "ood_metrics": {"output_dir": str(tmp_path / "out")},
+    }
+    status, _, err = main_in_process(config, tmp_path, "--data.num_workers", "0")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert status == 2 and len(errors) == 1, err[-2000:]
+    assert "data.csid.cifar10c: " in errors[0] and "test_cifar10c.txt:1: image" in errors[0]
+    assert errors[0].endswith("Or leave the covariate-shifted ID sets out: --data.csid '{}'.")
+    status, _, err = main_in_process(config, tmp_path, "--data.num_workers", "0", "--data.csid", "{}")
+    assert status == 0, err[-2000:]
+    results = json.loads((tmp_path / "out" / "ood_results.json").read_text())
+    assert "csid_sets" not in results and "cifar10c" not in results["counts"]
 
 
 def test_missing_image_through_main_py_exits_2_without_traceback(tmp_path: Path) -> None:

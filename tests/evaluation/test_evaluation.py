@@ -18,7 +18,7 @@ from ash_lightning.callbacks import ActivationShapingCallback, OODMetricsCallbac
 from ash_lightning.data import OODDataModule
 from ash_lightning.evaluation.score_store import load_scores
 from ash_lightning.models.backbone import create_backbone
-from tests.conftest import REPO, run_main, tiny_config
+from tests.conftest import REPO, run_main, tiny_config, write_npz
 from tests.run_equality import assert_same_evaluation
 
 METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")
@@ -66,20 +66,24 @@ def test_cifar10_config_runs_and_writes_json(shared_data: Path, tmp_path: Path) 
 
 
 def test_ddp_two_processes_equal_one(tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Also with a covariate-shifted ID set of an odd size (DistributedSampler pads its shards)."""
     single, double = tmp_path / "one", tmp_path / "two"
+    csid = {"shifted": {"kind": "npz", "path": str(write_npz(tmp_path / "shifted.npz", 37, 3, 0.8))}}
     config = tiny_config(tiny_data, tiny_checkpoint, single, shaping=["ash_s@90", "ash_b@65"], score=["energy", "msp"])
+    config["data"]["csid"] = csid
     proc = run_main(config, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = tiny_config(tiny_data, tiny_checkpoint, double, shaping=["ash_s@90", "ash_b@65"], score=["energy", "msp"])
+    config["data"]["csid"] = csid
     proc = run_main(
         config, tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = _results(single), _results(double)
-    assert one["counts"] == two["counts"] == {"id": 101, "dark": 67, "bright": 53}
+    assert one["counts"] == two["counts"] == {"id": 101, "dark": 67, "bright": 53, "shifted": 37}
     assert two["config"]["trainer"]["world_size"] == 2
     store_two, _ = load_scores(str(double / "run" / "v"))
-    for name in ("id", "dark", "bright"):
+    for name in ("id", "dark", "bright", "shifted"):
         np.testing.assert_array_equal(store_two[name]["index"], np.arange(len(store_two[name]["index"])))
     assert_same_evaluation(single / "run" / "v", double / "run" / "v")
 

@@ -32,7 +32,7 @@ from ash_lightning.evaluation.feature_cache import (
     set_key,
 )
 from ash_lightning.module import OODEvalModule
-from tests.conftest import main_in_process, tiny_config, write_image_folder
+from tests.conftest import main_in_process, tiny_config, write_image_folder, write_npz
 
 GRID = ["none", "ash_s@90", "react@1.0"]
 
@@ -101,15 +101,19 @@ def _without_cache_option(results: dict) -> dict:
 
 
 def test_result_files_equal_uncached_run(tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path):
+    """Also for a covariate-shifted ID set (data.csid), cached like the others."""
     config = lambda out, **model: tiny_config(tiny_data, tiny_checkpoint, out, shaping=GRID, **model)  # noqa: E731
     runs = {
         "uncached": config(tmp_path / "u"),
         "miss": config(tmp_path / "m", feature_cache=str(tmp_path / "cache")),
         "hit": config(tmp_path / "h", feature_cache=str(tmp_path / "cache")),
     }
+    shifted = {"kind": "npz", "path": str(write_npz(tmp_path / "shifted.npz", 23, 3, 0.8))}
     for cfg in runs.values():
+        cfg["data"]["csid"] = {"shifted": shifted}
         status, _, err = main_in_process(cfg, tmp_path)
         assert status == 0, err
+    assert len(_entries(tmp_path / "cache")) == 4
     folders = {name: tmp_path / name[0] / "run" / "v" for name in runs}
     results = {name: json.loads((f / "ood_results.json").read_text()) for name, f in folders.items()}
     assert results["hit"] == results["miss"]
