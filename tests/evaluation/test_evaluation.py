@@ -66,14 +66,17 @@ def test_cifar10_config_runs_and_writes_json(shared_data: Path, tmp_path: Path) 
 
 
 def test_ddp_two_processes_equal_one(tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """With calibrated shapers each DDP process fits them on data.fit (its own empty cache) as one process does."""
     single, double = tmp_path / "one", tmp_path / "two"
-    config = tiny_config(tiny_data, tiny_checkpoint, single, shaping=["ash_s@90", "ash_b@65"], score=["energy", "msp"])
-    proc = run_main(config, tmp_path)
+    shaping = ["ash_s@90", "ash_b@65", "optfs", "bfact@95@2", "ras"]
+    config = tiny_config(tiny_data, tiny_checkpoint, single, shaping=shaping, score=["energy", "msp"])
+    config["data"]["fit"] = {"kind": "npz", "path": str(tiny_data["id"]), "limit": 40}
+    proc = run_main(config, tmp_path, env={"ASH_CACHE_DIR": str(single / "cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    config = tiny_config(tiny_data, tiny_checkpoint, double, shaping=["ash_s@90", "ash_b@65"], score=["energy", "msp"])
-    proc = run_main(
-        config, tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"
-    )
+    config = tiny_config(tiny_data, tiny_checkpoint, double, shaping=shaping, score=["energy", "msp"])
+    config["data"]["fit"] = {"kind": "npz", "path": str(tiny_data["id"]), "limit": 40}
+    ddp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    proc = run_main(config, tmp_path, *ddp, env={"ASH_CACHE_DIR": str(double / "cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = _results(single), _results(double)
     assert one["counts"] == two["counts"] == {"id": 101, "dark": 67, "bright": 53}
