@@ -221,18 +221,18 @@ class _UnitMean:
 
 @dataclass(frozen=True)
 class _Tap:
-    """Forward (pre-)hook that stores the module's first input or its output under ``name`` in ``seen`` and
-    changes nothing."""
+    """Forward (pre-)hook that stores a copy of the module's first input or of its output under ``name`` in
+    ``seen`` (a copy: the network may change the tensor in place later in the pass) and changes nothing."""
 
     seen: dict[str, Tensor]
     name: str
     placement: str
 
     def input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self.seen[self.name] = args[0]
+        self.seen[self.name] = args[0].detach().clone()
 
     def output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        self.seen[self.name] = activation_tensor(output, module, self.placement)
+        self.seen[self.name] = activation_tensor(output, module, self.placement).detach().clone()
 
     def attach(self, module: nn.Module, side: str) -> RemovableHandle:
         """Hook ``module``'s ``side`` ("input" or "output") ahead of its other hooks."""

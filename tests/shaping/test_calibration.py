@@ -179,6 +179,23 @@ def test_react_percentile_above_the_cap_sees_every_unit(monkeypatch):
     assert stats.percentiles[10.0] == 0.0 == react_threshold_reference(x.numpy(), 10)
 
 
+def test_statistics_are_of_the_activations_as_the_placement_gave_them():
+    """A network that changes the placement's output in place later (an in-place ReLU after it): the percentile
+    and RAS's sorted profile are those of the output as it was, negatives included."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 2))
+    x = torch.randn(12, 5)
+    with torch.no_grad():
+        before = net[0](x)
+    assert (before < 0).any()
+    for spec in ("react@p10", "ras"):
+        shaper = calibrate_shapers([get_shaping(spec)], net, "0", FitPass(Fit(x)))[0]
+        if spec == "ras":
+            torch.testing.assert_close(shaper.fn.keywords["mean_curve"], before.sort(1).values.mean(0))
+        else:
+            assert shaper.params == (percentile(before, 10),)
+
+
 def test_dice_mask_and_logits_by_hand():
     mean = H_FIT.mean(0)
     assert torch.equal(mean, torch.tensor([2.0, 2.0, 2.0, 2.0, 3.0]))
