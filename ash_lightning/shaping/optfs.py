@@ -17,7 +17,9 @@ Checked against Qinyu-Allen-Zhao/OptFSOOD ``detector/ours.py`` (``Ours.setup``, 
 
 The authors' default score (``-o vanilla``, "Ours (V)") is Σ_d W[pred, d] · shaped h_d without the bias, pred from
 the unshaped logits; ``-o energy`` is logsumexp of the classifier on the shaped features, i.e. ``optfs`` with score
-``energy``, which is what this spec is evaluated with here. The ID statistics follow
+``energy``, which is what this spec is evaluated with here. The authors' ``setup`` then prints the share of
+predictions the shaping changes on 10,000 random training samples (``np.random.choice`` without replacement, which
+fails on fewer samples); a diagnostic that leaves θ as it is, not reproduced. The ID statistics follow
 ``ash_lightning.shaping.calibration``: the authors read every training feature; here the quantiles and I are exact
 while the fit features hold at most ``MAX_VALUES`` values, else taken over the same seeded random subset of samples
 as the percentiles (I is a mean over samples, so the subset's is unbiased); the quantiles are computed in float64

@@ -10,7 +10,9 @@ the score is energy, ``logsumexp`` of the shifted logits). It has no parameter. 
 features; here any placement works (the profile is taken over each sample's flattened activations there, as their
 ``view(B, -1)``). The mean curve is accumulated in float64 as the fit streams (the authors hold every feature
 and average in float32). Ties are ranked by position (a stable sort), where the authors' ``torch.sort`` leaves
-their order unspecified; the values a tie receives then differ by ordering only.
+their order unspecified; the values a tie receives then differ by ordering only. (The authors' ``run_ras.py``
+reuses one ``RASPostprocessor``, whose ``setup`` runs once, for every experiment, so only the first of several gets a
+mean curve; each fit here computes its own.)
 """
 
 from __future__ import annotations
