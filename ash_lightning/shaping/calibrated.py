@@ -27,7 +27,8 @@ DICE and LTS are ``LogitShaper``s (placement ``"penultimate"`` only). ``react@p.
 from ``get_shaping`` unfitted: their ``params`` are the spec's numbers and using them raises a ValueError until
 ``ash_lightning.shaping.calibration.calibrate`` replaces them by fitted shapers. A fitted shaper keeps the requested
 spec (``react@p90`` stays ``react@p90``) and records the fitted values in ``params``: the threshold for ReAct,
-(alpha, beta) for VRA, the sparsity for DICE (its mask is ``fn.mask``).
+(alpha, beta) for VRA, the sparsity for DICE (its mask is ``fn.mask``), (τ, n) for BFAct, OptFS's quantiles
+(lo, hi), none for RAS.
 """
 
 from __future__ import annotations
