@@ -36,7 +36,12 @@ from ash_lightning.errors import UserError
 from ash_lightning.evaluation.feature_cache import DEFAULT_MAX_GIB, FeatureCache, check_placement, open_feature_cache
 from ash_lightning.evaluation.results import run_entry
 from ash_lightning.models.backbone import create_backbone, warn_if_random_weights
-from ash_lightning.shaping.calibration import calibrate_shapers, make_cache_key, needs_calibration
+from ash_lightning.shaping.calibration import (
+    calibrate_shapers,
+    check_calibration,
+    make_cache_key,
+    needs_calibration,
+)
 from ash_lightning.shaping.hooks import attach_shaping
 from ash_lightning.shaping.specs import get_shaping
 from ash_lightning.shaping.sweep import outputs_from_shared, runs_backbone_once, shaped_logits, shared_part
@@ -140,6 +145,7 @@ class OODEvalModuleMixin:
         )
         for shaper in self.requested_shapers:  # attached and removed at once: an unfit placement fails here
             _user_spec(lambda p, s=shaper: attach_shaping(self.model, s, p).remove(), placement, "placement")
+        _user_spec(lambda p: check_calibration(self.requested_shapers, self.model, p), placement, "placement")
         check_detectors(self.model, self.detectors, "model.score")
         warn_if_random_weights(backbone, pretrained=pretrained, checkpoint_path=checkpoint_path)
         self.placement = placement

@@ -1,12 +1,16 @@
-"""Benchmark: what each detector adds to a ResNet-20 CIFAR-10 evaluation batch, relative to the forward pass.
+"""Benchmark: what each detector and calibrated shaper adds to a ResNet-20 CIFAR-10 evaluation batch, relative to the
+forward pass.
 
 Model ``cifar_resnet20`` (random weights), a batch of 250 random 32x32 inputs, 2 threads, CPU. Feature-space
 detectors are fitted on the features of 9,000 random inputs (random labels for mds/rmds/mdspp/she), then the time of
 ``fitted.score(features, logits)`` per batch is divided by the time of the batch's forward pass (target: at
 most 10%). ODIN and AdaSCALE run their own passes (forward + backward to the input + a second forward), so they
 are reported as the multiple of one forward pass they take; GradNorm is in closed form on the features and
-logits, so it is timed like the feature-space detectors. Measurements are interleaved (forward, then every
-detector, per round) and the median over rounds is reported.
+logits, so it is timed like the feature-space detectors. The calibrated shapers (``SHAPER_SPECS``) are fitted on
+the same 9,000 inputs (one fit pass, ``calibrate_shapers``), and the time of ``shaper(features)`` per batch (the
+work a sweep adds to the classifier per setting) is divided by the forward pass (target: at most 10%).
+Measurements are interleaved (forward, then every detector and shaper, per round) and the median over rounds is
+reported.
 
 Run: ``PYTHONPATH=. python bench/detector_cost.py``
 """
@@ -20,7 +24,10 @@ import timm
 import torch
 
 import ash_lightning.models  # noqa: F401  (registers cifar_resnet20 in timm)
+from ash_lightning.data.fit_pass import FitPass
 from ash_lightning.detectors import FeatureDetector, FeaturesAndLogits, FittedDetector, parse_detector
+from ash_lightning.shaping.calibration import calibrate_shapers
+from ash_lightning.shaping.specs import get_shaping
 
 from _common import interleaved_medians, machine_line, markdown_table
 
@@ -29,6 +36,7 @@ FEATURE_SPECS = (
     *("she", "klm", "residual@32", "nci", "neco", "mdspp", "cadref", "caref"),
 )
 PASS_SPECS = ("odin@1000@0.0014", "adascale")
+SHAPER_SPECS = ("react@p90", "bfact@95", "ras", "optfs")
 TARGET = 0.10
 STD = (0.229, 0.224, 0.225)  # the ImageNet std the CIFAR ResNet checkpoints normalise with
 
@@ -47,8 +55,9 @@ def main() -> None:
     forward = FeaturesAndLogits(model)
     classifier = model.get_classifier()
     weight, bias = classifier.weight.detach(), classifier.bias.detach()
+    fit_inputs = torch.randn(args.bank, 3, 32, 32).split(250)
     with torch.inference_mode():
-        fit = [forward(x) for x in torch.randn(args.bank, 3, 32, 32).split(250)]
+        fit = [forward(x) for x in fit_inputs]
     fit_features, fit_logits = torch.cat([h for h, _ in fit]), torch.cat([logits for _, logits in fit])
     fit_labels = torch.randint(0, fit_logits.shape[1], (args.bank,))
 
@@ -61,6 +70,9 @@ def main() -> None:
     fit_batches = torch.randn(2 * args.batch_size, 3, 32, 32).split(args.batch_size)
     fitted["adascale"] = adascale.fit(torch.cat([adascale.fit_shifts(forward, x) for x in fit_batches]))
     odin = parse_detector("odin@1000@0.0014")
+    requested = [get_shaping(spec) for spec in SHAPER_SPECS]
+    calibrated = calibrate_shapers(requested, model, "penultimate", FitPass(lambda: fit_inputs))
+    shapers = dict(zip(SHAPER_SPECS, calibrated, strict=True))
 
     x = torch.randn(args.batch_size, 3, 32, 32)
     with torch.inference_mode():
@@ -70,6 +82,8 @@ def main() -> None:
         timers[spec] = lambda f=fitted[spec]: f.score(features, logits)
     timers["odin@1000@0.0014"] = lambda: odin.score(model, x, STD)
     timers["adascale"] = lambda: fitted["adascale"].score(forward, x, weight, bias)
+    for spec, shaper in shapers.items():
+        timers[f"shaper {spec}"] = lambda s=shaper: s(features)
 
     median = interleaved_medians(timers, args.rounds, with_gradients=PASS_SPECS)
 
@@ -92,6 +106,12 @@ def main() -> None:
     print()
     rows = [[spec, f"{median[spec] * 1e3:.1f}", f"{median[spec] / base:.2f}x"] for spec in PASS_SPECS]
     print(markdown_table(["detector (own passes)", "ms per batch", "multiple of one forward pass"], rows, "lrr"))
+    print()
+    rows = []
+    for spec in SHAPER_SPECS:
+        ratio = median[f"shaper {spec}"] / base
+        rows.append([spec, f"{median[f'shaper {spec}'] * 1e3:.3f}", f"{ratio:.2%}", "yes" if ratio <= TARGET else "NO"])
+    print(markdown_table(["calibrated shaper", "ms per batch", "÷ forward pass", f"≤ {TARGET:.0%}"], rows, "lrrl"))
 
 
 if __name__ == "__main__":

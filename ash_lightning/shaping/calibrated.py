@@ -1,4 +1,5 @@
-"""Shapers fitted on ID statistics (ReAct at a percentile, VRA, DICE) and logit shapers (DICE, LTS).
+"""Shapers fitted on ID statistics (ReAct at a percentile, VRA, DICE) and logit shapers (DICE, LTS), and what
+every calibrated shaper is made of (``StatsRequest``, ``IDStats``, ``calibrated``).
 
 Spec strings, registered when this module (or ``ash_lightning.shaping.calibration``) is imported:
 
@@ -19,11 +20,15 @@ Spec strings, registered when this module (or ``ash_lightning.shaping.calibratio
   ID training set; set ``data.fit`` to the ID training set.
 * ``lts@90``: LTS (Djurisic et al.) logit scaling; needs no ID data. Checked against andrijazz/lts ``lts.py``.
 
+OptFS (``optfs``), BFAct (``bfact@95``) and RAS (``ras``) live in their own modules (``ash_lightning.shaping.optfs``,
+``bfact``, ``ras``), registered when ``ash_lightning.shaping.calibration`` is imported.
+
 DICE and LTS are ``LogitShaper``s (placement ``"penultimate"`` only). ``react@p..``, ``vra`` and ``dice`` come
 from ``get_shaping`` unfitted: their ``params`` are the spec's numbers and using them raises a ValueError until
 ``ash_lightning.shaping.calibration.calibrate`` replaces them by fitted shapers. A fitted shaper keeps the requested
 spec (``react@p90`` stays ``react@p90``) and records the fitted values in ``params``: the threshold for ReAct,
-(alpha, beta) for VRA, the sparsity for DICE (its mask is ``fn.mask``).
+(alpha, beta) for VRA, the sparsity for DICE (its mask is ``fn.mask``), (τ, n) for BFAct, OptFS's quantiles
+(lo, hi), none for RAS.
 """
 
 from __future__ import annotations
@@ -44,11 +49,15 @@ from ash_lightning.shaping.hooks import LogitShaper, classifier_of
 from ash_lightning.shaping.specs import FunctionFactory, Shaper, register_shaping
 
 __all__ = [
+    "BinContributions",
     "IDStats",
     "StatsRequest",
+    "calibrated",
+    "check_id_percentile",
     "dice_logits",
     "dice_mask",
     "lts",
+    "linear_weight",
     "lts_factor",
     "missing_fit_data_message",
     "needs_calibration",
@@ -97,36 +106,69 @@ def lts(features: Tensor, logits: Tensor, percentile: float) -> Tensor:
 @dataclass(frozen=True)
 class StatsRequest:
     """The ID statistics calibrated shapers need: ``percentiles`` (0-100) of the placement's activations over
-    all units and samples, and/or (``mean``) the per-unit mean of the penultimate features."""
+    all units and samples; ``mean``, the per-unit mean of the penultimate features (DICE); ``sorted_mean``, the
+    mean of each sample's activations at the placement sorted ascending (RAS); ``bin_contributions``, OptFS's
+    mean classifier contribution per bin of feature values (``BinContributions``)."""
 
     percentiles: frozenset[float] = frozenset()
     mean: bool = False
+    sorted_mean: bool = False
+    bin_contributions: bool = False
 
     def __or__(self, other: StatsRequest) -> StatsRequest:
-        return StatsRequest(self.percentiles | other.percentiles, self.mean or other.mean)
+        return StatsRequest(
+            self.percentiles | other.percentiles,
+            self.mean or other.mean,
+            self.sorted_mean or other.sorted_mean,
+            self.bin_contributions or other.bin_contributions,
+        )
 
     def __bool__(self) -> bool:
-        return bool(self.percentiles) or self.mean
+        return bool(self.percentiles) or self.mean or self.sorted_mean or self.bin_contributions
+
+
+@dataclass(frozen=True)
+class BinContributions:
+    """OptFS's ID statistic: ``low`` and ``high``, the 1e-3 and 1 - 1e-3 quantiles of all penultimate feature
+    values, and ``values``, I(b_k) for each bin of ``ash_lightning.shaping.optfs.bin_edges(low, high)``: the mean
+    over ID samples of the sum of W[pred, d] · h_d over the features h_d in bin k (empty when high <= low)."""
+
+    low: float
+    high: float
+    values: tuple[float, ...]
 
 
 @dataclass(frozen=True, eq=False)
 class IDStats:
     """ID statistics: ``percentiles`` maps q to the q-th percentile of the placement's activations; ``mean`` is
-    the per-unit mean (D,), float64, of the penultimate features (None if not collected); ``n_samples`` the samples
-    seen."""
+    the per-unit mean (D,), float64, of the penultimate features; ``sorted_mean`` (U,), float64, the mean sorted
+    activation profile at the placement; ``bin_contributions`` OptFS's statistic (each None if not collected);
+    ``n_samples`` the samples seen."""
 
     percentiles: Mapping[float, float] = field(default_factory=dict)
     mean: Tensor | None = None
     n_samples: int = 0
+    sorted_mean: Tensor | None = None
+    bin_contributions: BinContributions | None = None
 
     def missing(self, request: StatsRequest) -> StatsRequest:
         """The part of ``request`` these statistics do not hold."""
-        return StatsRequest(request.percentiles - self.percentiles.keys(), request.mean and self.mean is None)
+        return StatsRequest(
+            request.percentiles - self.percentiles.keys(),
+            request.mean and self.mean is None,
+            request.sorted_mean and self.sorted_mean is None,
+            request.bin_contributions and self.bin_contributions is None,
+        )
 
     def merged(self, newer: IDStats) -> IDStats:
         """These statistics updated with ``newer``'s (collected on the same data)."""
-        mean = newer.mean if newer.mean is not None else self.mean
-        return IDStats({**self.percentiles, **newer.percentiles}, mean, newer.n_samples)
+        return IDStats(
+            {**self.percentiles, **newer.percentiles},
+            newer.mean if newer.mean is not None else self.mean,
+            newer.n_samples,
+            newer.sorted_mean if newer.sorted_mean is not None else self.sorted_mean,
+            newer.bin_contributions if newer.bin_contributions is not None else self.bin_contributions,
+        )
 
 
 def missing_fit_data_message(specs: list[str]) -> str:
@@ -141,11 +183,13 @@ def missing_fit_data_message(specs: list[str]) -> str:
 @dataclass(frozen=True)
 class _Unfitted:
     """``fn`` of a calibrated shaper before calibration: raises when called; ``fit(stats, model)`` returns the
-    fitted shaper."""
+    fitted shaper; ``check(model, placement)``, when given, raises a ValueError before any fit pass where the
+    shaper cannot work on that model or at that placement."""
 
     spec: str
     request: StatsRequest
     fit: Callable[[IDStats, nn.Module], Shaper]
+    check: Callable[[nn.Module, str], None] | None = None
 
     def __call__(self, *_: object) -> Tensor:
         raise UserError(missing_fit_data_message([self.spec]))
@@ -188,16 +232,34 @@ def _fit_vra(stats: IDStats, model: nn.Module, *, spec: str, low: float, high: f
     return Shaper(functools.partial(vra, alpha=alpha, beta=beta), spec, (alpha, beta))
 
 
-def _fit_dice(stats: IDStats, model: nn.Module, *, spec: str, sparsity: float) -> LogitShaper:
+def linear_weight(model: nn.Module, spec: str, use: str) -> Tensor:
+    """The (K, D) weight of ``model``'s classifier, or a ValueError saying that ``spec`` ``use``s one."""
     classifier = classifier_of(model)
-    weight, mean = getattr(classifier, "weight", None), stats.mean
-    assert mean is not None, "dice's StatsRequest(mean=True) makes calibrate_shapers collect the mean"
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != mean.numel():
+    weight = getattr(classifier, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ValueError(
-            f"{spec} masks a linear classifier's (K, D) weight by the mean of its D inputs, but "
-            f"{type(model).__name__}'s classifier is {type(classifier).__name__} with weight of shape "
-            f"{None if not isinstance(weight, Tensor) else tuple(weight.shape)}. Fix: use DICE on a model whose "
-            "get_classifier() is an nn.Linear on the pooled features."
+            f"{spec} {use}, but {type(model).__name__}'s classifier is {type(classifier).__name__} with weight of "
+            f"shape {None if not isinstance(weight, Tensor) else tuple(weight.shape)}. Fix: use {spec} on a model "
+            "whose get_classifier() is an nn.Linear on the pooled features."
+        )
+    return weight
+
+
+_DICE_USE = "masks a linear classifier's (K, D) weight by the mean of its D inputs"
+
+
+def _check_dice(model: nn.Module, placement: str, *, spec: str) -> None:
+    linear_weight(model, spec, _DICE_USE)
+
+
+def _fit_dice(stats: IDStats, model: nn.Module, *, spec: str, sparsity: float) -> LogitShaper:
+    weight, mean = linear_weight(model, spec, _DICE_USE), stats.mean
+    assert mean is not None, "dice's StatsRequest(mean=True) makes calibrate_shapers collect the mean"
+    if weight.shape[1] != mean.numel():
+        raise ValueError(
+            f"{spec} {_DICE_USE}, but the classifier's weight has shape {tuple(weight.shape)} and its inputs "
+            f"{mean.numel()} values. Fix: use DICE on a model whose get_classifier() is an nn.Linear on the pooled "
+            "features."
         )
     mask = dice_mask(weight, mean, sparsity)
     return LogitShaper(_DiceHead(mask), spec, (sparsity,), sparsity)
@@ -208,20 +270,24 @@ def _expect(usage: str, args: tuple[str, ...], names: tuple[str, ...]) -> tuple[
     return tuple(parse_params(usage, args, [SpecParam(name) for name in names]))
 
 
-def _check_id_percentile(q: float, name: str) -> None:
+def check_id_percentile(q: float, name: str) -> None:
+    """A ValueError unless the ID percentile ``q`` of parameter ``<name>`` lies in [0, 100]."""
     if not 0 <= q <= 100:
         raise ValueError(f"<{name}>={format_number(q)} is outside [0, 100]; pass a percentile, e.g. 90")
 
 
-def _calibrated(
+def calibrated(
     cls: type[Shaper],
     spec: str,
     params: tuple[float, ...],
     request: StatsRequest,
     fit: Callable[[IDStats, nn.Module], Shaper],
     percentile: float | None = None,
+    check: Callable[[nn.Module, str], None] | None = None,
 ) -> Shaper:
-    return cls(_Unfitted(spec, request, fit), spec, params, percentile)
+    """A ``cls`` shaper of ``spec`` that ``calibrate_shapers`` fits: ``fit(stats, model)`` gets the ID statistics
+    of ``request``; ``check(model, placement)`` refuses a model or placement it cannot work on before any pass."""
+    return cls(_Unfitted(spec, request, fit, check), spec, params, percentile)
 
 
 _FIXED_REACT = FunctionFactory("react", react, ("threshold",))
@@ -233,9 +299,9 @@ def _react_factory(*args: str) -> Shaper:
     if not (args and args[0].startswith("p")):
         return _FIXED_REACT(*args)
     (q,) = _expect("react@p<percentile>", (args[0][1:], *args[1:]), ("percentile",))
-    _check_id_percentile(q, "percentile")
+    check_id_percentile(q, "percentile")
     spec = f"react@p{format_number(q)}"
-    return _calibrated(
+    return calibrated(
         Shaper, spec, (q,), StatsRequest(frozenset({q})), functools.partial(_fit_react, spec=spec, q=q), q
     )
 
@@ -244,14 +310,14 @@ def _react_factory(*args: str) -> Shaper:
 def _vra_factory(*args: str) -> Shaper:
     """VRA: zero activations below the low ID percentile, clip them at the high one (calibrated)."""
     low, high = _expect("vra", args, ("low_percentile", "high_percentile"))
-    _check_id_percentile(low, "low_percentile")
-    _check_id_percentile(high, "high_percentile")
+    check_id_percentile(low, "low_percentile")
+    check_id_percentile(high, "high_percentile")
     if low > high:
         raise ValueError(
             f"vra needs <low_percentile> <= <high_percentile>, got {format_number(low)} > {format_number(high)}"
         )
     spec = f"vra@{format_number(low)}@{format_number(high)}"
-    return _calibrated(
+    return calibrated(
         Shaper,
         spec,
         (low, high),
@@ -266,13 +332,14 @@ def _dice_factory(*args: str) -> Shaper:
     (sparsity,) = _expect("dice", args, ("sparsity",))
     check_percentile(sparsity, "dice")
     spec = f"dice@{format_number(sparsity)}"
-    return _calibrated(
+    return calibrated(
         LogitShaper,
         spec,
         (sparsity,),
         StatsRequest(mean=True),
         functools.partial(_fit_dice, spec=spec, sparsity=sparsity),
         sparsity,
+        functools.partial(_check_dice, spec=spec),
     )
 
 

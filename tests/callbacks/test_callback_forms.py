@@ -72,7 +72,7 @@ def _test(module: lp.LightningModule, callbacks: list, loaders: object) -> lp.Tr
 
 
 FIT = DataLoader(Pairs(21, 0.0, 5), batch_size=7)  # batches of 7: told apart from the test batches below
-SWEEP = ["none", "ash_s@90", "react@p90", "scale@85"]
+SWEEP = ["none", "ash_s@90", "react@p90", "scale@85", "optfs", "bfact@95@2", "ras"]
 
 
 def _metrics(tmp_path: Path, name: str) -> OODMetricsCallback:
@@ -98,7 +98,8 @@ def test_a_sweep_from_the_callbacks_is_one_backbone_pass_per_batch_and_equals_ea
     assert [n for n in passes if n != 7] == [8, 8, 4, 8, 5]  # the ID batches, then the OOD set's: once each
     runs = metrics.results["runs"]
     assert [(r["shaping"], r["score"]) for r in runs] == [(s, c) for s in SWEEP for c in ("energy", "knn@5")]
-    assert len(metrics.results["ranking"]) == 8 and "All 8 settings, ranked" in metrics.summary  # one table
+    settings = 2 * len(SWEEP)
+    assert len(metrics.results["ranking"]) == settings and f"All {settings} settings, ranked" in metrics.summary
     assert all(f" | {s} | {c} | " in metrics.summary for s in SWEEP for c in ("energy", "knn@5"))
     # nothing is attached while the user's loop runs: their accuracy is the unshaped network's
     assert float(trainer.callback_metrics["test/acc"]) == pytest.approx(runs[0]["id_accuracy"])

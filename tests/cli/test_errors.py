@@ -145,6 +145,16 @@ USER_ERRORS: list[tuple[str, Callable[[dict[str, Path]], dict[str, object]], tup
         ("model.shaping", "unknown shaping name 'ash_q'", "Valid forms"),
     ),
     (
+        "calibrated_shapings_without_fit_data",
+        lambda f: {"model.shaping": ["none", "optfs", "bfact@95", "ras"]},
+        ("optfs, bfact@95@2, ras need ID statistics", "set data.fit"),
+    ),
+    (
+        "optfs_at_another_placement",
+        lambda f: {"model.shaping": ["ras", "optfs"], "model.placement": "pre_pool"},
+        ("model.placement: optfs", "only works at placement 'penultimate', not 'pre_pool'", "Fix: set placement"),
+    ),
+    (
         "checkpoint_missing",
         lambda f: {"model.checkpoint_path": "/nonexistent/resnet20.th"},
         ("checkpoint '/nonexistent/resnet20.th' not found", "Fix: point checkpoint_path"),

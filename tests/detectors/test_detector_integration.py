@@ -415,7 +415,10 @@ def test_main_mds_on_unlabelled_fit_data_is_one_user_error(
 
 
 EVERY_SHAPING = ["none", "ash_p", "ash_b", "ash_s", "ash_rand", "react@p90", "react_and_ash@1.0@65", "scale"]
-EVERY_SHAPING += ["vra@10@90", "dice@50", "lts@65"]
+EVERY_SHAPING += ["vra@10@90", "dice@50", "lts@65", "bfact", "ras"]
+# optfs is not here: its logits (theta of norm 1000) saturate the softmax, so klm's KL to a class-mean softmax with
+# exact zeros is inf for some samples, as in OpenOOD's scipy entropy; tests/shaping covers optfs in main.py.
+WITHOUT = {"optfs"}
 
 
 def test_main_newer_detectors_in_a_sweep_of_every_shaping(
@@ -425,7 +428,7 @@ def test_main_newer_detectors_in_a_sweep_of_every_shaping(
     run per (shaping, score), every score finite, the same scores again from the fit cache."""
     from ash_lightning.shaping.specs import list_shapings
 
-    assert {get_shaping(s).name for s in EVERY_SHAPING} >= {e.name for e in list_shapings()}
+    assert {get_shaping(s).name for s in EVERY_SHAPING} >= {e.name for e in list_shapings()} - WITHOUT
     monkeypatch.setenv("ASH_CACHE_DIR", str(tmp_path / "cache"))
     scores = ["energy", *(spec.replace("residual@8", "residual@3") for spec in NEWER)]  # ASH leaves rank 8 or less
     config = tiny_config(tiny_data, tiny_checkpoint, tmp_path / "out", shaping=EVERY_SHAPING, score=scores)

@@ -66,18 +66,21 @@ def test_cifar10_config_runs_and_writes_json(shared_data: Path, tmp_path: Path) 
 
 
 def test_ddp_two_processes_equal_one(tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """Also with a covariate-shifted ID set of an odd size (DistributedSampler pads its shards)."""
+    """With calibrated shapers each DDP process fits them on data.fit (its own empty cache) as one process does; also
+    with a covariate-shifted ID set of an odd size (DistributedSampler pads its shards)."""
     single, double = tmp_path / "one", tmp_path / "two"
+    shaping = ["ash_s@90", "ash_b@65", "optfs", "bfact@95@2", "ras"]
     csid = {"shifted": {"kind": "npz", "path": str(write_npz(tmp_path / "shifted.npz", 37, 3, 0.8))}}
-    config = tiny_config(tiny_data, tiny_checkpoint, single, shaping=["ash_s@90", "ash_b@65"], score=["energy", "msp"])
+    config = tiny_config(tiny_data, tiny_checkpoint, single, shaping=shaping, score=["energy", "msp"])
+    config["data"]["fit"] = {"kind": "npz", "path": str(tiny_data["id"]), "limit": 40}
     config["data"]["csid"] = csid
-    proc = run_main(config, tmp_path)
+    proc = run_main(config, tmp_path, env={"ASH_CACHE_DIR": str(single / "cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    config = tiny_config(tiny_data, tiny_checkpoint, double, shaping=["ash_s@90", "ash_b@65"], score=["energy", "msp"])
+    config = tiny_config(tiny_data, tiny_checkpoint, double, shaping=shaping, score=["energy", "msp"])
+    config["data"]["fit"] = {"kind": "npz", "path": str(tiny_data["id"]), "limit": 40}
     config["data"]["csid"] = csid
-    proc = run_main(
-        config, tmp_path, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"
-    )
+    ddp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    proc = run_main(config, tmp_path, *ddp, env={"ASH_CACHE_DIR": str(double / "cache")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = _results(single), _results(double)
     assert one["counts"] == two["counts"] == {"id": 101, "dark": 67, "bright": 53, "shifted": 37}

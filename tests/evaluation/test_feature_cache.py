@@ -100,9 +100,14 @@ def _without_cache_option(results: dict) -> dict:
     return results
 
 
-def test_result_files_equal_uncached_run(tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path):
-    """Also for a covariate-shifted ID set (data.csid), cached like the others."""
-    config = lambda out, **model: tiny_config(tiny_data, tiny_checkpoint, out, shaping=GRID, **model)  # noqa: E731
+def test_result_files_equal_uncached_run(
+    tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Calibrated shapers among the settings: fitted on data.fit (their own cache), applied to cached features;
+    a covariate-shifted ID set (data.csid) is cached like the others."""
+    monkeypatch.setenv("ASH_CACHE_DIR", str(tmp_path / "calibration"))
+    shaping = [*GRID, "optfs", "bfact@95@2", "ras"]
+    config = lambda out, **model: tiny_config(tiny_data, tiny_checkpoint, out, shaping=shaping, **model)  # noqa: E731
     runs = {
         "uncached": config(tmp_path / "u"),
         "miss": config(tmp_path / "m", feature_cache=str(tmp_path / "cache")),
@@ -111,6 +116,7 @@ def test_result_files_equal_uncached_run(tiny_data: dict[str, Path], tiny_checkp
     shifted = {"kind": "npz", "path": str(write_npz(tmp_path / "shifted.npz", 23, 3, 0.8))}
     for cfg in runs.values():
         cfg["data"]["csid"] = {"shifted": shifted}
+        cfg["data"]["fit"] = {"kind": "npz", "path": str(tiny_data["id"]), "limit": 40}
         status, _, err = main_in_process(cfg, tmp_path)
         assert status == 0, err
     assert len(_entries(tmp_path / "cache")) == 4

@@ -35,7 +35,7 @@ from ash_lightning.shaping.calibration import (
     vra,
 )
 from ash_lightning.shaping.hooks import attach_shaping
-from ash_lightning.shaping.specs import get_shaping
+from ash_lightning.shaping.specs import get_shaping, list_shapings
 from ash_lightning.shaping.sweep import shaped_logits
 
 KEY = {"backbone": "net", "checkpoint": None, "fit": "fit.npz"}
@@ -179,6 +179,23 @@ def test_react_percentile_above_the_cap_sees_every_unit(monkeypatch):
     assert stats.percentiles[10.0] == 0.0 == react_threshold_reference(x.numpy(), 10)
 
 
+def test_statistics_are_of_the_activations_as_the_placement_gave_them():
+    """A network that changes the placement's output in place later (an in-place ReLU after it): the percentile
+    and RAS's sorted profile are those of the output as it was, negatives included."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 2))
+    x = torch.randn(12, 5)
+    with torch.no_grad():
+        before = net[0](x)
+    assert (before < 0).any()
+    for spec in ("react@p10", "ras"):
+        shaper = calibrate_shapers([get_shaping(spec)], net, "0", FitPass(Fit(x)))[0]
+        if spec == "ras":
+            torch.testing.assert_close(shaper.fn.keywords["mean_curve"], before.sort(1).values.mean(0))
+        else:
+            assert shaper.params == (percentile(before, 10),)
+
+
 def test_dice_mask_and_logits_by_hand():
     mean = H_FIT.mean(0)
     assert torch.equal(mean, torch.tensor([2.0, 2.0, 2.0, 2.0, 3.0]))
@@ -310,6 +327,49 @@ def test_cache_skips_the_fit_data(cache):
     )  # nothing to calibrate
 
 
+def test_cache_entry_from_before_the_new_statistics_is_completed_not_misread(cache):
+    """An entry written before RAS's and OptFS's statistics existed (no such fields) keeps its percentiles and mean;
+    the new statistics are collected once and merged in, then read back without the fit data."""
+    import json
+
+    x = torch.rand(8, 5)
+    first = Fit(x)
+    old = calibrate_shapers(
+        [get_shaping("react@p90"), get_shaping("dice@90")], Net(), "penultimate", FitPass(first, KEY)
+    )
+    (path,) = cache.iterdir()
+    entry = json.loads(path.read_text())
+    for field in ("sorted_mean", "bin_contributions"):
+        del entry[field]  # the layout of the entries written before them
+    entry["percentiles"] = [[90.0, 123.0]]  # a marker: an entry read (not rebuilt) keeps it
+    path.write_text(json.dumps(entry))
+    specs = [get_shaping(s) for s in ("react@p90", "dice@90", "optfs", "ras", "bfact@95@2")]
+    more = Fit(x)
+    fitted = calibrate_shapers(specs, Net(), "penultimate", FitPass(more, KEY))
+    assert more.calls == 1 and fitted[0].params == (123.0,)  # only the missing statistics were collected
+    assert torch.equal(fitted[1].fn.mask, old[1].fn.mask)
+    fresh = calibrate_shapers(specs[2:], Net(), "penultimate", FitPass(Fit(x)))  # no key: nothing cached
+    again = calibrate_shapers(specs, Net(), "penultimate", FitPass(no_fit_data, KEY))
+    for cached, want in zip(again[2:], fresh, strict=True):
+        torch.testing.assert_close(cached(5 * x), want(5 * x))
+    assert json.loads(path.read_text())["percentiles"] == [[90.0, 123.0], [95.0, percentile(x, 95)]]
+
+
+def test_refused_where_a_calibrated_shaper_cannot_work_before_any_pass(resnet, images):
+    """optfs at another placement than penultimate: one line from OODEvalModule and from the callback, before the
+    fit data is read."""
+    from ash_lightning.module import OODEvalModule
+
+    with pytest.raises(UserError, match=r"^model\.placement: optfs weighs each penultimate feature .* not 'pre_pool'"):
+        OODEvalModule("cifar_resnet20", shaping=["none", "optfs"], placement="pre_pool")
+    callback = ActivationShapingCallback(["ras", "optfs"], placement="layer3")
+    fit_data = Fit(images["fit"])
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(fit_dataloader=fit_data, hparams={"fit": "fit images"}))
+    with pytest.raises(UserError, match=r"optfs weighs .*only works at placement 'penultimate', not 'layer3'"):
+        callback.on_test_start(trainer, Wrapper(resnet))
+    assert fit_data.calls == 0
+
+
 def test_corrupt_cache_entry_warns_once_and_is_rebuilt(cache):
     specs = [get_shaping("react@p90")]
     first = Fit(torch.rand(8, 5))
@@ -327,15 +387,14 @@ def test_corrupt_cache_entry_warns_once_and_is_rebuilt(cache):
 
 def test_uncalibrated_shapers_fail_clearly():
     net = Net()
-    for spec in ("react@p90", "vra@10@90", "dice@90"):
+    for spec in ("react@p90", "vra@10@90", "dice@90", "optfs", "bfact@95@2", "ras"):
         shaper = get_shaping(spec)
         assert needs_calibration(shaper)
         with attach_shaping(net, shaper), pytest.raises(ValueError, match=rf"{spec} needs ID statistics: set data.fit"):
             net(H_FIT)
-    with pytest.raises(UserError, match=r"react@p90, dice@90 need ID statistics: set data\.fit \(ID fit data"):
-        calibrate_shapers(
-            [get_shaping("react@p90"), get_shaping("dice@90")], net, "penultimate", FitPass(lambda: None, KEY)
-        )
+    for specs in (("react@p90", "dice@90"), ("optfs", "bfact@95@2", "ras")):
+        with pytest.raises(UserError, match=rf"{', '.join(specs)} need ID statistics: set data\.fit \(ID fit data"):
+            calibrate_shapers([get_shaping(s) for s in specs], net, "penultimate", FitPass(lambda: None, KEY))
     with pytest.raises(UserError, match=r"ID fit data \(data\.fit, or the fit_dataloader given\) has no samples"):
         calibrate_shapers([get_shaping("react@p90")], net, "penultimate", FitPass(Fit(torch.rand(0, 5)), KEY))
     headless = nn.Sequential(nn.Linear(5, 2))
@@ -365,7 +424,7 @@ def test_bad_specs(spec, reason):
 
 
 def test_sweep_equals_each_setting_alone(resnet, images):
-    specs = ["none", "react@1", "react@p90", "vra@10@90", "dice@90", "lts@90", "ash_s@90"]
+    specs = ["none", "react@1", "react@p90", "vra@10@90", "dice@90", "lts@90", "ash_s@90", "optfs", "bfact@95@2", "ras"]
     shapers = calibrate_shapers(
         [get_shaping(s) for s in specs], resnet, "penultimate", FitPass(Fit(images["fit"]), KEY)
     )
@@ -407,7 +466,7 @@ class Wrapper(pl.LightningModule):
         return self.model(x)
 
 
-@pytest.mark.parametrize("spec", ["lts@90", "dice@90"])
+@pytest.mark.parametrize("spec", ["lts@90", "dice@90", "optfs", "bfact@95@2", "ras"])
 def test_activation_shaping_callback(resnet, images, spec):
     wrapper, x = Wrapper(resnet).eval(), images["test"]
     callback = ActivationShapingCallback(spec)
@@ -436,7 +495,7 @@ def test_activation_shaping_callback_without_fit_data(resnet):
 
 
 def test_shapers_pickle_and_hooked_models_copy():
-    specs = ["react@p90", "vra@10@90", "dice@90", "lts@90"]
+    specs = ["react@p90", "vra@10@90", "dice@90", "lts@90", "optfs", "bfact@95@2", "ras"]
     unfitted = [get_shaping(s) for s in specs]
     fitted = calibrate_shapers(unfitted, Net(), "penultimate", FitPass(Fit(H_FIT), KEY))
     net, x = Net(), 5 * torch.rand(3, 5)
@@ -454,7 +513,8 @@ def test_shapers_pickle_and_hooked_models_copy():
 
 
 def test_main_py_calibrates_once_then_reads_the_cache(tiny_data: dict, tiny_checkpoint, tmp_path, monkeypatch) -> None:
-    """End to end: calibrated specs in one sweep; the second run never opens the (now deleted) fit data."""
+    """End to end: every shaping, the calibrated ones fitted on data.fit, in one sweep; the second run never opens
+    the (now deleted) fit data."""
     import json
     import shutil
 
@@ -462,7 +522,9 @@ def test_main_py_calibrates_once_then_reads_the_cache(tiny_data: dict, tiny_chec
 
     fit = tmp_path / "fit.npz"
     shutil.copy(tiny_data["id"], fit)
-    specs = ["react@1.0", "react@p90", "dice@90", "vra@10@90", "lts@90"]
+    specs = ["none", "ash_p@90", "ash_b@65", "ash_s@90", "ash_rand@65", "react@1.0", "react@p90"]
+    specs += ["react_and_ash@1.0@90", "scale@85", "dice@90", "vra@10@90", "lts@90", "optfs", "bfact@95@2", "ras"]
+    assert {get_shaping(s).name for s in specs} == {entry.name for entry in list_shapings()}
     env = {"ASH_CACHE_DIR": str(tmp_path / "cache")}
     outputs = []
     for attempt in ("first", "second"):
@@ -472,8 +534,11 @@ def test_main_py_calibrates_once_then_reads_the_cache(tiny_data: dict, tiny_chec
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs.append(json.loads((tmp_path / attempt / "run" / "v" / "ood_results.json").read_text()))
         fit.unlink(missing_ok=True)  # the second run must not need it
-    assert [r["shaping"] for r in outputs[0]["runs"]] == ["react@1", *specs[1:]]  # specs are normalised
-    assert [r["mean"] for r in outputs[0]["runs"]] == [r["mean"] for r in outputs[1]["runs"]]
+    normalised = [get_shaping(s).spec for s in specs]
+    assert [r["shaping"] for r in outputs[0]["runs"]] == normalised
+    drawn = normalised.index("ash_rand@65")  # random draws: the same only by chance
+    means = [[r["mean"] for i, r in enumerate(output["runs"]) if i != drawn] for output in outputs]
+    assert means[0] == means[1]
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
-    # The calibrated settings differ from the unshaped-threshold ReAct: they really used the statistics.
+    # Every setting differs from every other: the calibrated ones really used the statistics.
     assert len({json.dumps(r["mean"]) for r in outputs[0]["runs"]}) == len(specs)
