@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 PACKAGES = ("pytorch_lightning", "lightning.pytorch")
 #: The package of ``ash_lightning.module.OODEvalModule`` and ``ash_lightning.data.OODDataModule``, and of
@@ -58,13 +58,24 @@ def main_package_class(module: str, name: str) -> Any:
     return getattr(importlib.import_module(f"{MAIN_PACKAGE}.{module}"), name)
 
 
-CALLBACK_BASES: tuple[type, ...] = tuple(package.Callback for package in installed_packages())
+if TYPE_CHECKING:
+    #: The ``Callback`` class of every installed package.
+    CALLBACK_BASES: tuple[type, ...]
+    #: Lightning's ``rank_zero_info`` (to Lightning's logger, on global rank 0 only) and ``rank_zero_warn`` (a
+    #: Python warning, on global rank 0 only), of the first installed package (both share one implementation).
+    rank_zero_info: Callable[..., None]
+    rank_zero_warn: Callable[..., None]
 
-_RANK_ZERO = importlib.import_module(f"{installed_packages()[0].__name__}.utilities.rank_zero")
-#: Lightning's ``rank_zero_info`` (to Lightning's logger, on global rank 0 only) and ``rank_zero_warn`` (a Python
-#: warning, on global rank 0 only), of the first installed package (both packages share one implementation).
-rank_zero_info: Callable[..., None] = _RANK_ZERO.rank_zero_info
-rank_zero_warn: Callable[..., None] = _RANK_ZERO.rank_zero_warn
+
+def __getattr__(name: str) -> Any:
+    """``CALLBACK_BASES``, ``rank_zero_info`` and ``rank_zero_warn``, made on first use (PEP 562): importing this
+    module imports no Lightning package, so commands that need none (``main.py list``, ``report``) start faster."""
+    if name == "CALLBACK_BASES":
+        return tuple(package.Callback for package in installed_packages())
+    if name in ("rank_zero_info", "rank_zero_warn"):
+        rank_zero = importlib.import_module(f"{installed_packages()[0].__name__}.utilities.rank_zero")
+        return getattr(rank_zero, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def tensorboard_writer(loggers: Iterable[Any]) -> Any | None:

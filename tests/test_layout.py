@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -93,3 +95,18 @@ def test_no_import_circle() -> None:
         if module not in state:
             visit(module, [module])
     assert not circles
+
+
+def test_the_package_and_its_cli_import_no_lightning_package() -> None:
+    """``main.py list``/``report``/``--help`` and the functional API start without Lightning (about 1 s of imports
+    on 2 cores); the data module, the module and the callbacks import it on first use."""
+    probe = (
+        "import sys, ash_lightning, ash_lightning.cli, ash_lightning.data, ash_lightning.lightning_packages\n"
+        "print(sorted(m for m in ('pytorch_lightning', 'lightning', 'lightning_fabric') if m in sys.modules))\n"
+        "from ash_lightning.data import OODDataModule\n"
+        "from ash_lightning.lightning_packages import CALLBACK_BASES\n"
+        "print(OODDataModule.__name__, len(CALLBACK_BASES) >= 1, 'pytorch_lightning' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "OODDataModule True True"
