@@ -146,7 +146,7 @@ class RunScorer:
             return SettingOutputs(None if features is None else features[None], logits[None])
         placement = settings.placement
         if (
-            split_point(network, placement) == "classifier"
+            split_point(network, placement, settings.shapers) == "classifier"
             and features is not None
             and self._last(network, features, logits)
         ):
