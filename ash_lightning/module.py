@@ -98,7 +98,8 @@ class OODEvalModuleMixin:
         calibration_samples: at most this many ID fit samples for calibrated methods and fitted detectors
             (default: all of data.fit).
         feature_cache: a folder for each test set's shared features (``ash_lightning.evaluation.feature_cache``): a
-            later run with the same backbone, weights, placement and data reads them and runs only the per-setting part.
+            later run with the same backbone, weights, placement and data reads them and runs only the per-setting part
+            (refused with ``rankfeat``, which needs the map before the last stage).
         feature_cache_max_gib: refuse to cache a set whose features would take more than this many GiB.
     """
 

@@ -146,8 +146,9 @@ def last_stage(model: nn.Module, spec: str) -> nn.Module:
         problem = f"{name} has no ResNet stages layer1..layerN as direct children (its last: {_last_children(model)})"
     elif not _averages(_find_global_pool(model)):
         pool = _find_global_pool(model)
+        pool_type = getattr(pool, "pool_type", None)
         problem = f"{name}'s global pooling is {type(pool).__name__ if pool is not None else 'not found'}"
-        problem += f" (pool_type {pool.pool_type!r})" if hasattr(pool, "pool_type") else ""
+        problem += f" (pool_type {pool_type!r})" if pool_type is not None else ""
         problem += ", not an average, where the two branches' logits are averaged through the pooled maps"
     elif not isinstance(find_classifier(model), nn.Linear):
         problem = f"{name}'s classifier is {type(find_classifier(model)).__name__}, not an nn.Linear"

@@ -145,7 +145,7 @@ def _stage_input(model: nn.Module, x: Tensor) -> Tensor:
     if model not in _STAGE_IS_LAST:
         with _captured_input(stage) as seen:
             logits = model(x)
-        _STAGE_IS_LAST[model] = _same_logits(_call(model, "forward_head", stage(seen[-1])), logits)
+        _STAGE_IS_LAST[model] = bool(seen) and _same_logits(_call(model, "forward_head", stage(seen[-1])), logits)
         if not _STAGE_IS_LAST[model]:
             log.warning(
                 "%s's forward_head of its last stage's output is not the network's output, so the whole network "
