@@ -1,6 +1,6 @@
 """RankFeat (``rankfeat``) equals OpenOOD's ``openood/postprocessors/rankfeat_postprocessor.py`` on hand-made tensors
 and on the project's ResNets (block 3/block 4 = the last stage's input/output), in a sweep with one backbone pass per
-batch, and through the callbacks; unusable backbones and the feature cache are refused in one line."""
+batch, and through the callbacks; unusable backbones and the feature cache are refused in one line; main.py runs it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ash_lightning.callbacks import ActivationShapingCallback, OODMetricsCallback
+from ash_lightning.data import OODDataModule
 from ash_lightning.errors import UserError
 from ash_lightning.evaluation.score_store import load_scores
 from ash_lightning.models.backbone import create_backbone
@@ -23,6 +24,7 @@ from ash_lightning.module import OODEvalModule
 from ash_lightning.shaping.hooks import attach_shaping
 from ash_lightning.shaping.rankfeat import rank1_removed
 from ash_lightning.shaping.specs import get_shaping, list_shapings
+from tests.conftest import main_in_process, tiny_config
 
 
 # --- Transcription of OpenOOD v1.5 openood/postprocessors/rankfeat_postprocessor.py (the reference) ---------------
@@ -298,3 +300,23 @@ def test_the_callbacks_attach_rankfeat_or_sweep_it_and_match_openood(tiny_checkp
         _, conf, _ = postprocess(OpenOODView(model, "layer2", "layer3"), data.tensors[0])
         np.testing.assert_allclose(stores["alone"][part]["scores"][:, 0], conf.numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(stores["sweep"][part]["scores"][:, 1], conf.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_main_py_runs_rankfeat_alone_and_scores_as_openood(
+    tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    config = tiny_config(tiny_data, tiny_checkpoint, tmp_path / "out", shaping="rankfeat")
+    config["data"]["id"]["limit"] = 40
+    config["data"]["ood"] = {"dark": {**config["data"]["ood"]["dark"], "limit": 20}}
+    config["data"]["groups"] = {"far": ["dark"]}
+    status, _, err = main_in_process(config, tmp_path)
+    assert status == 0, err[-3000:]
+    store, _ = load_scores(str(tmp_path / "out" / "run" / "v"))
+    datamodule = OODDataModule(id=config["data"]["id"], ood=config["data"]["ood"], backbone="cifar_resnet20")
+    datamodule.setup("test")
+    images, index = zip(*((x, i) for x, _, i in datamodule.test_dataloader()[0]), strict=True)
+    model = create_backbone("cifar_resnet20", checkpoint_path=str(tiny_checkpoint))
+    _, conf, _ = postprocess(OpenOODView(model, "layer2", "layer3"), torch.cat(images))
+    order = np.argsort(store["id"]["index"])
+    assert np.array_equal(store["id"]["index"][order], torch.cat(index).numpy())
+    np.testing.assert_allclose(store["id"]["scores"][order].ravel(), conf.numpy(), rtol=1e-5, atol=1e-5)
