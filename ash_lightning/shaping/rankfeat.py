@@ -35,8 +35,8 @@ stage's input, which every setting shares; the last stage runs once for all othe
 ``rankfeat`` setting (its block-3 branch). The feature cache, which stores the classifier's input, is refused with
 ``rankfeat`` (``ash_lightning.module``). It needs no ID data, so no fit pass and no calibration cache.
 
-Code and paper: the fusion of blocks 3 and 4 is what OpenOOD and the authors' script run (the paper also reports
-block 4 alone). The authors' script, on BiT's pre-activation ResNetv2, applies that network's head (a norm and ReLU,
+Code and paper: the fusion of blocks 3 and 4 is what OpenOOD and the authors' script run (the paper also studies
+single blocks). The authors' script, on BiT's pre-activation ResNetv2, applies that network's head (a norm and ReLU,
 then pooling) to each branch; OpenOOD's post-activation ResNets, like the backbones here, only pool, as done here.
 """
 
