@@ -42,7 +42,7 @@ from ash_lightning.shaping.calibration import (
     make_cache_key,
     needs_calibration,
 )
-from ash_lightning.shaping.hooks import attach_shaping
+from ash_lightning.shaping.hooks import StageShaper, attach_shaping
 from ash_lightning.shaping.specs import get_shaping
 from ash_lightning.shaping.sweep import outputs_from_shared, runs_backbone_once, shaped_logits, shared_part
 
@@ -98,7 +98,8 @@ class OODEvalModuleMixin:
         calibration_samples: at most this many ID fit samples for calibrated methods and fitted detectors
             (default: all of data.fit).
         feature_cache: a folder for each test set's shared features (``ash_lightning.evaluation.feature_cache``): a
-            later run with the same backbone, weights, placement and data reads them and runs only the per-setting part.
+            later run with the same backbone, weights, placement and data reads them and runs only the per-setting part
+            (refused with ``rankfeat``, which needs the map before the last stage).
         feature_cache_max_gib: refuse to cache a set whose features would take more than this many GiB.
     """
 
@@ -144,12 +145,20 @@ class OODEvalModuleMixin:
             strict=strict_loading,
         )
         for shaper in self.requested_shapers:  # attached and removed at once: an unfit placement fails here
-            _user_spec(lambda p, s=shaper: attach_shaping(self.model, s, p).remove(), placement, "placement")
+            key = "shaping" if isinstance(shaper, StageShaper) else "placement"  # a StageShaper ignores the placement
+            _user_spec(lambda p, s=shaper: attach_shaping(self.model, s, p).remove(), placement, key)
         _user_spec(lambda p: check_calibration(self.requested_shapers, self.model, p), placement, "placement")
         check_detectors(self.model, self.detectors, "model.score")
         warn_if_random_weights(backbone, pretrained=pretrained, checkpoint_path=checkpoint_path)
         self.placement = placement
         if feature_cache is not None:
+            stage = [sh.spec for sh in self.requested_shapers if isinstance(sh, StageShaper)]
+            if stage:
+                raise UserError(
+                    f"model.shaping: {', '.join(stage)} re-run{'s' if len(stage) == 1 else ''} the last stage from "
+                    "the feature map before it, which model.feature_cache does not store (it holds the classifier's "
+                    "input). Fix: remove model.feature_cache for runs with rankfeat, or evaluate it in a separate run."
+                )
             check_placement(self.model, placement)
             gradient = [d.spec for d in self.detectors if d.needs_gradients]
             if gradient:
@@ -199,13 +208,13 @@ class OODEvalModuleMixin:
 
     def _shared(self, x: Tensor, targets: Tensor, index: Tensor, dataloader_idx: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(shared_part, targets, index)`` of a batch, from the feature cache where it holds the set."""
-        compute = lambda: shared_part(self.model, x, self.placement)  # noqa: E731
+        compute = lambda: shared_part(self.model, x, self.placement, self.shapers)  # noqa: E731
         if self._feature_cache is None:
             return compute(), targets, index
         return self._feature_cache.shared(dataloader_idx, targets, index, compute)
 
     def on_test_start(self) -> None:
-        if len(self.shapers) > 1 and not runs_backbone_once(self.model, self.placement):
+        if len(self.shapers) > 1 and not runs_backbone_once(self.model, self.placement, self.shapers):
             log.warning(
                 "placement %r is not inside forward_head: the full network runs once per shaping setting (%d settings)",
                 self.placement,

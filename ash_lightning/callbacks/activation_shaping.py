@@ -17,7 +17,7 @@ from ash_lightning.data.progress import trainer_progress
 from ash_lightning.errors import UserError
 from ash_lightning.lightning_packages import CALLBACK_BASES, rank_zero_info
 from ash_lightning.shaping.calibration import calibrate_shapers, make_cache_key, needs_calibration
-from ash_lightning.shaping.hooks import ShapingHandle, attach_shaping
+from ash_lightning.shaping.hooks import ShapingHandle, StageShaper, attach_shaping, last_stage
 from ash_lightning.shaping.specs import Shaper, get_shaping
 
 if TYPE_CHECKING:
@@ -34,6 +34,9 @@ class ActivationShapingCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the C
     ``module`` names the network inside the LightningModule (e.g. ``"model"``). By default it is the first child
     (attribute) of the LightningModule that is an ``nn.Module`` with a classifier (timm's ``get_classifier()``,
     or an ``nn.Linear`` inside it: torchvision models), else the LightningModule itself.
+
+    ``rankfeat`` shapes the network's last two ResNet stages whatever ``placement`` says
+    (``ash_lightning.shaping.rankfeat``); a network without them is refused when testing starts.
 
     Calibrated specs (``react@p90``, ``dice@90``, ``vra@10@90``, ``lts@90``) are fitted first on ID data:
     ``fit_dataloader`` (a DataLoader, or a callable returning one), else the data module's ``fit_dataloader()``
@@ -110,6 +113,12 @@ class ActivationShapingCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the C
     def _calibrate(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
         """The network, with ``shapers`` fitted on the ID fit data where they need it."""
         network = find_network(pl_module, self.module, "ActivationShapingCallback")
+        for shaper in self.requested:
+            if isinstance(shaper, StageShaper):
+                try:
+                    last_stage(network, shaper.spec)
+                except ValueError as err:
+                    raise UserError(f"ActivationShapingCallback: {err}") from err
         if any(map(needs_calibration, self.requested)):
             fit = getattr(trainer.datamodule, "hparams", {}).get("fit") if self.fit_dataloader is None else None
             key = make_cache_key(network_identity(type(network).__name__, network), fit) if fit is not None else None

@@ -5,7 +5,8 @@ it runs (or none), or a sweep of several, evaluated from one backbone pass per b
 (``ash_lightning.shaping.sweep``): the network runs unshaped, its classifier's input is captured, and each
 setting's shaping is applied to that input and the classifier run on it. Where the classifier's output is not
 the network's output, or the placement is not ``penultimate``, each setting re-runs the network on the batch's
-images (with a warning from the sweep).
+images (with a warning from the sweep). With ``rankfeat`` among the settings, which needs the map before the last
+stage, the sweep re-runs the network on the batch's images once, up to that map (split point ``"stage"``).
 
 A score is a logit score (``energy``) or a detector (``knn@50``, ``vim@64``; ``odin``/``adascale`` re-run the
 network on the batch's images with input gradients, even under Lightning's ``torch.inference_mode``:
@@ -146,7 +147,7 @@ class RunScorer:
             return SettingOutputs(None if features is None else features[None], logits[None])
         placement = settings.placement
         if (
-            split_point(network, placement) == "classifier"
+            split_point(network, placement, settings.shapers) == "classifier"
             and features is not None
             and self._last(network, features, logits)
         ):

@@ -53,7 +53,7 @@ from torch.utils.hooks import RemovableHandle
 from ash_lightning._cache import StaleEntry, cache_dir, canonical_json, key_digest, read_entry, write_entry
 from ash_lightning.data.fit_pass import FitBatch, FitData, FitPass, fit_batches
 from ash_lightning.errors import UserError
-from ash_lightning.shaping import bfact, optfs, ras  # noqa: F401  (registers optfs, bfact, ras)
+from ash_lightning.shaping import bfact, optfs, rankfeat, ras  # noqa: F401  (registers them; rankfeat needs no fit)
 from ash_lightning.shaping.calibrated import (
     BinContributions,
     IDStats,

@@ -13,10 +13,16 @@ Placements (where the activations are shaped):
 A ``LogitShaper`` (DICE, LTS) shapes the classifier's output instead of activations: it is hooked onto
 the classifier, gets the classifier's input (the penultimate features h) and output (the logits)
 and returns new logits. Only placement ``"penultimate"`` is valid for it.
+
+A ``StageShaper`` (RankFeat) shapes the feature maps of a ResNet's last two stages, whatever the placement: it is
+hooked onto the last stage (``last_stage``: the direct child ``layer<N>`` with the largest N; its input is the
+output of ``layer<N-1>``) and replaces its output y = stage(x) by (fn(y) + stage(fn(x))) / 2. Average pooling and a
+linear classifier follow the stage, so the logits are the mean of the two branches' logits.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,19 +30,25 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ash_lightning.errors import UserError
 from ash_lightning.shaping.specs import Shaper, get_shaping
 
 __all__ = [
     "LogitShaper",
     "ShapingHandle",
+    "StageShaper",
     "activation_tensor",
     "attach_shaping",
     "classifier_of",
     "find_classifier",
+    "find_last_stage",
+    "last_stage",
     "resolve_hook_point",
 ]
 
 _POOL_NAMES = ("global_pool", "head.global_pool", "avgpool")
+_STAGE_NAME = re.compile(r"layer(\d+)")
+_AVERAGE_POOLS = ("avg", "fast", "fastavg")  # timm SelectAdaptivePool2d pool types that average
 
 
 def _last_children(model: nn.Module, count: int = 4) -> str:
@@ -85,17 +97,68 @@ def classifier_of(model: nn.Module) -> nn.Module:
     )
 
 
-def _global_pool(model: nn.Module) -> nn.Module:
+def _find_global_pool(model: nn.Module) -> nn.Module | None:
     for name in _POOL_NAMES:
         try:
             return model.get_submodule(name)
         except AttributeError:
             continue
+    return None
+
+
+def _global_pool(model: nn.Module) -> nn.Module:
+    pool = _find_global_pool(model)
+    if pool is not None:
+        return pool
     raise ValueError(
         f"placement 'pre_pool' needs a global pooling module, but {type(model).__name__} has none "
         f"(looked for {', '.join(_POOL_NAMES)}). Pass the name of the module whose output is the "
         f"feature map instead, e.g. one of {_last_children(model)}."
     )
+
+
+def _stages(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
+    """The direct children named ``layer<N>`` (ResNet stages), by N."""
+    found = [(_STAGE_NAME.fullmatch(name), name, child) for name, child in model.named_children()]
+    return sorted((int(match.group(1)), name, child) for match, name, child in found if match)
+
+
+def find_last_stage(model: nn.Module) -> nn.Module | None:
+    """``model``'s last ResNet stage: the direct child ``layer<N>`` with the largest N, where there are at least two
+    (its input is then the output of the stage before); else None."""
+    stages = _stages(model)
+    return stages[-1][2] if len(stages) >= 2 else None
+
+
+def _averages(pool: nn.Module | None) -> bool:
+    """Whether ``pool`` is a global average pooling (torch's adaptive average pooling, or timm's at type avg)."""
+    if isinstance(pool, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
+        return True
+    return type(pool).__name__ == "SelectAdaptivePool2d" and getattr(pool, "pool_type", None) in _AVERAGE_POOLS
+
+
+def last_stage(model: nn.Module, spec: str) -> nn.Module:
+    """``find_last_stage(model)``, or a ValueError where ``spec`` (a ``StageShaper``) cannot work on ``model``: no
+    ResNet stages, a global pooling that is not an average, or a classifier that is not an ``nn.Linear``."""
+    stages, name = _stages(model), type(model).__name__
+    problem = None
+    if len(stages) < 2:
+        problem = f"{name} has no ResNet stages layer1..layerN as direct children (its last: {_last_children(model)})"
+    elif not _averages(_find_global_pool(model)):
+        pool = _find_global_pool(model)
+        pool_type = getattr(pool, "pool_type", None)
+        problem = f"{name}'s global pooling is {type(pool).__name__ if pool is not None else 'not found'}"
+        problem += f" (pool_type {pool_type!r})" if pool_type is not None else ""
+        problem += ", not an average, where the two branches' logits are averaged through the pooled maps"
+    elif not isinstance(find_classifier(model), nn.Linear):
+        problem = f"{name}'s classifier is {type(find_classifier(model)).__name__}, not an nn.Linear"
+    if problem is not None:
+        raise ValueError(
+            f"{spec} removes the top singular component of the feature maps of a ResNet's last two stages (block 3 "
+            f"and block 4 in OpenOOD), but {problem}. Fix: use {spec} with a ResNet backbone (timm resnet*, "
+            "cifar_resnet*, openood_resnet*, with global_pool='avg'), or another shaping."
+        )
+    return stages[-1][2]
 
 
 def resolve_hook_point(model: nn.Module, placement: str) -> tuple[nn.Module, str]:
@@ -128,6 +191,42 @@ class LogitShaper(Shaper):
 
     def __repr__(self) -> str:
         return f"LogitShaper({self.spec!r})"
+
+
+def _feature_map(x: Tensor, spec: str, which: str) -> Tensor:
+    """``x``, or a UserError where it is not a feature map (B, C, H, W)."""
+    if not (isinstance(x, Tensor) and x.dim() == 4):
+        got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise UserError(
+            f"{spec} removes the top singular component of feature maps (B, C, H, W), but the last stage's {which} "
+            f"has {got}. Fix: use {spec} with a convolutional ResNet backbone, or another shaping."
+        )
+    return x
+
+
+@dataclass(frozen=True, repr=False)
+class StageShaper(Shaper):
+    """A shaper of the feature maps of a ResNet's last two stages (RankFeat): ``fn`` shapes one map (B, C, H, W);
+    attached, it replaces the last stage's output y = stage(x) by ``branches(stage, x, y)``."""
+
+    def branches(self, stage: nn.Module, block3: Tensor, block4: Tensor) -> Tensor:
+        """(fn(block4) + stage(fn(block3))) / 2: ``block3`` is the last stage's input and ``block4`` its output; the
+        stage's own forward hooks do not run again."""
+        block3, block4 = _feature_map(block3, self.spec, "input"), _feature_map(block4, self.spec, "output")
+        return (self.fn(block4) + stage.forward(self.fn(block3))) / 2
+
+    def __repr__(self) -> str:
+        return f"StageShaper({self.spec!r})"
+
+
+@dataclass(frozen=True)
+class _ShapeStage:
+    """Forward hook on the last stage: replaces its output with ``shaping.branches(stage, input, output)``."""
+
+    shaping: StageShaper
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor:
+        return self.shaping.branches(module, args[0], output)
 
 
 @dataclass(frozen=True)
@@ -204,7 +303,8 @@ def attach_shaping(
 ) -> ShapingHandle:
     """Shape ``model``'s activations at ``placement`` with ``shaping`` (a spec string such as
     ``"ash_s@90"`` or a callable) on every forward pass, until the returned handle is removed. A
-    ``LogitShaper`` replaces the classifier's output instead and needs ``placement="penultimate"``.
+    ``LogitShaper`` replaces the classifier's output instead and needs ``placement="penultimate"``; a
+    ``StageShaper`` (``rankfeat``) replaces the last stage's output, whatever the placement.
 
     Example:
         >>> import torch
@@ -229,6 +329,9 @@ def attach_shaping(
             )
         module = classifier_of(model)
         hook = module.register_forward_hook(_ShapeLogits(shaper))
+    elif isinstance(shaper, StageShaper):
+        module = last_stage(model, shaper.spec)
+        hook = module.register_forward_hook(_ShapeStage(shaper))
     else:
         module, side = resolve_hook_point(model, placement)
         if side == "input":

@@ -155,6 +155,16 @@ USER_ERRORS: list[tuple[str, Callable[[dict[str, Path]], dict[str, object]], tup
         ("model.placement: optfs", "only works at placement 'penultimate', not 'pre_pool'", "Fix: set placement"),
     ),
     (
+        "rankfeat_without_resnet_stages",
+        lambda f: {"model.backbone": "test_vit", "model.checkpoint_path": None, "model.shaping": ["none", "rankfeat"]},
+        ("model.shaping: rankfeat removes", "VisionTransformer has no ResNet stages", "Fix: use rankfeat with"),
+    ),
+    (
+        "rankfeat_with_the_feature_cache",
+        lambda f: {"model.shaping": ["none", "rankfeat"], "model.feature_cache": str(f["empty_folder"])},
+        ("model.shaping: rankfeat re-runs the last stage", "Fix: remove model.feature_cache"),
+    ),
+    (
         "checkpoint_missing",
         lambda f: {"model.checkpoint_path": "/nonexistent/resnet20.th"},
         ("checkpoint '/nonexistent/resnet20.th' not found", "Fix: point checkpoint_path"),

@@ -415,7 +415,7 @@ def test_main_mds_on_unlabelled_fit_data_is_one_user_error(
 
 
 EVERY_SHAPING = ["none", "ash_p", "ash_b", "ash_s", "ash_rand", "react@p90", "react_and_ash@1.0@65", "scale"]
-EVERY_SHAPING += ["vra@10@90", "dice@50", "lts@65", "bfact", "ras"]
+EVERY_SHAPING += ["vra@10@90", "dice@50", "lts@65", "bfact", "ras", "rankfeat"]
 # optfs is not here: its logits (theta of norm 1000) saturate the softmax, so klm's KL to a class-mean softmax with
 # exact zeros is inf for some samples, as in OpenOOD's scipy entropy; tests/shaping covers optfs in main.py.
 WITHOUT = {"optfs"}

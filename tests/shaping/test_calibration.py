@@ -425,6 +425,7 @@ def test_bad_specs(spec, reason):
 
 def test_sweep_equals_each_setting_alone(resnet, images):
     specs = ["none", "react@1", "react@p90", "vra@10@90", "dice@90", "lts@90", "ash_s@90", "optfs", "bfact@95@2", "ras"]
+    specs.append("rankfeat")  # split point "stage": one pass to block 3, the last stage re-run
     shapers = calibrate_shapers(
         [get_shaping(s) for s in specs], resnet, "penultimate", FitPass(Fit(images["fit"]), KEY)
     )
@@ -466,7 +467,7 @@ class Wrapper(pl.LightningModule):
         return self.model(x)
 
 
-@pytest.mark.parametrize("spec", ["lts@90", "dice@90", "optfs", "bfact@95@2", "ras"])
+@pytest.mark.parametrize("spec", ["lts@90", "dice@90", "optfs", "bfact@95@2", "ras", "rankfeat"])
 def test_activation_shaping_callback(resnet, images, spec):
     wrapper, x = Wrapper(resnet).eval(), images["test"]
     callback = ActivationShapingCallback(spec)
@@ -524,6 +525,7 @@ def test_main_py_calibrates_once_then_reads_the_cache(tiny_data: dict, tiny_chec
     shutil.copy(tiny_data["id"], fit)
     specs = ["none", "ash_p@90", "ash_b@65", "ash_s@90", "ash_rand@65", "react@1.0", "react@p90"]
     specs += ["react_and_ash@1.0@90", "scale@85", "dice@90", "vra@10@90", "lts@90", "optfs", "bfact@95@2", "ras"]
+    specs += ["rankfeat"]
     assert {get_shaping(s).name for s in specs} == {entry.name for entry in list_shapings()}
     env = {"ASH_CACHE_DIR": str(tmp_path / "cache")}
     outputs = []
