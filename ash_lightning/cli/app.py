@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args[:1] == ["list"]:
             list_specs(args[1:])
         else:
+            from ash_lightning.callbacks.brief_errors import show_user_errors_briefly
+
+            show_user_errors_briefly()  # before Lightning's TensorBoard writer thread starts
             keep_freed_memory_unless_disabled()
             _CLI.run(None if argv is None and args[:1] != ["predict"] else from_run_args(args))
     except (KeyboardInterrupt, SystemExit) as stop:

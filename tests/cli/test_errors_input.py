@@ -169,7 +169,7 @@ SILENT_ERRORS: list[tuple[str, Callable[[dict[str, Path]], dict[str, object]], t
 
 NPZ_ERRORS: list[tuple[str, tuple[str, ...]]] = [
     ("truncated", ("cannot read", "truncated.npz", "as a .npz archive", "BadZipFile")),
-    ("zero_bytes", ("cannot read", "zero_bytes.npz", "EOFError")),
+    ("zero_bytes", ("cannot read", "zero_bytes.npz", "is empty (0 bytes)")),
     ("bad_crc", ("cannot read", "bad_crc.npz", "CRC")),
     ("plain_npy", ("plain_npy.npz", "is a single .npy array, not a .npz archive")),
     ("string_labels", ("string_labels.npz", "not integer class indices", "Fix: map them")),
