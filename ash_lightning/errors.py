@@ -34,13 +34,26 @@ def write_failure(err: BaseException, folder: str | None, what: str, elsewhere: 
     return UserError(f"cannot write {what}{where}: {meaning} ({errno.errorcode[err.errno]}). Fix: {fix} ({elsewhere}).")
 
 
+def exception_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and its cause/context chain, outermost first."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = err
+    while cause is not None and all(cause is not seen for seen in chain):
+        chain.append(cause)
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
+    return chain
+
+
 @contextmanager
-def write_failures_reported(folder: str, what: str, elsewhere: str) -> Iterator[None]:
-    """Run the block; an OSError of ``WRITE_ERRORS`` it raises becomes ``write_failure``'s UserError."""
+def write_failures_reported(folder: str | None, what: str, elsewhere: str) -> Iterator[None]:
+    """Run the block; an OSError of ``WRITE_ERRORS`` it raises becomes ``write_failure``'s UserError, also when
+    it is the cause or context of what the block raised (a zip archive that fails to close after a failed write
+    raises a ValueError)."""
     try:
         yield
-    except OSError as err:
-        failure = write_failure(err, folder, what, elsewhere)
-        if failure is None:
+    except Exception as err:
+        failures = (write_failure(cause, folder, what, elsewhere) for cause in exception_chain(err))
+        failure = next((f for f in failures if f is not None), None)
+        if failure is None or isinstance(err, UserError):
             raise
         raise failure from err

@@ -1,7 +1,8 @@
 """``show_user_errors_briefly``: in a user's own script, a ``UserError`` from the callbacks ends the run with its
 one-line message (cause and fix) instead of a traceback, as ``main.py`` prints it.
 
-The callbacks install it when a Trainer sets them up: a ``sys.excepthook`` that prints an uncaught ``UserError`` as
+The callbacks install it when a Trainer sets them up: a ``sys.excepthook`` that prints an uncaught ``UserError`` (or
+an exception raised while one was handled, e.g. by a logger that failed to flush on the same full disk) as
 ``UserError: <message>`` on stderr (the exit status stays 1) and hands every other exception to the hook that was
 there before. Also a ``threading.excepthook`` that keeps quiet about a write a TensorBoard writer's thread failed
 (a full disk, a quota, a read-only folder: ``WRITE_ERRORS``): that thread would print its traceback, while the
@@ -15,13 +16,14 @@ import sys
 import threading
 from types import TracebackType
 
-from ash_lightning.errors import WRITE_ERRORS, UserError
+from ash_lightning.errors import WRITE_ERRORS, UserError, exception_chain
 
 
 def _brief_hook(previous: object) -> object:
     def hook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
-        if isinstance(error, UserError):
-            print(f"UserError: {error}", file=sys.stderr)
+        user = next((cause for cause in exception_chain(error) if isinstance(cause, UserError)), None)
+        if user is not None:
+            print(f"UserError: {user}", file=sys.stderr)
             return
         previous(kind, error, traceback)  # type: ignore[operator]
 

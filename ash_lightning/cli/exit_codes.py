@@ -9,7 +9,7 @@ import re
 import signal
 from argparse import ArgumentError
 
-from ash_lightning.errors import DISK_ERRORS, UserError, write_failure
+from ash_lightning.errors import DISK_ERRORS, UserError, exception_chain, write_failure
 from ash_lightning.lightning_packages import main_package_class
 
 USER_ERROR = 2
@@ -37,16 +37,6 @@ def _from_worker(err: BaseException) -> UserError | None:
     return UserError(str(err).rsplit(f"{match['name']}: ", 1)[-1].strip())
 
 
-def _chain(err: BaseException) -> list[BaseException]:
-    """``err`` and its cause/context chain, outermost first."""
-    chain: list[BaseException] = []
-    cause: BaseException | None = err
-    while cause is not None and all(cause is not seen for seen in chain):
-        chain.append(cause)
-        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
-    return chain
-
-
 def user_error(err: BaseException) -> UserError | None:
     """The error a user can fix behind ``err``: the first UserError in its cause/context chain (also one a
     DataLoader worker raised); else a config parsing error (unknown key, wrong type), a Lightning
@@ -54,7 +44,7 @@ def user_error(err: BaseException) -> UserError | None:
     file system stopped (``DISK_ERRORS``, e.g. Lightning's ``config.yaml``) becomes one naming the fix. None for
     anything else, which is a bug to report with its traceback."""
     misconfiguration = main_package_class("utilities.exceptions", "MisconfigurationException")
-    chain = _chain(err)
+    chain = exception_chain(err)
     for cause in chain:
         found = _from_worker(cause)
         if found is not None:
