@@ -146,7 +146,8 @@ def test_report_on_a_full_disk_prints_the_table_then_one_error_line(
 def test_main_py_test_on_a_full_disk_exits_2_with_one_error_line_and_the_finished_sets_saved(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
-    """A ``main.py test`` subprocess whose run folder fills up when the third set's scores are saved."""
+    """A ``main.py test`` subprocess whose run folder fills up when the third set's scores are saved (the sets go
+    id, bright, dark: the config's OOD sets in key order)."""
     data = {
         "id": write_npz(tmp_path / "id.npz", 6, 0),
         "dark": write_npz(tmp_path / "dark.npz", 5, 1, 0.4),
@@ -167,9 +168,9 @@ def test_main_py_test_on_a_full_disk_exits_2_with_one_error_line_and_the_finishe
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert TRACEBACK not in proc.stderr + proc.stdout
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert f"cannot write the scores of data set 'bright' (scores.npz) to {str(run_dir)!r}" in line
+    assert f"cannot write the scores of data set 'dark' (scores.npz) to {str(run_dir)!r}" in line
     assert "no space left on the disk (ENOSPC). Fix:" in line
     assert f"python main.py report {run_dir}" in proc.stderr  # what the saved sets still give
     store, _ = load_scores(str(run_dir))
-    assert sorted(store) == ["dark", "id"] and len(store["dark"]["index"]) == 5
+    assert sorted(store) == ["bright", "id"] and len(store["bright"]["index"]) == 5
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".scores")]
