@@ -97,6 +97,7 @@ FAULTS = [
 ]
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # a writer thread's traceback
 @pytest.mark.parametrize("fault, saved", [c[1:] for c in FAULTS], ids=[c[0] for c in FAULTS])
 def test_a_result_write_on_a_full_disk_is_one_error_naming_the_folder_and_keeps_what_was_written(
     fault: tuple[str, str, int, bool], saved: list[str], tmp_path: Path, capfd: pytest.CaptureFixture
