@@ -4,6 +4,7 @@ written before stays readable and a set's scores are never half-written (``tests
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from ash_lightning.cli.app import main
 from ash_lightning.cli.exit_codes import user_error
 from ash_lightning.errors import UserError
 from ash_lightning.evaluation.score_store import load_scores
-from tests.conftest import REPO, run_main, tiny_config, write_npz
+from tests.conftest import REPO, main_in_process, run_main, tiny_config, write_npz
 from tests.full_disk import fill_disk
 
 TRACEBACK = "Traceback (most recent call last)"
@@ -175,3 +176,35 @@ def test_main_py_test_on_a_full_disk_exits_2_with_one_error_line_and_the_finishe
     store, _ = load_scores(str(run_dir))
     assert sorted(store) == ["bright", "id"] and len(store["bright"]["index"]) == 5
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".scores")]
+
+
+def test_main_py_on_a_full_disk_at_its_first_write_names_config_yaml_and_the_run_folder(
+    tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ASH_DEBUG", raising=False)
+    run_dir = tmp_path / "run" / "v"
+    undo = fill_disk(run_dir, "config.yaml")
+    try:
+        status, stdout, stderr = main_in_process(tiny_config(tiny_data, tiny_checkpoint, tmp_path), tmp_path)
+    finally:
+        undo()
+    assert status == 2 and TRACEBACK not in stderr, stderr[-3000:]
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert f"cannot write config.yaml to {str(run_dir)!r}: no space left on the disk (ENOSPC)" in line
+    assert "trainer.logger's save_dir" in line and "| **mean** |" not in stdout
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_any_disk_full_or_read_only_write_is_a_user_error_naming_the_file(code: int) -> None:
+    failed = OSError(code, os.strerror(code), "/scratch/run/hparams.yaml")
+    try:
+        try:
+            raise failed
+        except OSError as err:
+            raise ValueError("a library's own wrapper") from err
+    except ValueError as wrapped:
+        error = user_error(wrapped)
+    assert error is not None and str(error).startswith("cannot write 'hparams.yaml' to '/scratch/run': ")
+    assert f"({errno.errorcode[code]}). Fix: " in str(error)
+    # A file that cannot be read is not a write failure: the caller names it, or it is a bug with its traceback.
+    assert user_error(PermissionError(errno.EACCES, "Permission denied", "/data/x.npz")) is None
