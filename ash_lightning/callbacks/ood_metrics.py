@@ -8,7 +8,9 @@ sample whose logits or scores are NaN/Inf stops the run (``nonfinite="raise"``) 
 (``"drop"``). At the end: metrics per OOD set, their mean and group means, ID accuracy; scalars to every
 logger, histograms and figures to TensorBoard (either Lightning package's logger), ``ood_results.json``/``.csv``,
 ``curves.png`` (and ``sweep.png`` for sweeps) and a Markdown table. Files go to ``output_dir``, else the logger's
-log directory, else (no logger) ``trainer.default_root_dir``, whose path is logged. Messages go through
+log directory, else (no logger) ``trainer.default_root_dir``, whose path is logged; each is written atomically,
+and one that cannot be written (full disk, quota, read-only folder; TensorBoard events too) stops the run with one
+UserError naming the folder, the sets saved before staying in ``scores.npz``. Messages go through
 Lightning's ``rank_zero_info``/``rank_zero_warn``; with ``verbose`` (the default) the results table is logged at the
 end (``main.py test`` prints it itself, from ``summary``).
 

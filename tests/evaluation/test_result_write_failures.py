@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -208,3 +209,26 @@ def test_any_disk_full_or_read_only_write_is_a_user_error_naming_the_file(code: 
     assert f"({errno.errorcode[code]}). Fix: " in str(error)
     # A file that cannot be read is not a write failure: the caller names it, or it is a bug with its traceback.
     assert user_error(PermissionError(errno.EACCES, "Permission denied", "/data/x.npz")) is None
+
+
+def test_in_a_users_script_a_flush_failing_after_the_error_still_shows_the_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Lightning flushes the loggers after an error: on the same full disk that raises again, on top of the
+    UserError; the callbacks' ``sys.excepthook`` prints the UserError's line, not the flush's traceback."""
+    from ash_lightning.callbacks.brief_errors import show_user_errors_briefly
+
+    others: list[BaseException] = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, error, tb: others.append(error))
+    show_user_errors_briefly()
+    try:
+        try:
+            raise UserError("cannot write TensorBoard events to '/run': no space left on the disk (ENOSPC). Fix: x")
+        except UserError:
+            raise OSError(errno.ENOSPC, "No space left on device") from None
+    except OSError as flush:
+        flush.__suppress_context__ = False  # as Lightning's finalize raises it: the UserError is its context
+        sys.excepthook(type(flush), flush, flush.__traceback__)
+    assert capsys.readouterr().err.startswith("UserError: cannot write TensorBoard events") and not others
+    sys.excepthook(ValueError, ValueError("a bug"), None)
+    assert len(others) == 1  # anything else keeps its traceback
