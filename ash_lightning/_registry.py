@@ -144,8 +144,10 @@ class Registry(Mapping[str, T]):
         return ", ".join(entry.form for entry in self._entries.values())
 
     def invalid(self, spec: object, reason: str) -> UserError:
-        """The error for a bad spec: ``Invalid <kind> spec '<spec>': <reason>. Valid forms: <forms>.``"""
-        return UserError(f"Invalid {self.kind} spec {spec!r}: {reason.rstrip('.')}. Valid forms: {self.forms()}.")
+        """The error for a bad spec: ``Invalid <kind> spec '<spec>': <reason>. Valid forms: <forms>.``, without the
+        forms when ``reason`` names its own fix (``Fix: ...``: the form is right, the value is not)."""
+        forms = "" if "Fix:" in reason else f" Valid forms: {self.forms()}."
+        return UserError(f"Invalid {self.kind} spec {spec!r}: {reason.rstrip('.')}.{forms}")
 
     def recognises(self, spec: str) -> bool:
         """Whether ``spec`` (valid or not) starts with a registered name: its text before the first ``@``."""

@@ -8,7 +8,9 @@ sample whose logits or scores are NaN/Inf stops the run (``nonfinite="raise"``) 
 (``"drop"``). At the end: metrics per OOD set, their mean and group means, ID accuracy; scalars to every
 logger, histograms and figures to TensorBoard (either Lightning package's logger), ``ood_results.json``/``.csv``,
 ``curves.png`` (and ``sweep.png`` for sweeps) and a Markdown table. Files go to ``output_dir``, else the logger's
-log directory, else (no logger) ``trainer.default_root_dir``, whose path is logged. Messages go through
+log directory, else (no logger) ``trainer.default_root_dir``, whose path is logged; each is written atomically,
+and one that cannot be written (full disk, quota, read-only folder; TensorBoard events too) stops the run with one
+UserError naming the folder, the sets saved before staying in ``scores.npz``. Messages go through
 Lightning's ``rank_zero_info``/``rank_zero_warn``; with ``verbose`` (the default) the results table is logged at the
 end (``main.py test`` prints it itself, from ``summary``).
 
@@ -38,14 +40,16 @@ role ``csid`` declared by the data module) add the full-spectrum results (``ash_
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ash_lightning._files import writable_directory
+from ash_lightning._files import writable_directory, write_atomically
 from ash_lightning._options import check_convention, check_int, check_tpr
 from ash_lightning.callbacks.activation_shaping import ActivationShapingCallback
 from ash_lightning.callbacks.brief_errors import show_user_errors_briefly
@@ -64,7 +68,7 @@ from ash_lightning.callbacks.scoring import RunScorer, Settings
 from ash_lightning.data.batches import batch_part, describe_batch, expected_layout
 from ash_lightning.data.fit_pass import FitData
 from ash_lightning.data.progress import trainer_progress
-from ash_lightning.errors import UserError
+from ash_lightning.errors import UserError, write_failures_reported
 from ash_lightning.evaluation.constant_scores import constant_score_warning
 from ash_lightning.evaluation.full_spectrum import full_spectrum_scalars
 from ash_lightning.evaluation.metrics import OODMetrics
@@ -75,7 +79,7 @@ from ash_lightning.evaluation.results import (
     stopped_message,
     write_results,
 )
-from ash_lightning.evaluation.score_store import metadata, save_scores, scores_path
+from ash_lightning.evaluation.score_store import SCORES_FILE, metadata, save_scores, scores_path
 from ash_lightning.evaluation.tensorboard import log_results
 from ash_lightning.lightning_packages import CALLBACK_BASES, rank_zero_info, rank_zero_warn, tensorboard_writer
 
@@ -215,6 +219,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         self._ood_sources: list[OODSource] = []
         self._warned_no_index = self._warned_no_labels = self._module_runs = False
         self._directory = ""
+        self._saved: list[str] = []  # the sets whose scores are on disk
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -292,7 +297,7 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
         self.on_test_end(trainer, pl_module)
         if self._loaders:
             rank_zero_info(
-                "\n" + stopped_message(exception.__class__.__name__, list(self._store), self._loaders, self._directory)
+                "\n" + stopped_message(exception.__class__.__name__, self._saved, self._loaders, self._directory)
             )
 
     # ------------------------------------------------------------------ state
@@ -517,12 +522,20 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
             )
         self._store[name] = {k: v.numpy() for k, v in rows.items()}
         if trainer.is_global_zero:
-            save_scores(scores_path(self._out()), self._store, self._meta(trainer, None))
+            with self._writing(f"the scores of data set {name!r} ({SCORES_FILE})"):
+                save_scores(scores_path(self._out()), self._store, self._meta(trainer, None))
+        self._saved = list(self._store)
 
     # ------------------------------------------------------------------ output
     def _out(self) -> str:
         os.makedirs(self._directory, exist_ok=True)
         return self._directory
+
+    def _writing(self, what: str, folder: str | None = None) -> contextlib.AbstractContextManager[None]:
+        """A block writing ``what`` to ``folder`` (default: the output folder), where a full disk, a quota or a
+        folder that cannot be written is one UserError naming the folder and the fix (``write_failure``)."""
+        elsewhere = "set ood_metrics.output_dir" + ("" if self.output_dir else " or the logger's save_dir")
+        return write_failures_reported(folder or self._directory, what, elsewhere)
 
     def _meta(self, trainer: Trainer, pl_module: LightningModule | None) -> dict[str, Any]:
         datamodule = trainer.datamodule
@@ -561,7 +574,8 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
 
     def _report(self, trainer: Trainer, results: dict[str, Any]) -> None:
         directory = self._out()
-        json_path, csv_path = write_results(results, directory)
+        with self._writing("ood_results.json/.csv"):
+            json_path, csv_path = write_results(results, directory)
         self._log(trainer, results)
         scores = scores_path(directory)
         self.summary = f"{format_table(results)}\n\nResults: {json_path}, {csv_path}; scores: {scores}"
@@ -579,16 +593,24 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
                 scalars[f"{prefix}id/accuracy"] = run["id_accuracy"]
             scalars.update({f"{prefix}{tag}": value for tag, value in full_spectrum_scalars(run).items()})
         for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=trainer.global_step)
+            folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+            with self._writing(f"the metrics of {type(logger).__name__}", folder):
+                logger.log_metrics(scalars, step=trainer.global_step)
         writer = tensorboard_writer(trainer.loggers)
         id_name = results["id"]
+        events_dir = writer.get_logdir() if writer is not None else None
+
+        def events() -> contextlib.AbstractContextManager[None]:
+            return self._writing("TensorBoard events", events_dir)
+
         if writer is not None:
-            for r, run in enumerate(results["runs"]):
-                prefix = "" if single else f"{run['shaping']}|{run['score']}/"
-                for name in [id_name, *results["ood_sets"], *results.get("csid_sets", [])]:
-                    writer.add_histogram(
-                        f"{prefix}scores/{name}", self._store[name]["scores"][:, r], trainer.global_step
-                    )
+            with events():
+                for r, run in enumerate(results["runs"]):
+                    prefix = "" if single else f"{run['shaping']}|{run['score']}/"
+                    for name in [id_name, *results["ood_sets"], *results.get("csid_sets", [])]:
+                        writer.add_histogram(
+                            f"{prefix}scores/{name}", self._store[name]["scores"][:, r], trainer.global_step
+                        )
         if self.log_figures:
             best = results["ranking"][0]
             run = results["runs"][best]
@@ -602,12 +624,15 @@ class OODMetricsCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the Callback
             for tag, (filename, fig) in figures.items():
                 if fig is None:
                     continue
-                fig.savefig(os.path.join(self._out(), filename), dpi=120)
+                with self._writing(filename):
+                    write_atomically(os.path.join(self._out(), filename), partial(fig.savefig, dpi=120), suffix=".png")
                 if writer is not None:
-                    writer.add_figure(tag, fig, trainer.global_step)
+                    with events():
+                        writer.add_figure(tag, fig, trainer.global_step)
         if writer is not None:
-            log_results(writer, results, self._store, trainer.global_step)
-            writer.flush()
+            with events():
+                log_results(writer, results, self._store, trainer.global_step)
+                writer.flush()  # raises what the writer's thread failed to write (log_results flushes its own)
 
 
 def _check_csid(ood: Mapping[str, OODSet], csid: Mapping[str, OODSet]) -> None:

@@ -20,7 +20,7 @@ from ash_lightning.cli.allocator import keep_freed_memory_unless_disabled
 from ash_lightning.cli.commands import command_help, list_specs, report
 from ash_lightning.cli.exit_codes import DEBUG_ENV, USER_ERROR, stopping_signal, user_error
 from ash_lightning.cli.logs import quiet_unless_verbose
-from ash_lightning.errors import UserError
+from ash_lightning.errors import UserError, write_failures_reported
 from ash_lightning.lightning_packages import MAIN_PACKAGE, main_package_class
 
 #: The flags ``main.py`` takes before or after any command, and removes before the command sees its arguments.
@@ -40,6 +40,15 @@ class _CLI:
         from ash_lightning.module import OODEvalModule
 
         use_strict_yaml()
+
+        class SaveConfig(main_package_class("cli", "SaveConfigCallback")):  # type: ignore[misc]
+            """LightningCLI's ``config.yaml`` writer, the first write to the run folder: a full disk or a folder
+            that cannot be written is one UserError naming it."""
+
+            def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+                elsewhere = "point trainer.logger's save_dir at a folder there"
+                with write_failures_reported(trainer.log_dir, "config.yaml", elsewhere):  # log_dir: collective
+                    super().setup(trainer, pl_module, stage)
 
         class OODCLI(main_package_class("cli", "LightningCLI")):  # type: ignore[misc]  # of MAIN_PACKAGE
             def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
@@ -88,6 +97,7 @@ class _CLI:
             OODEvalModule,
             OODDataModule,
             args=args,
+            save_config_callback=SaveConfig,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
                 "callbacks": [StopAfterBatchOnCtrlC()],
@@ -211,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args[:1] == ["list"]:
             list_specs(args[1:])
         else:
+            from ash_lightning.callbacks.brief_errors import show_user_errors_briefly
+
+            show_user_errors_briefly()  # before Lightning's TensorBoard writer thread starts
             keep_freed_memory_unless_disabled()
             _CLI.run(None if argv is None and args[:1] != ["predict"] else from_run_args(args))
     except (KeyboardInterrupt, SystemExit) as stop:

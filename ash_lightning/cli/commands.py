@@ -75,8 +75,11 @@ class _ReportParser(argparse.ArgumentParser):
 
 def report(args: list[str]) -> None:
     """Recompute and print the metrics table from a run directory or scores.npz, without a model; ``--tpr`` and
-    ``--convention`` override the values the run used."""
+    ``--convention`` override the values the run used. The table is printed before ``ood_results.json``/``.csv``
+    are written beside the scores, so a folder that cannot be written (full disk, read-only) still shows it,
+    then ends in one UserError naming the folder."""
     from ash_lightning._options import CONVENTIONS, check_convention, check_tpr
+    from ash_lightning.errors import write_failures_reported
     from ash_lightning.evaluation.results import format_table, results_from_store, write_results
     from ash_lightning.evaluation.score_store import load_scores
 
@@ -93,13 +96,16 @@ def report(args: list[str]) -> None:
     results = results_from_store(store, meta, tpr=opts.tpr, convention=opts.convention)
     path = opts.path
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    json_path, _ = write_results(results, directory)
+    print(format_table(results), flush=True)
+    elsewhere = "copy the run folder there and run main.py report on the copy"
+    with write_failures_reported(directory, "ood_results.json/.csv", elsewhere):
+        json_path, _ = write_results(results, directory)
     missing = (
         f"\nNot in the saved scores (the run stopped before them): {', '.join(results['missing'])}"
         if results["missing"]
         else ""
     )
-    print(format_table(results) + f"\n\nRecomputed from saved scores; written to {json_path}{missing}")
+    print(f"\nRecomputed from saved scores; written to {json_path}{missing}")
 
 
 def list_specs(args: list[str]) -> None:

@@ -4,11 +4,12 @@ for SIGTERM (the shells' 128 + signal number); anything else propagates with its
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 from argparse import ArgumentError
 
-from ash_lightning.errors import UserError
+from ash_lightning.errors import DISK_ERRORS, UserError, exception_chain, write_failure
 from ash_lightning.lightning_packages import main_package_class
 
 USER_ERROR = 2
@@ -36,23 +37,14 @@ def _from_worker(err: BaseException) -> UserError | None:
     return UserError(str(err).rsplit(f"{match['name']}: ", 1)[-1].strip())
 
 
-def _chain(err: BaseException) -> list[BaseException]:
-    """``err`` and its cause/context chain, outermost first."""
-    chain: list[BaseException] = []
-    cause: BaseException | None = err
-    while cause is not None and all(cause is not seen for seen in chain):
-        chain.append(cause)
-        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
-    return chain
-
-
 def user_error(err: BaseException) -> UserError | None:
     """The error a user can fix behind ``err``: the first UserError in its cause/context chain (also one a
-    DataLoader worker raised); else a config parsing error (unknown key, wrong type) or a Lightning
-    misconfiguration (e.g. ``accelerator: gpu`` without a GPU) becomes one naming the fix. None for anything else,
-    which is a bug to report with its traceback."""
+    DataLoader worker raised); else a config parsing error (unknown key, wrong type), a Lightning
+    misconfiguration (e.g. ``accelerator: gpu`` without a GPU) or a write that a full disk, a quota or a read-only
+    file system stopped (``DISK_ERRORS``, e.g. Lightning's ``config.yaml``) becomes one naming the fix. None for
+    anything else, which is a bug to report with its traceback."""
     misconfiguration = main_package_class("utilities.exceptions", "MisconfigurationException")
-    chain = _chain(err)
+    chain = exception_chain(err)
     for cause in chain:
         found = _from_worker(cause)
         if found is not None:
@@ -70,6 +62,14 @@ def user_error(err: BaseException) -> UserError | None:
             return UserError(
                 f"invalid trainer setting: {reason}. Fix: change the trainer option it names in the "
                 "config (`python main.py test --help` lists them)."
+            )
+        if isinstance(cause, OSError) and cause.errno in DISK_ERRORS:
+            name = os.fspath(cause.filename) if isinstance(cause.filename, str | os.PathLike) else None
+            return write_failure(
+                cause,
+                os.path.dirname(os.path.abspath(name)) if name else None,
+                repr(os.path.basename(name)) if name else "a file",
+                "point trainer.logger's save_dir and ood_metrics.output_dir at a folder there",
             )
     return None
 

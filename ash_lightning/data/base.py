@@ -11,7 +11,7 @@ from typing import cast
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ash_lightning._files import expand_set_vars
+from ash_lightning._files import check_path, expand_set_vars
 from ash_lightning.data.images import to_rgb8
 from ash_lightning.errors import UserError
 
@@ -27,15 +27,13 @@ class Source:
         return len(cast(Sized, self.dataset))  # torch's Dataset declares no __len__; these are all map-style
 
 
-def expand_path(path: str | os.PathLike, what: str) -> str:
-    """Expand ``~`` and ``$VARS``; a UserError if an unset variable is left or the path does not exist."""
+def expand_path(path: str | os.PathLike, what: str, want: str = "file", fix: str | None = None) -> str:
+    """Expand ``~`` and ``$VARS``; a UserError if an unset variable is left or the path is not a readable ``want``
+    (``"file"`` or ``"folder"``; ``check_path`` names the cause), whose fix is ``fix`` where the cause has none of
+    its own (default: check the path)."""
     expanded = expand_set_vars(path, what)
-    if not os.path.exists(expanded):
-        raise UserError(
-            f"{what}: path {expanded!r} does not exist. Fix: check the path in the config "
-            "(environment variables such as $DATASETS are expanded)."
-        )
-    return expanded
+    default = "check the path in the config (environment variables such as $DATASETS are expanded)"
+    return check_path(expanded, want, f"{what}: path", fix or default)
 
 
 class FileSource(Dataset):

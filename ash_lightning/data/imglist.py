@@ -85,14 +85,10 @@ def imglist_source(spec: Mapping[str, Any], what: str) -> Source:
                 "imglist, list: $DATASETS/benchmark_imglist/cifar10/test_cifar10.txt, root: "
                 "$DATASETS/images_classic}."
             )
-    list_path = expand_path(spec["list"], f"{what}.list")
-    root = expand_path(spec["root"], f"{what}.root")
-    if not os.path.isfile(list_path):
-        raise UserError(f"{what}.list: {list_path!r} is not a file. Fix: point `list` at an image list (.txt).")
-    if not os.path.isdir(root):
-        raise UserError(
-            f"{what}.root: {root!r} is not a folder. Fix: point `root` at the folder the list's paths are relative to."
-        )
+    list_path = expand_path(spec["list"], f"{what}.list", fix="point `list` at an image list (.txt)")
+    root = expand_path(
+        spec["root"], f"{what}.root", "folder", "point `root` at the folder the list's paths are relative to"
+    )
     try:
         paths, targets = read_imglist(list_path, root)
     except UnicodeDecodeError as err:

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 
-from ash_lightning._files import expand_set_vars, expand_user_vars
+from ash_lightning._files import expand_set_vars, expand_user_vars, npz_problem
 from ash_lightning._options import check_int
 from ash_lightning.data.base import FileSource, Source, expand_path
 from ash_lightning.data.images import to_rgb8
@@ -93,10 +93,9 @@ def _read_npz(path: str, key: str, what: str) -> tuple[np.ndarray, np.ndarray | 
             return arrays[key], (arrays["y"] if "y" in arrays.files else None)
     except UserError:
         raise
-    except Exception as err:  # noqa: BLE001 (zipfile, zlib, EOF and format errors all mean "unreadable archive")
-        reason = " ".join(str(err).split()) or "no data"
+    except Exception as err:  # noqa: BLE001 (zipfile, zlib, EOF, pickle and format errors: "unreadable archive")
         raise UserError(
-            f"{what}: cannot read {path!r} as a .npz archive ({err.__class__.__name__}: {reason[:200]}). {fix}"
+            f"{what}: cannot read {path!r} as a .npz archive: it {npz_problem(path, err)[0]}. {fix}"
         ) from err
 
 
@@ -142,12 +141,9 @@ def _npz(spec: Mapping[str, Any], what: str) -> Source:
 
 
 def _folder(spec: Mapping[str, Any], what: str) -> Source:
-    root = expand_path(spec["path"], what)
-    if not os.path.isdir(root):
-        raise UserError(
-            f"{what}: {root!r} is not a folder. Fix: point `path` at a folder of images "
-            "(class sub-folders, or images directly inside it)."
-        )
+    root = expand_path(
+        spec["path"], what, "folder", "point `path` at a folder of images (class sub-folders, or images directly in it)"
+    )
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     loose = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS))
     if classes and loose:

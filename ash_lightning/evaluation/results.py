@@ -7,14 +7,18 @@ format).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ash_lightning._files import write_atomically
 from ash_lightning.errors import UserError
+from ash_lightning.evaluation.constant_scores import EQUAL_SCORES_FLAG, EQUAL_SCORES_LEGEND, equal_columns
 from ash_lightning.evaluation.full_spectrum import full_spectrum_entry, full_spectrum_rows
 from ash_lightning.evaluation.metrics import fpr_key, ood_metrics, summarize, threshold_at_tpr, top1_accuracy
 from ash_lightning.evaluation.score_store import Store, scores_path
@@ -68,14 +72,16 @@ def compute_results(
     convention: str = "paper",
 ) -> dict[str, Any]:
     """Per run: metrics per OOD set, their mean and group means, ID accuracy, the ``threshold`` at ``tpr`` on the
-    ID test set (``threshold_entry``), and with csid sets (role ``csid``) the full-spectrum results ``fsood``
-    (``full_spectrum_entry``); a ranking; and, when validation sets are present, per run the validation metrics and
-    threshold on ``val_id``, and the run ``selected`` on them (lowest mean validation FPR, then AUROC) with that
-    validation threshold."""
+    ID test set (``threshold_entry``), ``equal_id_scores`` (every ID test sample has the same score, so the
+    metrics mean nothing; ``flags`` then holds the legend of the table's mark), and with csid sets (role ``csid``)
+    the full-spectrum results ``fsood`` (``full_spectrum_entry``); a ranking; and, when validation sets are
+    present, per run the validation metrics and threshold on ``val_id``, and the run ``selected`` on them (lowest
+    mean validation FPR, then AUROC) with that validation threshold."""
     by_role: dict[str, list[str]] = {}
     for info in loaders:
         by_role.setdefault(info["role"], []).append(info["name"])
     (id_name,) = by_role["id"]
+    equal = set(equal_columns(store[id_name]["scores"]))
     out_runs = []
     for r, run in enumerate(runs):
         per_set = _set_metrics(
@@ -85,6 +91,7 @@ def compute_results(
             **run,
             "id_accuracy": top1_accuracy(store[id_name], r),
             "threshold": threshold_entry(store[id_name]["scores"][:, r], tpr, id_name),
+            "equal_id_scores": r in equal,
             "ood": per_set,
             **summarize(per_set, groups),
         }
@@ -116,6 +123,7 @@ def compute_results(
         "groups": dict(groups or {}),
         "tpr": tpr,
         "convention": convention,
+        **({"flags": {"equal_id_scores": EQUAL_SCORES_LEGEND}} if equal else {}),
     }
     if "val_id" in by_role:
         best = rank_runs([r["validation"] for r in out_runs])[0]
@@ -135,16 +143,22 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}"
 
 
+def _flagged(run: Mapping[str, Any]) -> str:
+    """The run's setting, ``<shaping> + <score>``, with ``EQUAL_SCORES_FLAG`` when its ID scores are all equal."""
+    return f"{run['shaping']} + {run['score']}" + (f" {EQUAL_SCORES_FLAG}" if run.get("equal_id_scores") else "")
+
+
 def format_table(results: Mapping[str, Any]) -> str:
     """Markdown: per-set metrics of the run selected on validation data (without validation sets: the best on the
-    test sets, or the only one); for sweeps, also all runs ranked."""
+    test sets, or the only one); for sweeps, also all runs ranked. A setting whose ID scores are all equal is
+    marked ``EQUAL_SCORES_FLAG``, with the legend line under the tables."""
     fkey = fpr_key(results["tpr"])
     runs = results["runs"]
     selected = "selected" in results
     best = runs[results["selected"]["run"] if selected else results["ranking"][0]]
     lines = [f"**Warning: {note}**\n" for note in results.get("warnings", [])]
     lines += [
-        f"### {best['shaping']} + {best['score']}{' (selected on validation data)' if selected else ''}  "
+        f"### {_flagged(best)}{' (selected on validation data)' if selected else ''}  "
         f"(ID accuracy {_pct(best['id_accuracy'])}%, convention {results['convention']})",
         "",
         *_metric_table(best, fkey),
@@ -159,7 +173,8 @@ def format_table(results: Mapping[str, Any]) -> str:
             "|---:|---|---|---:|---:|---:|---:|",
         ]
         lines += [
-            f"| {rank} | {runs[i]['shaping']} | {runs[i]['score']} | {_pct(runs[i]['mean'][fkey])} | "
+            f"| {rank} | {runs[i]['shaping']} | {runs[i]['score']}"
+            f"{f' {EQUAL_SCORES_FLAG}' if runs[i].get('equal_id_scores') else ''} | {_pct(runs[i]['mean'][fkey])} | "
             f"{_pct(runs[i]['mean']['auroc'])} | {_pct(runs[i]['mean']['aupr_in'])} | "
             f"{_pct(runs[i]['id_accuracy'])} |"
             for rank, i in enumerate(results["ranking"], start=1)
@@ -168,10 +183,12 @@ def format_table(results: Mapping[str, Any]) -> str:
         sel = results["selected"]
         lines += [
             "",
-            f"Selected on validation data: **{sel['shaping']} + {sel['score']}** (validation mean "
+            f"Selected on validation data: **{_flagged(runs[sel['run']])}** (validation mean "
             f"{fkey.upper()} {_pct(sel['validation_mean'][fkey])}; test mean {fkey.upper()} "
             f"{_pct(sel['test_mean'][fkey])}, AUROC {_pct(sel['test_mean']['auroc'])})",
         ]
+    if any(run.get("equal_id_scores") for run in runs):
+        lines += ["", EQUAL_SCORES_LEGEND]
     return "\n".join(lines)
 
 
@@ -205,27 +222,30 @@ def _full_spectrum_table(run: Mapping[str, Any], id_name: str, fkey: str) -> lis
 
 def write_results(results: Mapping[str, Any], directory: str) -> tuple[str, str]:
     """Write ``ood_results.json`` and ``ood_results.csv`` (one row per run and OOD set, mean and group; with csid
-    sets also the ``full_spectrum_rows``; the last column is the row's accuracy)."""
+    sets also the ``full_spectrum_rows``; then the row's accuracy and the run's ``equal_id_scores``), each
+    atomically (``write_atomically``: a failed write leaves the file as it was)."""
     os.makedirs(directory, exist_ok=True)
     json_path, csv_path = os.path.join(directory, "ood_results.json"), os.path.join(directory, "ood_results.csv")
-    with open(json_path, "w") as f:
-        json.dump(results, f, indent=2, default=str)
+    text = json.dumps(results, indent=2, default=str)
+    write_atomically(json_path, lambda tmp: Path(tmp).write_text(text))
     fkey = fpr_key(results["tpr"])
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["shaping", "score", "set", fkey, "auroc", "aupr_in", "aupr_out", "id_accuracy"])
-        for run in results["runs"]:
-            rows = [*run["ood"].items(), *((f"group:{g}", m) for g, m in run["groups"].items()), ("mean", run["mean"])]
-            for name, m, accuracy in [*((n, m, run["id_accuracy"]) for n, m in rows), *full_spectrum_rows(run)]:
-                writer.writerow(
-                    [
-                        run["shaping"],
-                        run["score"],
-                        name,
-                        *(m.get(key, "") for key in (fkey, "auroc", "aupr_in", "aupr_out")),
-                        accuracy,
-                    ]
-                )
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["shaping", "score", "set", fkey, "auroc", "aupr_in", "aupr_out", "id_accuracy", "equal_id_scores"])
+    for run in results["runs"]:
+        rows = [*run["ood"].items(), *((f"group:{g}", m) for g, m in run["groups"].items()), ("mean", run["mean"])]
+        for name, m, accuracy in [*((n, m, run["id_accuracy"]) for n, m in rows), *full_spectrum_rows(run)]:
+            writer.writerow(
+                [
+                    run["shaping"],
+                    run["score"],
+                    name,
+                    *(m.get(key, "") for key in (fkey, "auroc", "aupr_in", "aupr_out")),
+                    accuracy,
+                    bool(run.get("equal_id_scores")),
+                ]
+            )
+    write_atomically(csv_path, lambda tmp: Path(tmp).write_text(table.getvalue(), newline=""))
     return json_path, csv_path
 
 

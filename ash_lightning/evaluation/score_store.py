@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ash_lightning._files import write_atomically
+from ash_lightning._files import check_path, npz_problem, write_atomically
 from ash_lightning.errors import UserError
 
 __all__ = ["META_KEYS", "SCORES_FILE", "SET_FIELDS", "Store", "load_scores", "metadata", "save_scores", "scores_path"]
@@ -69,33 +69,42 @@ def save_scores(path: str, store: Store, meta: Mapping[str, Any]) -> None:
 
 
 def load_scores(path: str) -> tuple[Store, dict[str, Any]]:
-    """Read ``scores.npz`` (or the one inside a run directory) back into a store and its metadata; any file that
-    is not a complete one (empty, truncated, failed CRC, another archive) is one UserError naming it."""
+    """Read ``scores.npz`` (or the one inside a run directory) back into a store and its metadata. A path that is
+    not a readable file (``check_path``: missing, a folder, a dangling link, a link loop) and a file that is not a
+    complete one of ours (empty, truncated, failed CRC, a pickle, another archive) are each one UserError naming
+    the cause."""
+    fix = f"pass a run folder (it holds {SCORES_FILE}) or the {SCORES_FILE} written by OODMetricsCallback"
     if os.path.isdir(path):
+        if not os.path.lexists(scores_path(path)):
+            raise UserError(
+                f"run folder {path!r} holds no {SCORES_FILE}. Fix: {fix} (the log folder of a main.py test run, "
+                "runs/<name>/version_N; a run that stopped before its first data set saved none: rerun it)."
+            )
         path = scores_path(path)
-    if not os.path.isfile(path):
-        raise UserError(
-            f"no saved scores at {path!r}. Fix: pass a run directory (it holds {SCORES_FILE}) or the "
-            f"{SCORES_FILE} file written by OODMetricsCallback."
-        )
+    check_path(path, "file", "saved scores", fix)
+    damaged, cause = False, None
     try:
         with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data[_META]))
-            store: Store = {}
-            for key in data.files:
-                if key != _META:
-                    name, _, field = key.rpartition("/")
-                    store.setdefault(name, {})[field] = data[key]
-        missing = [k for k in META_KEYS if k not in meta] + [
-            f"{name}/{field}" for name, arrays in store.items() for field in SET_FIELDS if field not in arrays
-        ]
-        if missing:
-            raise KeyError(f"it lacks {', '.join(missing)}")
-    except Exception as err:  # noqa: BLE001 (zipfile, zlib, EOF, JSON and format errors all mean "unreadable")
-        reason = " ".join(str(err).split()) or "no data"
+            if _META not in data.files:
+                listed = ", ".join(sorted(data.files)[:6]) or "no array"
+                cause = f"is a .npz archive of other arrays ({listed}; no {_META})"
+            else:
+                meta = json.loads(str(data[_META]))
+                store: Store = {}
+                for key in data.files:
+                    if key != _META:
+                        name, _, field = key.rpartition("/")
+                        store.setdefault(name, {})[field] = data[key]
+                missing = [k for k in META_KEYS if k not in meta] + [
+                    f"{name}/{field}" for name, arrays in store.items() for field in SET_FIELDS if field not in arrays
+                ]
+                if missing:
+                    damaged, cause = True, f"lacks {', '.join(missing)}"
+    except Exception as err:  # noqa: BLE001 (zipfile, zlib, EOF, pickle and JSON errors all mean "unreadable")
+        cause, damaged = npz_problem(path, err)
+    if cause is not None:
+        again = "rerun the evaluation (it was cut short or its disk was full)" if damaged else fix
         raise UserError(
-            f"cannot read {path!r} as a {SCORES_FILE} written by ash-lightning ({err.__class__.__name__}: "
-            f"{reason[:200]}). Fix: pass the {SCORES_FILE} of a run (rerun the evaluation if it was cut "
-            "short)."
-        ) from err
+            f"cannot read {path!r} as a {SCORES_FILE} written by ash-lightning: the file {cause}. Fix: {again}."
+        )
     return store, meta

@@ -257,7 +257,8 @@ def log_results(
 ) -> None:
     """Write every summary of this module for one evaluation: text to ``writer`` (a ``SummaryWriter``), the
     sessions, series and PR curves to ``run_writer(folder)`` (default: a ``torch.utils.tensorboard`` ``FileWriter``
-    under ``writer.get_logdir()``), each closed when written."""
+    under ``writer.get_logdir()``), each flushed and closed when written. A writer's thread writes the events: a
+    write it failed (e.g. a full disk) is raised by the flush, as the OSError."""
     from torch.utils.tensorboard import summary
 
     log_dir = writer.get_logdir()
@@ -287,13 +288,13 @@ def log_results(
         for tag, points in lines.items():
             for at, value in points:
                 sweep.add_summary(summary.scalar(tag, value), at)
-        sweep.close()
+        _close(sweep)
     for folder, r in pr_curve_runs(results).items():
         curves = run_writer(f"{PR_CURVES}/{folder}")
         for name in results["ood_sets"]:
             labels, predictions = pr_curve_data(store[results["id"]]["scores"][:, r], store[name]["scores"][:, r])
             curves.add_summary(summary.pr_curve(f"pr/{name}", labels, predictions, PR_THRESHOLDS), step)
-        curves.close()
+        _close(curves)
 
 
 def foreign_experiment(log_dir: str, events: int = 100) -> bool:
@@ -313,7 +314,7 @@ def foreign_experiment(log_dir: str, events: int = 100) -> bool:
 
 
 def _write(run: Any, summaries: Sequence[Any], scalars: Mapping[str, float], step: int) -> None:
-    """Add ``summaries`` and the ``scalars`` at ``step`` to ``run`` and close it."""
+    """Add ``summaries`` and the ``scalars`` at ``step`` to ``run`` and ``_close`` it."""
     from torch.utils.tensorboard import summary
 
     for item in summaries:
@@ -321,4 +322,10 @@ def _write(run: Any, summaries: Sequence[Any], scalars: Mapping[str, float], ste
     for tag, value in scalars.items():
         if math.isfinite(value):
             run.add_summary(summary.scalar(tag, value), step)
+    _close(run)
+
+
+def _close(run: Any) -> None:
+    """Flush ``run`` (raising what its thread failed to write: ``close`` alone does not), then close it."""
+    run.flush()
     run.close()

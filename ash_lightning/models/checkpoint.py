@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ash_lightning._files import expand_set_vars
+from ash_lightning._files import check_path, expand_set_vars
 from ash_lightning.errors import UserError
 
 _NESTING_KEYS = ("state_dict", "model", "model_state_dict", "net")
@@ -19,19 +19,22 @@ _LISTED = 8
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a bare state_dict, or one nested under ``state_dict``/``model``, from a ``torch.save`` file."""
     path = expand_set_vars(path, "model.checkpoint_path")
-    if not os.path.isfile(path):
-        found = "is a folder, not a file" if os.path.isdir(path) else "not found"
-        raise UserError(
-            f"checkpoint {path!r} {found}. Fix: point checkpoint_path at an existing "
-            "file (environment variables such as $DATASETS are expanded)."
-        )
+    check_path(
+        path,
+        "file",
+        "checkpoint",
+        "point checkpoint_path at an existing file (environment variables such as $DATASETS are expanded)",
+    )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (unpickling arbitrary bytes fails with any type: KeyError, EOFError...)
-        reason = str(err).strip().split("\n")[0]
-        reason = reason if len(reason) <= 200 else reason[:200] + "..."
+        if "weights only" in str(err).lower():  # torch's message goes on to suggest unpickling it unsafely
+            reason = "it holds Python objects besides tensors, which are never unpickled (that can run any code)"
+        else:
+            reason = str(err).strip().split("\n")[0]
+            reason = f"{err.__class__.__name__}: {reason if len(reason) <= 200 else reason[:200] + '...'}"
         raise UserError(
-            f"could not read checkpoint {path!r} ({err.__class__.__name__}: {reason}). "
+            f"could not read checkpoint {path!r} ({reason}). "
             "Fix: it must be a file written by torch.save (a state_dict or a Lightning "
             ".ckpt); re-download it if it is truncated or unreadable."
         ) from err

@@ -80,6 +80,22 @@ def check_percentile(percentile: float, caller: str) -> None:
         )
 
 
+def check_threshold(threshold: float, caller: str) -> None:
+    """A ValueError naming ``caller`` unless ``threshold`` > 0: clipping at t <= 0 turns every non-negative
+    activation into t, so every sample gets the same score and nothing can be detected."""
+    if not threshold > 0:
+        cause = (
+            "is not a number"
+            if math.isnan(threshold)
+            else f"<= 0 clips every activation (non-negative after ReLU) to {threshold:g}, so every sample gets the "
+            "same score (AUROC 0.5)"
+        )
+        raise ValueError(
+            f"{caller}: threshold {threshold:g} {cause}. Fix: use a positive threshold, e.g. {caller}@1.0"
+            f"{'@90' if caller == 'react_and_ash' else ''}, or react@p90 (the 90th percentile of the ID activations)"
+        )
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32, or the input dtype when it is wider."""
     return torch.promote_types(dtype, torch.float32)

@@ -24,6 +24,7 @@ from ash_lightning.shaping.functional import (
     ash_rand,
     ash_s,
     check_percentile,
+    check_threshold,
     react_and_ash,
     scale,
 )
@@ -114,6 +115,8 @@ class FunctionFactory:
         percentile = kwargs.get("percentile")
         if percentile is not None:
             check_percentile(percentile, self.name)
+        if "threshold" in kwargs:
+            check_threshold(kwargs["threshold"], self.name)
         spec = "@".join([self.name, *map(format_number, values)])
         return Shaper(functools.partial(self.fn, **kwargs), spec, values, percentile)
 

@@ -167,7 +167,7 @@ USER_ERRORS: list[tuple[str, Callable[[dict[str, Path]], dict[str, object]], tup
     (
         "checkpoint_missing",
         lambda f: {"model.checkpoint_path": "/nonexistent/resnet20.th"},
-        ("checkpoint '/nonexistent/resnet20.th' not found", "Fix: point checkpoint_path"),
+        ("checkpoint '/nonexistent/resnet20.th' does not exist", "Fix: point checkpoint_path"),
     ),
     (
         "checkpoint_is_a_folder",

@@ -16,15 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from ash_lightning.cli.app import main
 from ash_lightning.cli.exit_codes import user_error
 from ash_lightning.data.base import FileSource
+from ash_lightning.evaluation.constant_scores import EQUAL_SCORES_FLAG
 from ash_lightning.evaluation.metrics import threshold_at_tpr
 from ash_lightning.evaluation.score_store import load_scores, save_scores
 from ash_lightning.models.backbone import RandomWeightsWarning
+from ash_lightning.shaping.specs import SHAPINGS, register_shaping
 from tests.cli.test_errors import TRACEBACK, _apply, _run_dir
 from tests.conftest import REPO, main_in_process, tiny_config, write_image_folder, write_npz
 
@@ -169,7 +172,7 @@ SILENT_ERRORS: list[tuple[str, Callable[[dict[str, Path]], dict[str, object]], t
 
 NPZ_ERRORS: list[tuple[str, tuple[str, ...]]] = [
     ("truncated", ("cannot read", "truncated.npz", "as a .npz archive", "BadZipFile")),
-    ("zero_bytes", ("cannot read", "zero_bytes.npz", "EOFError")),
+    ("zero_bytes", ("cannot read", "zero_bytes.npz", "is empty (0 bytes)")),
     ("bad_crc", ("cannot read", "bad_crc.npz", "CRC")),
     ("plain_npy", ("plain_npy.npz", "is a single .npy array, not a .npz archive")),
     ("string_labels", ("string_labels.npz", "not integer class indices", "Fix: map them")),
@@ -298,15 +301,46 @@ def test_trained_weights_are_not_flagged(small_sets: dict[str, Path], tiny_check
     assert "warnings" not in json.loads((_run_dir(tmp_path) / "ood_results.json").read_text())
 
 
-def test_shaping_that_makes_every_score_equal_warns_once_with_the_cause(
-    small_sets: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path
+def _zero_activations(x: torch.Tensor) -> torch.Tensor:
+    """Every activation to 0: the logits are the classifier's bias, the same for every sample."""
+    return x * 0
+
+
+@pytest.fixture
+def zero_shaping(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A shaping spec, ``zero_all``, registered for this test only, that makes every score of a run equal."""
+    monkeypatch.setattr(SHAPINGS, "_entries", dict(SHAPINGS._entries))
+    register_shaping("zero_all", description="every activation to 0")(lambda: _zero_activations)
+    return "zero_all"
+
+
+def test_shaping_that_makes_every_score_equal_warns_once_and_is_flagged_in_the_tables(
+    zero_shaping: str,
+    small_sets: dict[str, Path],
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
 ) -> None:
-    config = tiny_config(small_sets, tiny_checkpoint, tmp_path, shaping=["react@-1", "ash_s@90"])
+    config = tiny_config(small_sets, tiny_checkpoint, tmp_path, shaping=[zero_shaping, "ash_s@90"])
     with pytest.warns(UserWarning, match="same score") as caught:
-        status, _, stderr = main_in_process(config, tmp_path)
+        status, stdout, stderr = main_in_process(config, tmp_path)
     assert status == 0, stderr[-3000:]
     (equal,) = [str(w.message) for w in caught if "same score" in str(w.message)]
-    assert "react@-1 + energy" in equal and "ash_s@90" not in equal and "react@t with t <= 0" in equal
+    assert "zero_all + energy" in equal and "ash_s@90" not in equal and "removes every activation" in equal
+    # Flagged in the results, not only in the log: the ranked table's row and its legend, JSON and CSV.
+    run_dir = _run_dir(tmp_path)
+    results = json.loads((run_dir / "ood_results.json").read_text())
+    flags = {run["shaping"]: run["equal_id_scores"] for run in results["runs"]}
+    assert flags == {"zero_all": True, "ash_s@90": False}
+    assert results["flags"]["equal_id_scores"].startswith(f"{EQUAL_SCORES_FLAG} every ID test sample")
+    csv_rows = (run_dir / "ood_results.csv").read_text().splitlines()
+    assert csv_rows[0].endswith(",id_accuracy,equal_id_scores")
+    assert {row.split(",")[0]: row.split(",")[-1] for row in csv_rows[1:]} == {"zero_all": "True", "ash_s@90": "False"}
+    capsys.readouterr()
+    assert main(["report", str(run_dir)]) == 0
+    for table in (stdout, capsys.readouterr().out):  # main.py test's and main.py report's
+        assert f"| zero_all | energy {EQUAL_SCORES_FLAG} |" in table and "| ash_s@90 | energy |" in table
+        assert results["flags"]["equal_id_scores"] in table.splitlines()
 
 
 # ------------------------------------------------------------------------------------------------------ report

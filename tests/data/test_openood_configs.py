@@ -295,7 +295,7 @@ def test_imglist_reads_openood_lines(tmp_path: Path) -> None:
         ({"list": "$DATASETS_MISSING/list.txt"}, "DATASETS_MISSING, which is not set"),
         ({"list": "nowhere.txt"}, "does not exist"),
         ({"root": None}, "needs `root`"),
-        ({"list": "img"}, "is not a file"),
+        ({"list": "img"}, "is a folder, not a file"),
     ],
 )
 def test_imglist_spec_errors_name_the_key(
