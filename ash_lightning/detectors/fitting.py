@@ -13,7 +13,8 @@ The cache holds one ``torch.save``d ``FittedDetector.state_dict()`` per pair und
 ``$ASH_CACHE_DIR/detectors`` (``ash_lightning._cache``), named by the digest of its key: the fit pass's
 ``cache_key`` (``make_cache_key``: the network identity, i.e. name and weights fingerprint, the fit data spec,
 ...), the placement, the setting's shaping spec, the detector spec and ``max_samples``. Without a ``cache_key``
-nothing is cached. Writes are atomic (DDP ranks may race).
+nothing is cached. Writes follow ``ash_lightning._cache``'s rule (atomic; concurrent runs and DDP ranks may race;
+a full or read-only folder costs one warning, not the run).
 
 ``fit_detector(model, "knn@50", loader)`` is the functional form for one detector.
 """
@@ -138,6 +139,28 @@ def _read_fitted(path: Path, key: dict[str, Any]) -> FittedDetector:
     return load_fitted(entry["fitted"])
 
 
+def _save(entry: dict[str, Any], path: str) -> None:
+    """``torch.save(entry)`` to the file ``path``; a write that fails (e.g. a full disk) raises its OSError, which
+    torch would report as a RuntimeError without the cause."""
+    failed: list[OSError] = []
+    with open(path, "wb") as file:
+
+        class _Writes:
+            def write(self, data: bytes) -> int:
+                try:
+                    return file.write(data)
+                except OSError as err:
+                    failed.append(err)
+                    raise
+
+        try:
+            torch.save(entry, _Writes())  # type: ignore[arg-type]  # torch needs ``write`` only
+        except RuntimeError:
+            if failed:
+                raise failed[0] from None
+            raise
+
+
 @dataclass
 class _Collected:
     """What one pass over the fit data collects: per setting, features and logits; the labels; per AdaSCALE
@@ -227,7 +250,7 @@ def fit_detectors(
             fitted[s][j] = one
             if fit.cache_key is not None:
                 entry = {"key": canonical_json(keys[(s, j)]), "fitted": one.to("cpu").state_dict()}
-                write_entry(_cache_path(keys[(s, j)]), functools.partial(torch.save, entry), "detector cache")
+                write_entry(_cache_path(keys[(s, j)]), functools.partial(_save, entry))
     elif keys:
         log.info("detectors: using cached fits")
     return [[_fitted(one).to(device) for one in row] for row in fitted]

@@ -1,0 +1,427 @@
+"""The three caches (calibration, detectors, features) on shared machines: runs racing on one cache, a full disk,
+a read-only cache, and SIGTERM or Ctrl+C before the test loop. Each run's results must equal an uncached run's,
+and no partial entry may ever be read."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from ash_lightning import _cache
+from ash_lightning._cache import read_entry, write_entry
+from ash_lightning.data import fit_pass
+from ash_lightning.detectors import fitting
+from ash_lightning.evaluation import feature_cache
+from ash_lightning.evaluation.feature_cache import MARKER, EntryWriter, FeatureCache, read_set
+from tests.conftest import REPO, main_in_process, tiny_config
+from tests.run_equality import assert_same_evaluation
+
+SWEEP = {"shaping": ["none", "react@p90"], "score": ["energy", "knn@50"]}
+UNWRITABLE = "cannot write to the cache folder"
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def _config(tiny_data: dict[str, Path], checkpoint: Path, out: Path, features: Path | None) -> dict:
+    """The sweep over the tiny sets, fitted on 60 ID samples, with the feature cache in ``features``."""
+    config = tiny_config(tiny_data, checkpoint, out, **SWEEP, feature_cache=features and str(features))
+    config["data"]["fit"] = {"kind": "npz", "path": str(tiny_data["id"]), "limit": 60}
+    return config
+
+
+def _run_dir(out: Path) -> Path:
+    return out / "run" / "v"
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file under ``folder``, relative to it (hidden temporary ones included)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+@contextmanager
+def _cache_warnings() -> Iterator[list[str]]:
+    """The messages of the cache warnings given in the block (filled when it ends)."""
+    messages: list[str] = []
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        yield messages
+    messages += [str(w.message) for w in seen if UNWRITABLE in str(w.message)]
+
+
+def _run(config: dict, tmp_path: Path) -> tuple[int, str, list[str]]:
+    """``main_in_process``; (status, stderr, the cache warnings it gave)."""
+    with _cache_warnings() as warned:
+        status, _, err = main_in_process(config, tmp_path)
+    return status, err, warned
+
+
+@pytest.fixture(scope="module")
+def uncached(tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run directory of the sweep without a feature cache and with an empty ASH_CACHE_DIR."""
+    tmp = tmp_path_factory.mktemp("uncached")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ASH_CACHE_DIR", str(tmp / "cache"))
+        status, err, _ = _run(_config(tiny_data, tiny_checkpoint, tmp / "out", None), tmp)
+    assert status == 0, err
+    return _run_dir(tmp / "out")
+
+
+@pytest.fixture
+def caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """(ASH_CACHE_DIR, the feature cache folder), both under ``tmp_path / "disk"``; warnings start afresh."""
+    monkeypatch.setenv("ASH_CACHE_DIR", str(tmp_path / "disk" / "cache"))
+    monkeypatch.setattr(_cache, "_warned_folders", set())
+    return tmp_path / "disk" / "cache", tmp_path / "disk" / "features"
+
+
+# ------------------------------------------------------------------------------------------------ concurrent runs
+def test_runs_started_together_on_one_cache_equal_an_uncached_run(
+    tiny_data: dict[str, Path],
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    caches: tuple[Path, Path],
+    uncached: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calibration, features = caches
+    procs = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(_config(tiny_data, tiny_checkpoint, tmp_path / name, features)))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(REPO / "main.py"), "test", "--config", str(path)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=tmp_path,
+            )
+        )
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        assert UNWRITABLE not in err and "rebuilding it" not in err  # never a torn entry
+    for name in ("a", "b"):
+        assert_same_evaluation(_run_dir(tmp_path / name), uncached)
+    stored = _files(features) + _files(calibration)
+    assert stored and not [f for f in stored if "/." in f or f.startswith(".")]  # no temporary file left
+    assert len([f for f in _files(features) if f.endswith(MARKER)]) == 3  # one entry per set
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a third run reads every entry: no warning, no fit pass
+        warnings.filterwarnings("ignore", message=f"(?!.*({UNWRITABLE}|rebuilding it))")
+        monkeypatch.setattr(fit_pass.FitPass, "run", _no_fit_pass)
+        status, _, err = main_in_process(_config(tiny_data, tiny_checkpoint, tmp_path / "c", features), tmp_path)
+    assert status == 0, err
+    assert_same_evaluation(_run_dir(tmp_path / "c"), uncached)
+    assert _files(features) + _files(calibration) == stored
+
+
+def _no_fit_pass(*args: Any, **kwargs: Any) -> int:
+    raise AssertionError("a fit pass ran although the caches hold every fit")
+
+
+def _filled(n: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    features = torch.randn(n, 3, generator=torch.Generator().manual_seed(seed))
+    return features, torch.arange(n), torch.arange(n)
+
+
+def _writer(root: Path, key: dict, seed: int = 0) -> EntryWriter:
+    features, targets, index = _filled(seed=seed)
+    writer = EntryWriter(feature_cache.entry_dir(root, key), key, len(features), features.dtype, (3,))
+    writer.add(features, targets, index)
+    return writer
+
+
+def test_first_writer_of_a_feature_entry_wins_and_a_broken_one_is_replaced(tmp_path: Path) -> None:
+    key = {"k": 1}
+    first, second = _writer(tmp_path, key, seed=1), _writer(tmp_path, key, seed=2)  # built side by side
+    assert read_set(feature_cache.entry_dir(tmp_path, key), key) is None  # nothing visible before a commit
+    assert first.commit() and not second.commit()
+    entry = read_set(feature_cache.entry_dir(tmp_path, key), key)
+    assert entry is not None and torch.equal(entry.rows(torch.arange(7))[0], _filled(seed=1)[0])
+    assert [p.name for p in tmp_path.iterdir()] == [feature_cache.entry_dir(tmp_path, key).name]  # temps removed
+
+    broken = feature_cache.entry_dir(tmp_path, {"k": 2})
+    broken.mkdir()
+    (broken / "features.npy").write_bytes(b"partial, written in place by an older version")
+    assert _writer(tmp_path, {"k": 2}).commit()
+    assert read_set(broken, {"k": 2}) is not None and len(list(tmp_path.iterdir())) == 2
+
+
+# ---------------------------------------------------------------------------------------------------- full disk
+@contextmanager
+def _full_disk(monkeypatch: pytest.MonkeyPatch, disk: Path, code: int = errno.ENOSPC) -> Iterator[None]:
+    """Writes under ``disk`` fail with ``code`` once their data is written: every rename into place (a file or a
+    folder entry) and every space reservation. Other files (the run's results) are written as usual."""
+
+    def failing(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
+            if str(dst).startswith(str(disk)):
+                raise OSError(code, os.strerror(code), str(dst))
+            return real(src, dst, *args, **kwargs)
+
+        return call
+
+    def reserve(fd: int, offset: int, length: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", failing(os.replace))
+        patch.setattr(os, "rename", failing(os.rename))
+        patch.setattr(os, "posix_fallocate", reserve, raising=False)
+        yield
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["enospc", "edquot"])
+def test_a_write_failing_mid_file_warns_once_and_leaves_nothing(tmp_path: Path, code: int, monkeypatch) -> None:
+    monkeypatch.setattr(_cache, "_warned_folders", set())
+
+    def half_then_full(tmp: str) -> None:
+        Path(tmp).write_text("half of the ")
+        raise OSError(code, os.strerror(code), tmp)
+
+    with _cache_warnings() as warned:
+        for name in ("a", "b", "c"):
+            assert not write_entry(tmp_path / "detectors" / f"{name}.pt", half_then_full, tmp_path)
+    assert len(warned) == 1 and warned[0].startswith(f"{UNWRITABLE} {tmp_path} ({os.strerror(code)}): ")
+    assert "Fix: free space there, or set ASH_CACHE_DIR" in warned[0] and _files(tmp_path) == []
+    with pytest.raises(OSError, match="No space left") as raised:  # torch alone would raise a RuntimeError
+        fitting._save({"key": "k", "fitted": torch.zeros(10_000)}, "/dev/full")
+    assert raised.value.errno == errno.ENOSPC
+
+
+def test_a_feature_cache_on_a_full_disk_warns_once_and_stores_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(_cache, "_warned_folders", set())
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 2))
+    sets = [(name, {"set": name}, 7) for name in ("id", "ood")]
+    with _full_disk(monkeypatch, tmp_path), _cache_warnings() as warned:
+        cache = FeatureCache(tmp_path, sets, 2**30, model, "penultimate")
+        for loader in range(2):
+            features, targets, index = _filled()
+            shared, _, _ = cache.shared(loader, targets, index, lambda f=features: f)
+            assert torch.equal(shared, features)  # the run goes on with the computed features
+    assert len(warned) == 1 and f"{UNWRITABLE} {tmp_path} (No space left on device)" in warned[0]
+    assert "point model.feature_cache at a writable folder" in warned[0]
+    assert not cache.writable and _files(tmp_path) == []
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_runs_on_a_full_disk_equal_an_uncached_run_and_leave_no_entry(
+    tiny_data: dict[str, Path],
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    caches: tuple[Path, Path],
+    uncached: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calibration, features = caches
+    for attempt in ("first", "next"):
+        _cache._warned_folders.clear()  # the next run is another process
+        with _full_disk(monkeypatch, tmp_path / "disk"):
+            status, err, warned = _run(_config(tiny_data, tiny_checkpoint, tmp_path / attempt, features), tmp_path)
+        assert status == 0, err
+        assert len(warned) == 2 and {str(calibration), str(features)} == {w.split()[6] for w in warned}, warned
+        assert "No space left on device" in warned[0] and "rebuilding it" not in err
+        assert_same_evaluation(_run_dir(tmp_path / attempt), uncached)
+        gc.collect()
+        assert _files(tmp_path / "disk") == []
+
+
+# ------------------------------------------------------------------------------------------------ read-only cache
+def test_a_read_only_cache_is_read_and_warns_once(
+    tiny_data: dict[str, Path],
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    caches: tuple[Path, Path],
+    uncached: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calibration, features = caches
+    config = _config(tiny_data, tiny_checkpoint, tmp_path / "fill", features)
+    config["model"]["score"] = "energy"  # fills the calibration and feature caches, no detector entry
+    status, err, _ = _run(config, tmp_path)
+    assert status == 0, err
+    stored = _files(tmp_path / "disk")
+    real_access, real_read = os.access, feature_cache.read_set
+    read: list[bool] = []
+
+    def access(path: Any, mode: int, **kwargs: Any) -> bool:
+        return not str(path).startswith(str(tmp_path / "disk")) and real_access(path, mode, **kwargs)
+
+    def read_set(*args: Any) -> Any:
+        found = real_read(*args)
+        read.append(found is not None)
+        return found
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(feature_cache, "read_set", read_set)
+    status, err, warned = _run(_config(tiny_data, tiny_checkpoint, tmp_path / "ro", features), tmp_path)
+    assert status == 0, err
+    assert read == [True, True, True]  # every set's features from the cache
+    assert len(warned) == 2 and all("read-only" in w for w in warned), warned  # knn@50 could not be stored
+    assert _files(tmp_path / "disk") == stored
+    assert_same_evaluation(_run_dir(tmp_path / "ro"), uncached)
+
+
+# ------------------------------------------------------------------------------------- signals before the test loop
+def _signal_at(monkeypatch: pytest.MonkeyPatch, target: Any, name: str, call: int, signum: int) -> None:
+    """``target.name`` sends ``signum`` to this process at its ``call``-th call (1-based)."""
+    real, calls = getattr(target, name), [0]
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, wrapped)
+
+
+@pytest.mark.parametrize(
+    "signum, status, where, call",
+    [
+        (signal.SIGTERM, 143, "calibration", 2),  # fit_images: 4 batches of 16 per fit pass (60 samples)
+        (signal.SIGINT, 130, "detectors", 6),
+        (signal.SIGTERM, 143, "features", 2),  # EntryWriter.add: the second batch of the ID set
+    ],
+    ids=["sigterm_calibration", "ctrl_c_detectors", "sigterm_feature_cache"],
+)
+def test_a_signal_before_the_test_loop_stops_the_run_and_leaves_no_entry_to_read(
+    signum: int,
+    status: int,
+    where: str,
+    call: int,
+    tiny_data: dict[str, Path],
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    caches: tuple[Path, Path],
+    uncached: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calibration, features = caches
+    with monkeypatch.context() as patch:
+        if where == "features":
+            _signal_at(patch, EntryWriter, "add", call, signum)
+        else:
+            _signal_at(patch, fit_pass, "fit_images", call, signum)
+        got, err, _ = _run(_config(tiny_data, tiny_checkpoint, tmp_path / "stopped", features), tmp_path)
+    assert got == status, err
+    assert f"stopped by {signal.Signals(signum).name}" in err and TRACEBACK not in err
+    gc.collect()  # a stopped run's temporary folder goes with its writer (in main.py: when the process exits)
+    left = _files(tmp_path / "disk")
+    assert not [f for f in left if "/." in f]  # no temporary file
+    if where == "calibration":
+        assert left == []
+    elif where == "detectors":  # the calibration's pass was whole: its entry only
+        assert len(left) == 1 and left[0].startswith("cache/") and "detectors" not in left[0]
+    else:
+        assert _files(features) == []
+    status, err, _ = _run(_config(tiny_data, tiny_checkpoint, tmp_path / "rerun", features), tmp_path)
+    assert status == 0, err
+    assert_same_evaluation(_run_dir(tmp_path / "rerun"), uncached)
+
+
+def test_sigterm_during_a_fit_pass_of_main_py_exits_143_without_traceback(
+    tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path, caches: tuple[Path, Path]
+) -> None:
+    """The same as a user meets it: ``main.py test`` in its own process, signalled from outside once its fit pass
+    has started (each fit batch touches a marker file and takes 0.2 s more)."""
+    marker = tmp_path / "fit_pass_started"
+    slow = textwrap.dedent(
+        f"""
+        import pathlib, sys, time
+        from ash_lightning.cli.app import main
+        from ash_lightning.data import fit_pass
+        real = fit_pass.fit_images
+        def slow(batch):
+            pathlib.Path({str(marker)!r}).touch()
+            time.sleep(0.2)
+            return real(batch)
+        fit_pass.fit_images = slow
+        sys.exit(main())
+        """
+    )
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(_config(tiny_data, tiny_checkpoint, tmp_path / "out", caches[1])))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", slow, "test", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert marker.exists() and proc.returncode == 143, err[-3000:]
+    assert TRACEBACK not in err and "stopped by SIGTERM" in err
+    assert _files(tmp_path / "disk") == []
+
+
+def test_a_stopped_fit_pass_collects_nothing_more() -> None:
+    batches = [torch.zeros(2, 3)] * 5
+    taken: list[int] = []
+
+    def stop() -> None:
+        if len(taken) == 2:
+            raise KeyboardInterrupt
+
+    model = torch.nn.Linear(3, 1)
+    with pytest.raises(KeyboardInterrupt):
+        fit_pass.FitPass(lambda: batches, stop=stop).run(
+            model, lambda batch: taken.append(len(batch.images)), what="x", no_data=""
+        )
+    assert taken == [2, 2] and model.training
+
+
+def test_stop_on_signal_reads_the_trainer_and_its_callbacks() -> None:
+    class Trainer:
+        received_sigterm = False
+        callbacks: list[Any] = [object()]
+
+    trainer = Trainer()
+    stop = fit_pass.stop_on_signal(trainer)
+    stop()  # nothing received: goes on
+    trainer.callbacks.append(type("Held", (), {"stop_requested": True})())
+    with pytest.raises(KeyboardInterrupt):
+        stop()
+    trainer.received_sigterm = True
+    with pytest.raises(SystemExit):  # Lightning's SIGTERMException
+        stop()
+
+
+def test_entries_already_there_are_read_from_a_read_only_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(_cache, "_warned_folders", set())
+    path = tmp_path / "entry.json"
+    assert write_entry(path, lambda tmp: Path(tmp).write_text(json.dumps({"v": 1})), tmp_path)
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    with _cache_warnings() as warned:
+        assert not write_entry(tmp_path / "other.json", lambda tmp: Path(tmp).write_text("{}"), tmp_path)
+        assert not write_entry(tmp_path / "third.json", lambda tmp: Path(tmp).write_text("{}"), tmp_path)
+    assert len(warned) == 1 and f"{UNWRITABLE} {tmp_path} (read-only" in warned[0]
+    assert _files(tmp_path) == ["entry.json"]
+    assert read_entry(path, lambda p: json.loads(p.read_text()), "test cache") == {"v": 1}
