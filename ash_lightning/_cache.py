@@ -118,8 +118,8 @@ def warn_unwritable(folder: Path, err: OSError, fix: str) -> None:
         return
     _warned_folders.add(folder)
     warnings.warn(
-        f"cannot write to the cache folder {folder} ({err.strerror or err}): this run reads the entries already "
-        f"there and stores no new ones, so the next run computes them again. Fix: {fix}.",
+        f"cannot write to the cache folder {folder} ({err.strerror or err}): the run goes on, reading the entries "
+        f"already there; what it cannot store, the next run computes again. Fix: {fix}.",
         stacklevel=3,
     )
 

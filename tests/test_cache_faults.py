@@ -166,25 +166,27 @@ def test_first_writer_of_a_feature_entry_wins_and_a_broken_one_is_replaced(tmp_p
 
 # ---------------------------------------------------------------------------------------------------- full disk
 @contextmanager
-def _full_disk(monkeypatch: pytest.MonkeyPatch, disk: Path, code: int = errno.ENOSPC) -> Iterator[None]:
-    """Writes under ``disk`` fail with ``code`` once their data is written: every rename into place (a file or a
-    folder entry) and every space reservation. Other files (the run's results) are written as usual."""
+def _full_disk(
+    monkeypatch: pytest.MonkeyPatch, disk: Path, steps: tuple[str, ...] = ("replace", "rename", "posix_fallocate")
+) -> Iterator[None]:
+    """Writes under ``disk`` fail with ENOSPC at ``steps``: ``replace`` and ``rename``, the renames into place of
+    entries whose data is written (a file or a folder entry); ``posix_fallocate``, a feature entry's reservation
+    of space. Other files (the run's results) are written as usual."""
 
     def failing(real: Callable[..., Any]) -> Callable[..., Any]:
         def call(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
             if str(dst).startswith(str(disk)):
-                raise OSError(code, os.strerror(code), str(dst))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
             return real(src, dst, *args, **kwargs)
 
         return call
 
     def reserve(fd: int, offset: int, length: int) -> None:
-        raise OSError(code, os.strerror(code))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as patch:
-        patch.setattr(os, "replace", failing(os.replace))
-        patch.setattr(os, "rename", failing(os.rename))
-        patch.setattr(os, "posix_fallocate", reserve, raising=False)
+        for step in steps:
+            patch.setattr(os, step, reserve if step == "posix_fallocate" else failing(getattr(os, step)), raising=False)
         yield
 
 
@@ -206,11 +208,12 @@ def test_a_write_failing_mid_file_warns_once_and_leaves_nothing(tmp_path: Path, 
     assert raised.value.errno == errno.ENOSPC
 
 
-def test_a_feature_cache_on_a_full_disk_warns_once_and_stores_nothing(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("step", ["posix_fallocate", "rename"], ids=["reserving", "committing"])
+def test_a_feature_cache_on_a_full_disk_warns_once_and_stores_nothing(tmp_path: Path, step: str, monkeypatch) -> None:
     monkeypatch.setattr(_cache, "_warned_folders", set())
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 2))
     sets = [(name, {"set": name}, 7) for name in ("id", "ood")]
-    with _full_disk(monkeypatch, tmp_path), _cache_warnings() as warned:
+    with _full_disk(monkeypatch, tmp_path, (step,)), _cache_warnings() as warned:
         cache = FeatureCache(tmp_path, sets, 2**30, model, "penultimate")
         for loader in range(2):
             features, targets, index = _filled()
