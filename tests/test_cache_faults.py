@@ -29,7 +29,7 @@ from ash_lightning.data import fit_pass
 from ash_lightning.detectors import fitting
 from ash_lightning.evaluation import feature_cache
 from ash_lightning.evaluation.feature_cache import MARKER, EntryWriter, FeatureCache, read_set
-from tests.conftest import REPO, main_in_process, tiny_config
+from tests.conftest import REPO, main_in_process, tiny_config, write_npz
 from tests.run_equality import assert_same_evaluation
 
 SWEEP = {"shaping": ["none", "react@p90"], "score": ["energy", "knn@50"]}
@@ -37,10 +37,21 @@ UNWRITABLE = "cannot write to the cache folder"
 TRACEBACK = "Traceback (most recent call last)"
 
 
-def _config(tiny_data: dict[str, Path], checkpoint: Path, out: Path, features: Path | None) -> dict:
-    """The sweep over the tiny sets, fitted on 60 ID samples, with the feature cache in ``features``."""
-    config = tiny_config(tiny_data, checkpoint, out, **SWEEP, feature_cache=features and str(features))
-    config["data"]["fit"] = {"kind": "npz", "path": str(tiny_data["id"]), "limit": 60}
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small sets, for speed: ID (40 samples), OOD (24, 20) and ID fit data (56: knn@50 needs 50)."""
+    root = tmp_path_factory.mktemp("sets")
+    sizes = {"id": (40, 1.0), "dark": (24, 0.4), "bright": (20, 1.6), "fit": (56, 1.0)}
+    return {
+        name: write_npz(root / f"{name}.npz", n, seed, light) for seed, (name, (n, light)) in enumerate(sizes.items())
+    }
+
+
+def _config(sets: dict[str, Path], checkpoint: Path, out: Path, features: Path | None) -> dict:
+    """The sweep over ``sets``, fitted on ``sets["fit"]`` (4 batches of 16), with the feature cache in ``features``."""
+    config = tiny_config(sets, checkpoint, out, **SWEEP, feature_cache=features and str(features))
+    config["data"]["fit"] = {"kind": "npz", "path": str(sets["fit"])}
+    config["ood_metrics"] = {"log_figures": False}
     return config
 
 
@@ -71,12 +82,12 @@ def _run(config: dict, tmp_path: Path) -> tuple[int, str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def uncached(tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def uncached(sets: dict[str, Path], tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run directory of the sweep without a feature cache and with an empty ASH_CACHE_DIR."""
     tmp = tmp_path_factory.mktemp("uncached")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ASH_CACHE_DIR", str(tmp / "cache"))
-        status, err, _ = _run(_config(tiny_data, tiny_checkpoint, tmp / "out", None), tmp)
+        status, err, _ = _run(_config(sets, tiny_checkpoint, tmp / "out", None), tmp)
     assert status == 0, err
     return _run_dir(tmp / "out")
 
@@ -91,7 +102,7 @@ def caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]
 
 # ------------------------------------------------------------------------------------------------ concurrent runs
 def test_runs_started_together_on_one_cache_equal_an_uncached_run(
-    tiny_data: dict[str, Path],
+    sets: dict[str, Path],
     tiny_checkpoint: Path,
     tmp_path: Path,
     caches: tuple[Path, Path],
@@ -102,7 +113,7 @@ def test_runs_started_together_on_one_cache_equal_an_uncached_run(
     procs = []
     for name in ("a", "b"):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(_config(tiny_data, tiny_checkpoint, tmp_path / name, features)))
+        path.write_text(yaml.safe_dump(_config(sets, tiny_checkpoint, tmp_path / name, features)))
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(REPO / "main.py"), "test", "--config", str(path)],
@@ -126,7 +137,7 @@ def test_runs_started_together_on_one_cache_equal_an_uncached_run(
         warnings.simplefilter("error", UserWarning)  # a third run reads every entry: no warning, no fit pass
         warnings.filterwarnings("ignore", message=f"(?!.*({UNWRITABLE}|rebuilding it))")
         monkeypatch.setattr(fit_pass.FitPass, "run", _no_fit_pass)
-        status, _, err = main_in_process(_config(tiny_data, tiny_checkpoint, tmp_path / "c", features), tmp_path)
+        status, _, err = main_in_process(_config(sets, tiny_checkpoint, tmp_path / "c", features), tmp_path)
     assert status == 0, err
     assert_same_evaluation(_run_dir(tmp_path / "c"), uncached)
     assert _files(features) + _files(calibration) == stored
@@ -227,7 +238,7 @@ def test_a_feature_cache_on_a_full_disk_warns_once_and_stores_nothing(tmp_path: 
 
 
 def test_runs_on_a_full_disk_equal_an_uncached_run_and_leave_no_entry(
-    tiny_data: dict[str, Path],
+    sets: dict[str, Path],
     tiny_checkpoint: Path,
     tmp_path: Path,
     caches: tuple[Path, Path],
@@ -238,7 +249,7 @@ def test_runs_on_a_full_disk_equal_an_uncached_run_and_leave_no_entry(
     for attempt in ("first", "next"):
         _cache._warned_folders.clear()  # the next run is another process
         with _full_disk(monkeypatch, tmp_path / "disk"):
-            status, err, warned = _run(_config(tiny_data, tiny_checkpoint, tmp_path / attempt, features), tmp_path)
+            status, err, warned = _run(_config(sets, tiny_checkpoint, tmp_path / attempt, features), tmp_path)
         assert status == 0, err
         assert len(warned) == 2 and {str(calibration), str(features)} == {w.split()[6] for w in warned}, warned
         assert "No space left on device" in warned[0] and "rebuilding it" not in err
@@ -249,7 +260,7 @@ def test_runs_on_a_full_disk_equal_an_uncached_run_and_leave_no_entry(
 
 # ------------------------------------------------------------------------------------------------ read-only cache
 def test_a_read_only_cache_is_read_and_warns_once(
-    tiny_data: dict[str, Path],
+    sets: dict[str, Path],
     tiny_checkpoint: Path,
     tmp_path: Path,
     caches: tuple[Path, Path],
@@ -257,7 +268,7 @@ def test_a_read_only_cache_is_read_and_warns_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calibration, features = caches
-    config = _config(tiny_data, tiny_checkpoint, tmp_path / "fill", features)
+    config = _config(sets, tiny_checkpoint, tmp_path / "fill", features)
     config["model"]["score"] = "energy"  # fills the calibration and feature caches, no detector entry
     status, err, _ = _run(config, tmp_path)
     assert status == 0, err
@@ -275,7 +286,7 @@ def test_a_read_only_cache_is_read_and_warns_once(
 
     monkeypatch.setattr(os, "access", access)
     monkeypatch.setattr(feature_cache, "read_set", read_set)
-    status, err, warned = _run(_config(tiny_data, tiny_checkpoint, tmp_path / "ro", features), tmp_path)
+    status, err, warned = _run(_config(sets, tiny_checkpoint, tmp_path / "ro", features), tmp_path)
     assert status == 0, err
     assert read == [True, True, True]  # every set's features from the cache
     assert len(warned) == 2 and all("read-only" in w for w in warned), warned  # knn@50 could not be stored
@@ -300,9 +311,9 @@ def _signal_at(monkeypatch: pytest.MonkeyPatch, target: Any, name: str, call: in
 @pytest.mark.parametrize(
     "signum, status, where, call",
     [
-        (signal.SIGTERM, 143, "calibration", 2),  # fit_images: 4 batches of 16 per fit pass (60 samples)
+        (signal.SIGTERM, 143, "calibration", 2),  # fit_images: 4 batches per fit pass
         (signal.SIGINT, 130, "detectors", 6),
-        (signal.SIGTERM, 143, "features", 2),  # EntryWriter.add: the second batch of the ID set
+        (signal.SIGTERM, 143, "features", 2),  # EntryWriter.add: the second of the ID set's 3 batches
     ],
     ids=["sigterm_calibration", "ctrl_c_detectors", "sigterm_feature_cache"],
 )
@@ -311,7 +322,7 @@ def test_a_signal_before_the_test_loop_stops_the_run_and_leaves_no_entry_to_read
     status: int,
     where: str,
     call: int,
-    tiny_data: dict[str, Path],
+    sets: dict[str, Path],
     tiny_checkpoint: Path,
     tmp_path: Path,
     caches: tuple[Path, Path],
@@ -324,52 +335,50 @@ def test_a_signal_before_the_test_loop_stops_the_run_and_leaves_no_entry_to_read
             _signal_at(patch, EntryWriter, "add", call, signum)
         else:
             _signal_at(patch, fit_pass, "fit_images", call, signum)
-        got, err, _ = _run(_config(tiny_data, tiny_checkpoint, tmp_path / "stopped", features), tmp_path)
+        got, err, _ = _run(_config(sets, tiny_checkpoint, tmp_path / "stopped", features), tmp_path)
     assert got == status, err
     assert f"stopped by {signal.Signals(signum).name}" in err and TRACEBACK not in err
-    gc.collect()  # a stopped run's temporary folder goes with its writer (in main.py: when the process exits)
-    left = _files(tmp_path / "disk")
-    assert not [f for f in left if "/." in f]  # no temporary file
+    # what a later run could read (hidden temporary folders never are: main.py's process removes them as it exits)
+    left = [f for f in _files(tmp_path / "disk") if "/." not in f]
     if where == "calibration":
         assert left == []
     elif where == "detectors":  # the calibration's pass was whole: its entry only
         assert len(left) == 1 and left[0].startswith("cache/") and "detectors" not in left[0]
     else:
-        assert _files(features) == []
-    status, err, _ = _run(_config(tiny_data, tiny_checkpoint, tmp_path / "rerun", features), tmp_path)
+        assert not [f for f in left if f.startswith("features/")]
+    status, err, _ = _run(_config(sets, tiny_checkpoint, tmp_path / "rerun", features), tmp_path)
     assert status == 0, err
     assert_same_evaluation(_run_dir(tmp_path / "rerun"), uncached)
 
 
-def test_sigterm_during_a_fit_pass_of_main_py_exits_143_without_traceback(
-    tiny_data: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path, caches: tuple[Path, Path]
+def test_sigterm_during_a_feature_cache_build_of_main_py_exits_143_and_leaves_nothing(
+    sets: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path, caches: tuple[Path, Path]
 ) -> None:
-    """The same as a user meets it: ``main.py test`` in its own process, signalled from outside once its fit pass
-    has started (each fit batch touches a marker file and takes 0.2 s more)."""
-    marker = tmp_path / "fit_pass_started"
+    """As a user meets it: ``main.py test`` in its own process, signalled from outside once the feature cache of
+    the ID set is being built (each stored batch touches a marker file and takes 0.2 s more)."""
+    marker = tmp_path / "build_started"
     slow = textwrap.dedent(
         f"""
         import pathlib, sys, time
         from ash_lightning.cli.app import main
-        from ash_lightning.data import fit_pass
-        real = fit_pass.fit_images
-        def slow(batch):
+        from ash_lightning.evaluation.feature_cache import EntryWriter
+        real = EntryWriter.add
+        def slow(*args):
             pathlib.Path({str(marker)!r}).touch()
             time.sleep(0.2)
-            return real(batch)
-        fit_pass.fit_images = slow
+            return real(*args)
+        EntryWriter.add = slow
         sys.exit(main())
         """
     )
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(_config(tiny_data, tiny_checkpoint, tmp_path / "out", caches[1])))
+    path.write_text(yaml.safe_dump(_config(sets, tiny_checkpoint, tmp_path / "out", caches[1])))
     proc = subprocess.Popen(
         [sys.executable, "-c", slow, "test", "--config", str(path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     try:
         deadline = time.monotonic() + 120
@@ -382,7 +391,7 @@ def test_sigterm_during_a_fit_pass_of_main_py_exits_143_without_traceback(
             proc.kill()
     assert marker.exists() and proc.returncode == 143, err[-3000:]
     assert TRACEBACK not in err and "stopped by SIGTERM" in err
-    assert _files(tmp_path / "disk") == []
+    assert _files(caches[1]) == []  # not even a temporary file
 
 
 def test_a_stopped_fit_pass_collects_nothing_more() -> None:

@@ -153,8 +153,11 @@ def _save(entry: dict[str, Any], path: str) -> None:
                     failed.append(err)
                     raise
 
+            def flush(self) -> None:
+                file.flush()
+
         try:
-            torch.save(entry, _Writes())  # type: ignore[arg-type]  # torch needs ``write`` only
+            torch.save(entry, _Writes())  # type: ignore[arg-type]  # torch needs ``write`` and ``flush`` only
         except RuntimeError:
             if failed:
                 raise failed[0] from None
