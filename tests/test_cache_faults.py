@@ -8,6 +8,7 @@ import errno
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -259,6 +260,26 @@ def test_runs_on_a_full_disk_equal_an_uncached_run_and_leave_no_entry(
 
 
 # ------------------------------------------------------------------------------------------------ read-only cache
+def _read_only(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """``os.access`` says nothing under ``folder`` is writable (chmod does not stop root)."""
+    real = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode, **kw: not str(path).startswith(str(folder)) and real(path, mode, **kw)
+    )
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, target: Any, name: str) -> list[int]:
+    """``target.name`` counts its calls in the returned one-item list."""
+    real, calls = getattr(target, name), [0]
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, counted)
+    return calls
+
+
 def test_a_read_only_cache_is_read_and_warns_once(
     sets: dict[str, Path],
     tiny_checkpoint: Path,
@@ -267,31 +288,39 @@ def test_a_read_only_cache_is_read_and_warns_once(
     uncached: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The uncached run's calibration and detector entries, one of them missing, in a read-only ASH_CACHE_DIR;
+    an empty read-only feature cache."""
     calibration, features = caches
-    config = _config(sets, tiny_checkpoint, tmp_path / "fill", features)
-    config["model"]["score"] = "energy"  # fills the calibration and feature caches, no detector entry
-    status, err, _ = _run(config, tmp_path)
-    assert status == 0, err
+    shutil.copytree(uncached.parents[2] / "cache", calibration)
+    missing = sorted((calibration / "detectors").iterdir())[0]
+    missing.unlink()
     stored = _files(tmp_path / "disk")
-    real_access, real_read = os.access, feature_cache.read_set
-    read: list[bool] = []
-
-    def access(path: Any, mode: int, **kwargs: Any) -> bool:
-        return not str(path).startswith(str(tmp_path / "disk")) and real_access(path, mode, **kwargs)
-
-    def read_set(*args: Any) -> Any:
-        found = real_read(*args)
-        read.append(found is not None)
-        return found
-
-    monkeypatch.setattr(os, "access", access)
-    monkeypatch.setattr(feature_cache, "read_set", read_set)
+    _read_only(monkeypatch, tmp_path / "disk")
+    fit_batches = _count_calls(monkeypatch, fit_pass, "fit_images")
     status, err, warned = _run(_config(sets, tiny_checkpoint, tmp_path / "ro", features), tmp_path)
     assert status == 0, err
-    assert read == [True, True, True]  # every set's features from the cache
-    assert len(warned) == 2 and all("read-only" in w for w in warned), warned  # knn@50 could not be stored
+    assert fit_batches == [4]  # one pass, for the missing detector only: the calibration entry was read
+    assert len(warned) == 2 and all("(read-only: not writable)" in w for w in warned), warned
+    assert {str(calibration), str(features)} == {w.split()[6] for w in warned}
     assert _files(tmp_path / "disk") == stored
     assert_same_evaluation(_run_dir(tmp_path / "ro"), uncached)
+
+
+def test_a_read_only_feature_cache_reads_its_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_cache, "_warned_folders", set())
+    assert _writer(tmp_path, {"set": "id"}).commit()
+    _read_only(monkeypatch, tmp_path)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3, 2))
+    with _cache_warnings() as warned:
+        writable = _cache.writable_cache_folder(tmp_path, tmp_path, feature_cache.FIX)
+        cache = FeatureCache(
+            tmp_path, [("id", {"set": "id"}, 7), ("ood", {"set": "ood"}, 7)], 2**30, model, "penultimate", writable
+        )
+        features, targets, index = _filled(seed=5)
+        assert torch.equal(cache.shared(1, targets, index, lambda: features)[0], features)
+    assert len(warned) == 1 and f"{UNWRITABLE} {tmp_path} (read-only" in warned[0]
+    assert cache.complete_sets == {"id"} and len(list(tmp_path.iterdir())) == 1  # read, and nothing written
+    assert torch.equal(cache.shared(0, targets, index, _no_fit_pass)[0], _filled()[0])
 
 
 # ------------------------------------------------------------------------------------- signals before the test loop
@@ -308,54 +337,9 @@ def _signal_at(monkeypatch: pytest.MonkeyPatch, target: Any, name: str, call: in
     monkeypatch.setattr(target, name, wrapped)
 
 
-@pytest.mark.parametrize(
-    "signum, status, where, call",
-    [
-        (signal.SIGTERM, 143, "calibration", 2),  # fit_images: 4 batches per fit pass
-        (signal.SIGINT, 130, "detectors", 6),
-        (signal.SIGTERM, 143, "features", 2),  # EntryWriter.add: the second of the ID set's 3 batches
-    ],
-    ids=["sigterm_calibration", "ctrl_c_detectors", "sigterm_feature_cache"],
-)
-def test_a_signal_before_the_test_loop_stops_the_run_and_leaves_no_entry_to_read(
-    signum: int,
-    status: int,
-    where: str,
-    call: int,
-    sets: dict[str, Path],
-    tiny_checkpoint: Path,
-    tmp_path: Path,
-    caches: tuple[Path, Path],
-    uncached: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calibration, features = caches
-    with monkeypatch.context() as patch:
-        if where == "features":
-            _signal_at(patch, EntryWriter, "add", call, signum)
-        else:
-            _signal_at(patch, fit_pass, "fit_images", call, signum)
-        got, err, _ = _run(_config(sets, tiny_checkpoint, tmp_path / "stopped", features), tmp_path)
-    assert got == status, err
-    assert f"stopped by {signal.Signals(signum).name}" in err and TRACEBACK not in err
-    # what a later run could read (hidden temporary folders never are: main.py's process removes them as it exits)
-    left = [f for f in _files(tmp_path / "disk") if "/." not in f]
-    if where == "calibration":
-        assert left == []
-    elif where == "detectors":  # the calibration's pass was whole: its entry only
-        assert len(left) == 1 and left[0].startswith("cache/") and "detectors" not in left[0]
-    else:
-        assert not [f for f in left if f.startswith("features/")]
-    status, err, _ = _run(_config(sets, tiny_checkpoint, tmp_path / "rerun", features), tmp_path)
-    assert status == 0, err
-    assert_same_evaluation(_run_dir(tmp_path / "rerun"), uncached)
-
-
-def test_sigterm_during_a_feature_cache_build_of_main_py_exits_143_and_leaves_nothing(
-    sets: dict[str, Path], tiny_checkpoint: Path, tmp_path: Path, caches: tuple[Path, Path]
-) -> None:
-    """As a user meets it: ``main.py test`` in its own process, signalled from outside once the feature cache of
-    the ID set is being built (each stored batch touches a marker file and takes 0.2 s more)."""
+def _stop_main_py_in_feature_cache_build(config: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``main.py test`` in its own process, signalled from outside with SIGTERM once the feature cache of the ID
+    set is being built (each stored batch touches a marker file and takes 0.2 s more)."""
     marker = tmp_path / "build_started"
     slow = textwrap.dedent(
         f"""
@@ -372,26 +356,56 @@ def test_sigterm_during_a_feature_cache_build_of_main_py_exits_143_and_leaves_no
         """
     )
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(_config(sets, tiny_checkpoint, tmp_path / "out", caches[1])))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", slow, "test", "--config", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-c", slow, "test", "--config", str(path)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 120
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert marker.exists() and proc.returncode == 143, err[-3000:]
-    assert TRACEBACK not in err and "stopped by SIGTERM" in err
-    assert _files(caches[1]) == []  # not even a temporary file
+    assert marker.exists(), err[-3000:]
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def test_signals_before_the_test_loop_stop_the_run_and_leave_no_entry_to_read(
+    sets: dict[str, Path],
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    caches: tuple[Path, Path],
+    uncached: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On one cache, one after the other: SIGTERM in the calibration pass, Ctrl+C in the detector pass (this
+    process, a real signal: fit_images, 4 batches per pass, sends it), SIGTERM while main.py builds the feature
+    cache; then a rerun."""
+    calibration, features = caches
+    config = lambda name: _config(sets, tiny_checkpoint, tmp_path / name, features)  # noqa: E731
+    for signum, call in ((signal.SIGTERM, 2), (signal.SIGINT, 6)):
+        with monkeypatch.context() as patch:
+            _signal_at(patch, fit_pass, "fit_images", call, signum)
+            status, err, _ = _run(config(signal.Signals(signum).name), tmp_path)
+        assert status == 128 + signum, err
+        assert f"stopped by {signal.Signals(signum).name}" in err and TRACEBACK not in err
+        # what a later run could read (hidden temporary folders never are: main.py's process removes them at exit)
+        left = [f for f in _files(tmp_path / "disk") if "/." not in f]
+        if signum == signal.SIGTERM:
+            assert left == []
+        else:  # the calibration's pass was whole: its entry only
+            assert len(left) == 1 and left[0].startswith("cache/") and "detectors" not in left[0]
+
+    proc = _stop_main_py_in_feature_cache_build(config("build"), tmp_path)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert TRACEBACK not in proc.stderr and "stopped by SIGTERM" in proc.stderr
+    assert _files(features) == [] and len(_files(calibration)) == 1 + 2  # not even a temporary feature file
+
+    status, err, _ = _run(config("rerun"), tmp_path)
+    assert status == 0, err
+    assert_same_evaluation(_run_dir(tmp_path / "rerun"), uncached)
 
 
 def test_a_stopped_fit_pass_collects_nothing_more() -> None:
