@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor, nn
@@ -139,28 +139,34 @@ def _read_fitted(path: Path, key: dict[str, Any]) -> FittedDetector:
     return load_fitted(entry["fitted"])
 
 
-def _save(entry: dict[str, Any], path: str) -> None:
-    """``torch.save(entry)`` to the file ``path``; a write that fails (e.g. a full disk) raises its OSError, which
-    torch would report as a RuntimeError without the cause."""
-    failed: list[OSError] = []
-    with open(path, "wb") as file:
+class _Writes:
+    """``file``'s ``write`` and ``flush``, for ``torch.save``, keeping the OSError a write raised (``error``):
+    torch reports it as a RuntimeError without the cause."""
 
-        class _Writes:
-            def write(self, data: bytes) -> int:
-                try:
-                    return file.write(data)
-                except OSError as err:
-                    failed.append(err)
-                    raise
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
 
-            def flush(self) -> None:
-                file.flush()
-
+    def write(self, data: bytes) -> int:
         try:
-            torch.save(entry, _Writes())  # type: ignore[arg-type]  # torch needs ``write`` and ``flush`` only
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save(entry: dict[str, Any], path: str) -> None:
+    """``torch.save(entry)`` to the file ``path``; a write that fails (e.g. a full disk) raises its OSError."""
+    with open(path, "wb") as file:
+        writes = _Writes(file)
+        try:
+            torch.save(entry, writes)  # type: ignore[arg-type]  # torch needs ``write`` and ``flush`` only
         except RuntimeError:
-            if failed:
-                raise failed[0] from None
+            if writes.error is not None:
+                raise writes.error from None
             raise
 
 
