@@ -320,7 +320,8 @@ def test_a_read_only_feature_cache_reads_its_entries(tmp_path: Path, monkeypatch
         assert torch.equal(cache.shared(1, targets, index, lambda: features)[0], features)
     assert len(warned) == 1 and f"{UNWRITABLE} {tmp_path} (read-only" in warned[0]
     assert cache.complete_sets == {"id"} and len(list(tmp_path.iterdir())) == 1  # read, and nothing written
-    assert torch.equal(cache.shared(0, targets, index, _no_fit_pass)[0], _filled()[0])
+    stored = cache.shared(0, targets, index, lambda: pytest.fail("computed although stored"))[0]
+    assert torch.equal(stored, _filled()[0])
 
 
 # ------------------------------------------------------------------------------------- signals before the test loop
