@@ -11,12 +11,24 @@ Three caches use it: the calibration statistics (``ash_lightning.shaping.calibra
   of its state (names, shapes, dtypes, values): any change of weights, however they were loaded, reads another
   entry.
 * ``read_entry`` returns None for a missing entry and, after one warning line naming the entry and the problem,
-  for an unusable one (the caller rebuilds it); ``write_entry`` writes atomically (``write_atomically``: DDP ranks
-  may race) and warns, without failing the run, when the folder is not writable.
+  for an unusable one (the caller rebuilds it).
+
+The write rule, which makes runs that share a cache folder (DDP ranks, jobs started together) safe: **an entry
+becomes visible in one rename of a complete file or folder**, built under a hidden temporary name
+(``.<name>.<random>.tmp``) in the same folder, so a reader sees a whole entry or none, never a torn one. A file
+entry (``write_entry``: calibration, detectors) is renamed over the old one (``os.replace``): concurrent writers
+of one key store equal values, and whichever rename comes last leaves a complete entry. A folder entry (the
+feature cache) cannot be renamed over a full folder, so there the **first writer wins**: a writer that finds a
+valid entry in place drops its own, one that finds a partial or corrupt one moves it aside and renames its own
+in. A write that fails (a full disk: ENOSPC, EDQUOT; a read-only or unwritable folder) removes its temporary
+file and gives ``warn_unwritable``'s warning, once per cache folder and process; the run goes on without
+storing that entry and still reads the entries that are there. Temporary names are never read: those a killed
+(SIGKILL) run leaves can be deleted.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -38,7 +50,9 @@ __all__ = [
     "key_digest",
     "network_identity",
     "read_entry",
+    "warn_unwritable",
     "weights_fingerprint",
+    "writable_cache_folder",
     "write_entry",
 ]
 
@@ -46,6 +60,8 @@ CACHE_ENV = "ASH_CACHE_DIR"
 _DEFAULT_CACHE_DIR = "~/.cache/ash_lightning/calibration"
 
 T = TypeVar("T")
+
+_warned_folders: set[Path] = set()  # the cache folders ``warn_unwritable`` has warned about in this process
 
 
 def cache_dir() -> Path:
@@ -95,15 +111,44 @@ def read_entry(path: Path, read: Callable[[Path], T], what: str) -> T | None:
         return None
 
 
-def write_entry(path: Path, write: Callable[[str], object], what: str, suffix: str = ".tmp") -> None:
-    """``write_atomically(path, write, suffix)``, creating the folder; a warning (and the run goes on) when the
-    file cannot be written."""
+def warn_unwritable(folder: Path, err: OSError, fix: str) -> None:
+    """The warning that entries cannot be written to the cache ``folder`` (``err``: why), given once per folder and
+    process: ``"cannot write to the cache folder <folder> (<reason>): ... Fix: <fix>."``."""
+    if folder in _warned_folders:
+        return
+    _warned_folders.add(folder)
+    warnings.warn(
+        f"cannot write to the cache folder {folder} ({err.strerror or err}): the run goes on, reading the entries "
+        f"already there; what it cannot store, the next run computes again. Fix: {fix}.",
+        stacklevel=3,
+    )
+
+
+def writable_cache_folder(folder: Path, root: Path, fix: str) -> bool:
+    """Whether entries can be written to ``folder`` (created if missing); False after ``warn_unwritable(root,
+    ...)`` when it cannot be created or is not writable (a read-only cache: its entries are still read)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        warn_unwritable(root, err, fix)
+        return False
+    if not os.access(folder, os.W_OK | os.X_OK):
+        warn_unwritable(root, PermissionError(errno.EACCES, "read-only: not writable"), fix)
+        return False
+    return True
+
+
+def write_entry(path: Path, write: Callable[[str], object], root: Path | None = None, suffix: str = ".tmp") -> bool:
+    """``write_atomically(path, write, suffix)`` (the write rule of the module docstring), creating the folder;
+    whether the entry was written. When it cannot be (full disk, read-only folder) its temporary file is removed
+    and ``warn_unwritable`` names ``root`` (default: ``cache_dir()``); the run goes on."""
+    root = cache_dir() if root is None else root
+    fix = f"free space there, or set {CACHE_ENV} to a writable folder with space"
+    if not writable_cache_folder(path.parent, root, fix):
+        return False
+    try:
         write_atomically(path, write, suffix)
     except OSError as err:
-        warnings.warn(
-            f"could not write the {what} {path} ({err}); the next run computes it again. Fix: set {CACHE_ENV} "
-            "to a writable folder.",
-            stacklevel=3,
-        )
+        warn_unwritable(root, err, fix)
+        return False
+    return True

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
@@ -27,7 +28,7 @@ from torch import Tensor
 from ash_lightning._cache import network_identity
 from ash_lightning._options import check_int, check_range
 from ash_lightning.data.datamodule import OODDataModuleMixin
-from ash_lightning.data.fit_pass import FitPass
+from ash_lightning.data.fit_pass import FitPass, no_stop, stop_on_signal
 from ash_lightning.data.progress import PassProgress, no_progress, trainer_progress
 from ash_lightning.detectors import Detector, FittedDetector
 from ash_lightning.detectors.fitting import FitSettings, check_detectors, fit_detectors
@@ -221,13 +222,15 @@ class OODEvalModuleMixin:
                 len(self.shapers),
             )
         if any(map(needs_calibration, self.requested_shapers)) or self.detectors:
-            self.fit_on_id_data(self.trainer.datamodule, trainer_progress(self.trainer))
+            self.fit_on_id_data(self.trainer.datamodule, trainer_progress(self.trainer), stop_on_signal(self.trainer))
 
-    def fit_on_id_data(self, datamodule: Any, progress: PassProgress = no_progress) -> None:
+    def fit_on_id_data(
+        self, datamodule: Any, progress: PassProgress = no_progress, stop: Callable[[], None] = no_stop
+    ) -> None:
         """Calibrate the calibrated shapers, then fit the detectors per shaping, in one fit pass each (both cached,
         keyed by the network identity and ``datamodule``'s ``fit_identity``); its ``fit_dataloader`` is read on a
         cache miss, each pass shown by ``progress`` (``ash_lightning.data.progress``; the trainer's bar when
-        testing)."""
+        testing) and ended early by ``stop`` (``FitPass.stop``; a signal when testing)."""
         data = datamodule.fit_identity() if isinstance(datamodule, OODDataModuleMixin) else None
         fit_dataloader = getattr(datamodule, "fit_dataloader", None)
         fit = FitPass(
@@ -237,6 +240,7 @@ class OODEvalModuleMixin:
             self.device,
             "data.fit" if isinstance(datamodule, OODDataModuleMixin) else "the data module's fit_dataloader()",
             progress,
+            stop,
         )
         if any(map(needs_calibration, self.requested_shapers)):
             self.shapers = calibrate_shapers(self.requested_shapers, self.model, self.placement, fit)

@@ -85,7 +85,7 @@ def test_broken_entry_warns_once_and_is_rebuilt(tmp_path: Path, content: str, pr
     with pytest.warns(UserWarning, match=rf"test cache .*entry\.json {problem}.*; rebuilding it\.") as seen:
         assert read_entry(path, _read_json, "test cache") is None
     assert len(seen) == 1
-    write_entry(path, lambda tmp: Path(tmp).write_text(canonical_json({"key": "k", "value": 1})), "test cache")
+    write_entry(path, lambda tmp: Path(tmp).write_text(canonical_json({"key": "k", "value": 1})), tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_entry(path, _read_json, "test cache") == {"key": "k", "value": 1}
@@ -93,7 +93,7 @@ def test_broken_entry_warns_once_and_is_rebuilt(tmp_path: Path, content: str, pr
 
 def test_write_entry_is_atomic_and_creates_the_folder(tmp_path: Path) -> None:
     path = tmp_path / "new" / "entry.json"
-    write_entry(path, lambda tmp: Path(tmp).write_text("old"), "test cache")
+    assert write_entry(path, lambda tmp: Path(tmp).write_text("old"), tmp_path)
     assert path.read_text() == "old"
 
     def half_written(tmp: str) -> None:
@@ -101,13 +101,15 @@ def test_write_entry_is_atomic_and_creates_the_folder(tmp_path: Path) -> None:
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        write_entry(path, half_written, "test cache")
+        write_entry(path, half_written, tmp_path)
     assert path.read_text() == "old" and os.listdir(path.parent) == ["entry.json"]  # no temporary file left
 
 
 def test_unwritable_cache_warns_and_the_run_goes_on(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("")  # the cache folder's place is taken by a file
     path = tmp_path / "a_file" / "entry.json"
-    with pytest.warns(UserWarning, match=r"could not write the test cache .*entry\.json .*Fix: set ASH_CACHE_DIR"):
-        write_entry(path, lambda tmp: Path(tmp).write_text("x"), "test cache")
+    with pytest.warns(
+        UserWarning, match=r"cannot write to the cache folder .*Fix: free space there, or set ASH_CACHE_DIR"
+    ):
+        assert not write_entry(path, lambda tmp: Path(tmp).write_text("x"), tmp_path)
     assert (tmp_path / "a_file").read_text() == ""

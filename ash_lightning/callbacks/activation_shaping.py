@@ -12,7 +12,7 @@ from ash_lightning.callbacks.brief_errors import show_user_errors_briefly
 from ash_lightning.callbacks.fit_data import fit_data_name, id_fit_data
 from ash_lightning.callbacks.network import find_network
 from ash_lightning.callbacks.scoring import Settings
-from ash_lightning.data.fit_pass import FitData, FitPass
+from ash_lightning.data.fit_pass import FitData, FitPass, stop_on_signal
 from ash_lightning.data.progress import trainer_progress
 from ash_lightning.errors import UserError
 from ash_lightning.lightning_packages import CALLBACK_BASES, rank_zero_info
@@ -128,6 +128,7 @@ class ActivationShapingCallback(*CALLBACK_BASES):  # type: ignore[misc]  # the C
                 device=pl_module.device,
                 data_name=fit_data_name(self.fit_dataloader, trainer),
                 progress=trainer_progress(trainer),
+                stop=stop_on_signal(trainer),
             )
             self.shapers = calibrate_shapers(self.requested, network, self.placement, fit_pass)
         return network

@@ -3,7 +3,9 @@
 Python raises KeyboardInterrupt wherever the main process happens to be; inside PyTorch's DataLoader (a worker
 iterator being built or torn down) it is swallowed by ``__del__`` with a traceback on stderr, and the run goes on
 to exit 0. Deferring it to the end of the current batch stops the run the same way every time: Lightning calls
-``on_exception`` (the finished sets are saved) and ``main.py`` exits 130. A second Ctrl+C stops at once.
+``on_exception`` (the finished sets are saved) and ``main.py`` exits 130. A second Ctrl+C stops at once. A fit pass
+before the test loop (calibration, detectors) reads ``stop_requested`` after each of its batches
+(``ash_lightning.data.fit_pass.stop_on_signal``) and stops there too.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ class StopAfterBatchOnCtrlC(*CALLBACK_BASES):  # type: ignore[misc]  # the Callb
             raise KeyboardInterrupt
         self._requested = True
         print("\nCtrl+C: stopping after the current batch (press it again to stop at once) ...", flush=True)
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a Ctrl+C is held until the batch in flight (of the test loop or of a fit pass) ends."""
+        return self._requested
 
     def on_test_start(self, trainer: Any, pl_module: Any) -> None:
         self._requested, self._pid = False, os.getpid()

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ash_lightning._cache import network_identity
 from ash_lightning.callbacks.fit_data import fit_data_name, id_fit_data, require_fit_labels
 from ash_lightning.data.batches import expected_layout
-from ash_lightning.data.fit_pass import FitData, FitPass
+from ash_lightning.data.fit_pass import FitData, FitPass, stop_on_signal
 from ash_lightning.data.progress import trainer_progress
 from ash_lightning.detectors import Detector, FeatureDetector, FittedDetector
 from ash_lightning.detectors.fitting import FitSettings, check_detectors, fit_detectors
@@ -133,6 +133,7 @@ class RunScorer:
             device=next(network.parameters()).device,
             data_name=fit_data_name(self.fit_dataloader, trainer),
             progress=trainer_progress(trainer),
+            stop=stop_on_signal(trainer),
         )
         fitted = fit_detectors(detectors, fit_settings, settings.placement, fit_pass)
         return [{one.spec: one for one in row} for row in fitted]

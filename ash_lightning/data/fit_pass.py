@@ -6,7 +6,10 @@ identifies network and data (None: nothing is cached), at most how many samples,
 ``FitPass.run(model, take, ...)`` puts the model in eval mode (restoring its mode after), reads each batch's
 images (``fit_images``: corrupt files the data module skipped are dropped) and labels, cuts the pass at
 ``max_samples`` and hands each non-empty ``FitBatch`` to ``take``, showing the pass's ``progress``
-(``ash_lightning.data.progress``: ``fit <what> on <data_name>``, in batches).
+(``ash_lightning.data.progress``: ``fit <what> on <data_name>``, in batches). After each batch it calls ``stop``,
+which ends the pass by raising: ``stop_on_signal(trainer)`` raises for a SIGTERM or Ctrl+C the trainer's run
+received, so a long pass before the test loop stops after the batch in flight, as the test loop does, and nothing
+it collected reaches a cache.
 """
 
 from __future__ import annotations
@@ -24,8 +27,18 @@ from torch.utils.data import DataLoader
 from ash_lightning.data.batches import batch_part, fit_images
 from ash_lightning.data.progress import PassProgress, no_progress
 from ash_lightning.errors import UserError
+from ash_lightning.lightning_packages import main_package_class
 
-__all__ = ["FitBatch", "FitData", "FitPass", "fit_batches", "fit_loader_of", "planned_batches"]
+__all__ = [
+    "FitBatch",
+    "FitData",
+    "FitPass",
+    "fit_batches",
+    "fit_loader_of",
+    "no_stop",
+    "planned_batches",
+    "stop_on_signal",
+]
 
 FitData = Iterable[Any] | Callable[[], Iterable[Any]]
 
@@ -52,6 +65,24 @@ def fit_loader_of(trainer: Any) -> DataLoader | None:
     return fit_dataloader() if callable(fit_dataloader) else None
 
 
+def no_stop() -> None:
+    """Never stops a pass."""
+
+
+def stop_on_signal(trainer: Any) -> Callable[[], None]:
+    """A ``FitPass.stop`` for a pass inside ``trainer``'s run: raises Lightning's ``SIGTERMException`` once the
+    trainer received SIGTERM (``main.py`` exits 143), KeyboardInterrupt once one of its callbacks holds a Ctrl+C
+    (``stop_requested``: ``ash_lightning.callbacks.interrupt``; exit 130)."""
+
+    def stop() -> None:
+        if getattr(trainer, "received_sigterm", False):
+            raise main_package_class("utilities.exceptions", "SIGTERMException")
+        if any(getattr(callback, "stop_requested", False) for callback in getattr(trainer, "callbacks", ())):
+            raise KeyboardInterrupt
+
+    return stop
+
+
 @dataclass(frozen=True)
 class FitBatch:
     """The samples a fit pass takes from one batch: ``images`` (corrupt files dropped, cut at ``max_samples``,
@@ -75,6 +106,7 @@ class FitPass:
         device: where the images go (None: the model's device).
         data_name: what the progress calls the fit data (e.g. ``data.fit``).
         progress: how a pass is shown (``ash_lightning.data.progress``; default: not at all).
+        stop: called after each batch; ends the pass by raising (``stop_on_signal``; default: never).
     """
 
     data: Callable[[], Iterable[Any] | None]
@@ -83,6 +115,7 @@ class FitPass:
     device: torch.device | None = None
     data_name: str = "the fit data"
     progress: PassProgress = no_progress
+    stop: Callable[[], None] = no_stop
 
     def __post_init__(self) -> None:
         if self.max_samples is not None and self.max_samples < 1:
@@ -127,6 +160,7 @@ class FitPass:
                         take(FitBatch(images.to(device), labels, batch))
                     seen += len(images)
                     advance()
+                    self.stop()
                     if seen == self.max_samples:
                         break
         finally:

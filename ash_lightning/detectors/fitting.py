@@ -13,7 +13,8 @@ The cache holds one ``torch.save``d ``FittedDetector.state_dict()`` per pair und
 ``$ASH_CACHE_DIR/detectors`` (``ash_lightning._cache``), named by the digest of its key: the fit pass's
 ``cache_key`` (``make_cache_key``: the network identity, i.e. name and weights fingerprint, the fit data spec,
 ...), the placement, the setting's shaping spec, the detector spec and ``max_samples``. Without a ``cache_key``
-nothing is cached. Writes are atomic (DDP ranks may race).
+nothing is cached. Writes follow ``ash_lightning._cache``'s rule (atomic; concurrent runs and DDP ranks may race;
+a full or read-only folder costs one warning, not the run).
 
 ``fit_detector(model, "knn@50", loader)`` is the functional form for one detector.
 """
@@ -26,7 +27,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor, nn
@@ -138,6 +139,37 @@ def _read_fitted(path: Path, key: dict[str, Any]) -> FittedDetector:
     return load_fitted(entry["fitted"])
 
 
+class _Writes:
+    """``file``'s ``write`` and ``flush``, for ``torch.save``, keeping the OSError a write raised (``error``):
+    torch reports it as a RuntimeError without the cause."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save(entry: dict[str, Any], path: str) -> None:
+    """``torch.save(entry)`` to the file ``path``; a write that fails (e.g. a full disk) raises its OSError."""
+    with open(path, "wb") as file:
+        writes = _Writes(file)
+        try:
+            torch.save(entry, writes)  # type: ignore[arg-type]  # torch needs ``write`` and ``flush`` only
+        except RuntimeError:
+            if writes.error is not None:
+                raise writes.error from None
+            raise
+
+
 @dataclass
 class _Collected:
     """What one pass over the fit data collects: per setting, features and logits; the labels; per AdaSCALE
@@ -227,7 +259,7 @@ def fit_detectors(
             fitted[s][j] = one
             if fit.cache_key is not None:
                 entry = {"key": canonical_json(keys[(s, j)]), "fitted": one.to("cpu").state_dict()}
-                write_entry(_cache_path(keys[(s, j)]), functools.partial(torch.save, entry), "detector cache")
+                write_entry(_cache_path(keys[(s, j)]), functools.partial(_save, entry))
     elif keys:
         log.info("detectors: using cached fits")
     return [[_fitted(one).to(device) for one in row] for row in fitted]

@@ -4,10 +4,14 @@ later runs with the same key, which then run only the per-setting part and decod
 
 An entry is a folder ``<root>/<digest>/`` (``ash_lightning._cache.key_digest`` of the key) holding ``features.npy``
 (N rows of the raw bytes of each sample's features, any torch dtype), ``targets.npy``, ``index.npy`` (the data module's
-index: negative for a skipped corrupt file) and, written last, ``complete.json``: the key, dtype, sample shape
-and every file's size and SHA-256. Files are written under temporary names and renamed (``write_atomically``).
-An entry is read only when its marker is present and every file matches it; otherwise (an interrupted write, a
-truncated or altered file) a one-line warning names the problem and the entry is rebuilt.
+index: negative for a skipped corrupt file) and ``complete.json``: the key, dtype, sample shape and every file's
+size and SHA-256. It is built in a hidden temporary folder beside it (``.<digest>.<random>.tmp``, its disk space
+reserved when the first batch arrives, so a full disk fails then, not as a crash in a memory-mapped write) and
+renamed into place complete: ``ash_lightning._cache``'s write rule, where the first writer wins. An entry is read
+only when its marker is present and every file matches it; otherwise (a truncated or altered file, a partial entry
+of an older version) a one-line warning names the problem and the entry is rebuilt. A write that fails (full disk,
+read-only folder) gives one warning naming the folder and the run goes on uncached; a run that stops (an error,
+SIGTERM, Ctrl+C) removes its temporary folder when its process exits.
 
 The key (``set_key``) holds what the stored values depend on: the network identity (backbone name and weights
 fingerprint, ``ash_lightning._cache.network_identity``),
@@ -18,13 +22,16 @@ and the number of samples; a change of any of them reads another entry. Only sin
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import logging
 import os
+import shutil
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +41,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ash_lightning._cache import StaleEntry, canonical_json, key_digest, read_entry
-from ash_lightning._files import expand_user_vars, writable_directory, write_atomically
+from ash_lightning._cache import (
+    StaleEntry,
+    canonical_json,
+    key_digest,
+    read_entry,
+    warn_unwritable,
+    writable_cache_folder,
+)
+from ash_lightning._files import expand_user_vars
 from ash_lightning.data.datamodule import OODDataModuleMixin, SetIdentity
 from ash_lightning.errors import UserError
 from ash_lightning.shaping.sweep import split_point
@@ -47,6 +61,7 @@ DEFAULT_MAX_GIB = 8.0
 MARKER = "complete.json"
 FILES = ("features.npy", "targets.npy", "index.npy")
 GIB = 2**30
+FIX = "free space there, or point model.feature_cache at a writable folder with space"
 
 
 def set_key(network: Mapping[str, Any], data: SetIdentity) -> dict[str, Any]:
@@ -137,22 +152,24 @@ def _read_set(directory: Path, key: Mapping[str, Any]) -> CachedSet:
 
 
 class EntryWriter:
-    """Fills ``key``'s entry in ``directory`` batch by batch (rows go straight to a memory-mapped temporary file)
-    and commits it once every one of ``num_samples`` positions has been written."""
+    """Fills ``key``'s entry in ``directory`` batch by batch in a temporary folder beside it (rows go straight to
+    a memory-mapped file whose disk space is reserved first) and commits it once every one of ``num_samples``
+    positions has been written. The temporary folder is removed by ``discard``, or when the writer is dropped or
+    the process exits without a commit."""
 
     def __init__(
         self, directory: Path, key: Mapping[str, Any], num_samples: int, dtype: torch.dtype, shape: tuple[int, ...]
     ) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / MARKER).unlink(missing_ok=True)  # an old marker never vouches for new files
-        for leftover in directory.glob(".*"):  # temporary files of an interrupted run
-            leftover.unlink(missing_ok=True)
         self.directory, self.key, self.dtype, self.shape = directory, dict(key), dtype, shape
+        self._tmp = directory.with_name(f".{directory.name}.{uuid.uuid4().hex}.tmp")
+        self._tmp.mkdir(parents=True)
+        self._remove_tmp = weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
         row_bytes = torch.empty((), dtype=dtype).element_size() * int(np.prod(shape, dtype=np.int64))
-        self._tmp = directory / f".features.{uuid.uuid4().hex}.tmp"
+        features = self._tmp / FILES[0]
         self._rows: np.memmap | None = np.lib.format.open_memmap(
-            self._tmp, mode="w+", dtype=np.uint8, shape=(num_samples, row_bytes)
+            features, mode="w+", dtype=np.uint8, shape=(num_samples, row_bytes)
         )
+        reserve_space(features)
         self._targets = np.full(num_samples, -1, dtype=np.int64)
         self._index = np.zeros(num_samples, dtype=np.int64)
         self._seen = np.zeros(num_samples, dtype=bool)
@@ -173,27 +190,71 @@ class EntryWriter:
         self._rows[at] = rows.numpy()
         self._targets[at], self._index[at], self._seen[at] = targets.cpu().numpy(), index.cpu().numpy(), True
 
-    def commit(self) -> None:
-        """Rename the features into place, write targets, index and, last, the completion marker."""
+    def commit(self) -> bool:
+        """Write targets, index and the marker, then rename the folder into place (``publish``); whether this
+        writer's entry is the one in place (False: another run's complete entry was there first)."""
         assert self._rows is not None, "commit() after commit() or discard()"
         self._rows.flush()
         self._rows = None
-        os.replace(self._tmp, self.directory / FILES[0])
         for name, array in zip(FILES[1:], (self._targets, self._index), strict=True):
-            write_atomically(self.directory / name, functools.partial(np.save, arr=array), suffix=".npy")
+            np.save(self._tmp / name, array)
         meta = {
             "format": FORMAT,
             "key": self.key,
             "dtype": str(self.dtype),
             "shape": list(self.shape),
-            "files": {name: _file_record(self.directory / name) for name in FILES},
+            "files": {name: _file_record(self._tmp / name) for name in FILES},
         }
-        write_atomically(self.directory / MARKER, lambda tmp: Path(tmp).write_text(canonical_json(meta)))
+        (self._tmp / MARKER).write_text(canonical_json(meta))
+        published = publish(self._tmp, self.directory, self.key)
+        self._remove_tmp()  # only left when another run's entry won
+        return published
 
     def discard(self) -> None:
-        """Drop the unfinished entry's temporary file."""
+        """Drop the unfinished entry's temporary folder."""
         self._rows = None
-        self._tmp.unlink(missing_ok=True)
+        self._remove_tmp()
+
+
+def reserve_space(path: Path) -> None:
+    """Allocate the disk blocks of the whole file ``path`` now (``posix_fallocate``): a disk that cannot hold it
+    raises OSError (ENOSPC, EDQUOT) here instead of a SIGBUS in a later memory-mapped write. Nothing where the
+    system or file system cannot preallocate."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, directory: Path, key: Mapping[str, Any]) -> bool:
+    """Rename the complete entry ``tmp`` to ``directory``, first writer wins: True when renamed; False when a valid
+    entry of ``key`` was there already (``tmp`` stays for the caller to remove). A partial or corrupt entry in the
+    way (an older version's, written in place) is moved aside under a temporary name and removed."""
+    for _ in range(3):  # a concurrent writer may replace the same broken entry between the steps
+        try:
+            os.rename(tmp, directory)
+            return True
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        try:
+            _read_set(directory, key)
+            return False
+        except Exception:  # noqa: BLE001  (anything unreadable in the way is replaced)
+            aside = directory.with_name(f".{directory.name}.{uuid.uuid4().hex}.tmp")
+            try:
+                os.rename(directory, aside)
+            except FileNotFoundError:
+                pass  # another writer moved it aside first
+            else:
+                shutil.rmtree(aside, ignore_errors=True)
+    return False
 
 
 @dataclass
@@ -203,13 +264,13 @@ class _Set:
     num_samples: int
     cached: CachedSet | None
     writer: EntryWriter | None = None
-    failed: bool = False  # writing failed once: the rest of the set runs uncached
 
 
 class FeatureCache:
     """One test run's use of the cache: per dataloader (``sets``: name, key, number of samples, in dataloader
-    order) a complete entry to read, or an entry to write while the features are computed. Features of a set
-    larger than ``max_bytes`` are refused (UserError) at the first computed batch, before any is stored."""
+    order) a complete entry to read, or an entry to write while the features are computed (unless ``writable`` is
+    False, or a write failed: then the run stores nothing more). Features of a set larger than ``max_bytes`` are
+    refused (UserError) at the first computed batch, before any is stored."""
 
     def __init__(
         self,
@@ -218,9 +279,10 @@ class FeatureCache:
         max_bytes: float,
         model: nn.Module,
         placement: str,
+        writable: bool = True,
     ) -> None:
         self.root, self.max_bytes, self._size_checked = Path(root), max_bytes, False
-        self.model, self.placement = model, placement
+        self.model, self.placement, self.writable = model, placement, writable
         self.sets = [_Set(name, key, n, read_set(entry_dir(root, key), key)) for name, key, n in sets]
 
     @property
@@ -238,11 +300,13 @@ class FeatureCache:
             features, targets_, index_ = entry.cached.rows(index)
             return features.to(index.device), targets_.to(index.device), index_.to(index.device)
         shared = compute()
-        if not entry.failed:
+        if self.writable:
             self._store(entry, shared, targets, index)
         return shared, targets, index
 
     def _store(self, entry: _Set, shared: Tensor, targets: Tensor, index: Tensor) -> None:
+        """Add the batch to its set's entry (committed when whole); after a failed write, one warning
+        (``warn_unwritable``), every unfinished entry dropped and nothing more stored in this run."""
         try:
             if entry.writer is None:
                 self._check_size(shared)
@@ -250,19 +314,28 @@ class FeatureCache:
                 entry.writer = EntryWriter(directory, entry.key, entry.num_samples, shared.dtype, shared.shape[1:])
             entry.writer.add(shared, targets, index)
             if entry.writer.complete:
-                entry.writer.commit()
+                stored = entry.writer.commit()
                 entry.writer = None
-                log.info("feature cache: stored data set %r in %s", entry.name, entry_dir(self.root, entry.key))
+                log.info(
+                    "feature cache: %s data set %r in %s",
+                    "stored" if stored else "another run stored",
+                    entry.name,
+                    entry_dir(self.root, entry.key),
+                )
         except OSError as err:
-            entry.failed = True
+            self.writable = False
+            self._drop_writers()
+            warn_unwritable(self.root, err, FIX)
+
+    def _drop_writers(self) -> list[tuple[_Set, int]]:
+        """Discard every unfinished entry; the sets and how many samples each had written."""
+        dropped = []
+        for entry in self.sets:
             if entry.writer is not None:
+                dropped.append((entry, entry.writer.written))
                 entry.writer.discard()
                 entry.writer = None
-            warnings.warn(
-                f"could not write the feature cache of data set {entry.name!r} under {self.root} ({err}); the next "
-                "run computes its features again. Fix: point model.feature_cache at a writable folder with space.",
-                stacklevel=3,
-            )
+        return dropped
 
     def _check_size(self, shared: Tensor) -> None:
         """UserError when the largest set still to be stored would exceed ``max_bytes`` (from this batch's size)."""
@@ -284,16 +357,12 @@ class FeatureCache:
 
     def close(self) -> None:
         """Drop the entries of sets that were not evaluated whole (e.g. ``limit_test_batches``), with a warning."""
-        for entry in self.sets:
-            if entry.writer is not None:
-                written = entry.writer.written
-                entry.writer.discard()
-                entry.writer = None
-                warnings.warn(
-                    f"feature cache: data set {entry.name!r} not stored: {written} of its {entry.num_samples} "
-                    "samples were evaluated (limit_test_batches?); only whole sets are cached.",
-                    stacklevel=2,
-                )
+        for entry, written in self._drop_writers():
+            warnings.warn(
+                f"feature cache: data set {entry.name!r} not stored: {written} of its {entry.num_samples} "
+                "samples were evaluated (limit_test_batches?); only whole sets are cached.",
+                stacklevel=2,
+            )
 
 
 def check_placement(model: nn.Module, placement: str) -> None:
@@ -318,8 +387,14 @@ def open_feature_cache(
 ) -> FeatureCache | None:
     """The cache for ``trainer``'s test run of ``model`` (``network``: its ``network_identity``) over an
     ``OODDataModule`` (``test_set_identities``); None, with a warning, for a multi-process run (each rank sees one
-    shard) or another data module (its sets' identity is unknown)."""
-    directory = writable_directory(expand_user_vars(root), "model.feature_cache")
+    shard) or another data module (its sets' identity is unknown). A UserError when ``root`` is a file; a folder
+    that cannot be created or written gives one warning and is only read."""
+    directory = Path(expand_user_vars(root))
+    if directory.is_file():
+        raise UserError(
+            f"model.feature_cache: output folder {str(directory)!r} is a file, not a folder. Fix: point it at a "
+            "folder you can write to."
+        )
     datamodule = trainer.datamodule
     if trainer.world_size > 1:
         reason = f"this run has {trainer.world_size} processes, and only single-process runs use it"
@@ -333,4 +408,5 @@ def open_feature_cache(
         return None
     net = network_key(network, model, placement, str(trainer.precision), trainer.strategy.root_device.type)
     sets = [(data.name, set_key(net, data), data.num_samples) for data in datamodule.test_set_identities()]
-    return FeatureCache(directory, sets, max_gib * GIB, model, placement)
+    writable = writable_cache_folder(directory, directory, FIX)
+    return FeatureCache(directory, sets, max_gib * GIB, model, placement, writable)

@@ -32,7 +32,8 @@ DICE need a linear classifier, OptFS the placement ``penultimate``): ``check_cal
 (``make_cache_key``: the network identity, i.e. name and weights fingerprint, and the fit data; no cache without a
 key), the placement and ``max_samples``: a repeated run does not touch the fit data. Statistics an entry lacks
 (e.g. a new percentile, or RAS's and OptFS's statistics in an entry written before they existed: an entry
-without a statistic's field lacks it) are collected and merged in. Writes are atomic: DDP ranks may race.
+without a statistic's field lacks it) are collected and merged in. Writes follow ``ash_lightning._cache``'s rule
+(atomic; concurrent runs and DDP ranks may race; a full or read-only folder costs one warning, not the run).
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ def calibrate_shapers(shapers: list[Shaper], model: nn.Module, placement: str, f
         stats = stats.merged(collect_stats(model, placement, missing, fit, no_data, what))
         if path:
             entry = canonical_json(_entry(key, stats))
-            write_entry(path, lambda tmp: Path(tmp).write_text(entry), "calibration cache")
+            write_entry(path, lambda tmp: Path(tmp).write_text(entry))
     else:
         log.info("calibration: using cached ID statistics %s", path)
     return [shaper if (fn := unfitted(shaper)) is None else fn.fit(stats, model) for shaper in shapers]
