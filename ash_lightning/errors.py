@@ -4,8 +4,17 @@ write failures (full disk, quota, read-only or forbidden folder) that become one
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+#: Set (to anything but 0) to see tracebacks instead of one-line user errors (``main.py --debug`` does the same).
+DEBUG_ENV = "ASH_DEBUG"
+
+
+def debug_requested() -> bool:
+    """Whether ``$ASH_DEBUG`` asks for tracebacks."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 class UserError(ValueError):

@@ -3,11 +3,11 @@ one-line message (cause and fix) instead of a traceback, as ``main.py`` prints i
 
 The callbacks install it when a Trainer sets them up: a ``sys.excepthook`` that prints an uncaught ``UserError`` (or
 an exception raised while one was handled, e.g. by a logger that failed to flush on the same full disk) as
-``UserError: <message>`` on stderr (the exit status stays 1) and hands every other exception to the hook that was
-there before. Also a ``threading.excepthook`` that keeps quiet about a write a TensorBoard writer's thread failed
-(a full disk, a quota, a read-only folder: ``WRITE_ERRORS``): that thread would print its traceback, while the
-writer raises the same error again at its next write or flush, where ``OODMetricsCallback`` turns it into a
-UserError naming the folder. Installed once per process.
+``UserError: <message>`` on stderr (the exit status stays 1) and hands every other exception (every exception, with
+``ASH_DEBUG=1``) to the hook that was there before. Also a ``threading.excepthook`` that keeps quiet about a write a
+TensorBoard writer's thread failed (a full disk, a quota, a read-only folder: ``WRITE_ERRORS``): that thread would
+print its traceback, while the writer raises the same error again at its next write or flush, where
+``OODMetricsCallback`` turns it into a UserError naming the folder. Installed once per process.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import sys
 import threading
 from types import TracebackType
 
-from ash_lightning.errors import WRITE_ERRORS, UserError, exception_chain
+from ash_lightning.errors import WRITE_ERRORS, UserError, debug_requested, exception_chain
 
 
 def _brief_hook(previous: object) -> object:
     def hook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
         user = next((cause for cause in exception_chain(error) if isinstance(cause, UserError)), None)
-        if user is not None:
+        if user is not None and not debug_requested():
             print(f"UserError: {user}", file=sys.stderr)
             return
         previous(kind, error, traceback)  # type: ignore[operator]

@@ -11,16 +11,15 @@ SIGTERM or Ctrl+C keeps the data sets it finished and exits 143 or 130 (128 + th
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 from ash_lightning._files import writable_directory
 from ash_lightning.cli.allocator import keep_freed_memory_unless_disabled
 from ash_lightning.cli.commands import command_help, list_specs, report
-from ash_lightning.cli.exit_codes import DEBUG_ENV, USER_ERROR, stopping_signal, user_error
+from ash_lightning.cli.exit_codes import USER_ERROR, stopping_signal, user_error
 from ash_lightning.cli.logs import quiet_unless_verbose
-from ash_lightning.errors import UserError, write_failures_reported
+from ash_lightning.errors import DEBUG_ENV, UserError, debug_requested, write_failures_reported
 from ash_lightning.lightning_packages import MAIN_PACKAGE, main_package_class
 
 #: The flags ``main.py`` takes before or after any command, and removes before the command sees its arguments.
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     status = command_help(args)
     if status is not None:
         return status
-    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in flags
+    debug = debug_requested() or "--debug" in flags
     try:
         if args[:1] == ["report"]:
             report(args[1:])
@@ -223,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from ash_lightning.callbacks.brief_errors import show_user_errors_briefly
 
-            show_user_errors_briefly()  # before Lightning's TensorBoard writer thread starts
+            if not debug:
+                show_user_errors_briefly()  # before Lightning's TensorBoard writer thread starts
             keep_freed_memory_unless_disabled()
             _CLI.run(None if argv is None and args[:1] != ["predict"] else from_run_args(args))
     except (KeyboardInterrupt, SystemExit) as stop:

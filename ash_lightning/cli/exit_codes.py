@@ -13,7 +13,6 @@ from ash_lightning.errors import DISK_ERRORS, UserError, exception_chain, write_
 from ash_lightning.lightning_packages import main_package_class
 
 USER_ERROR = 2
-DEBUG_ENV = "ASH_DEBUG"
 _WORKER_ERROR = re.compile(r"Caught (?P<name>\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
 
 
