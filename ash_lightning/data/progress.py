@@ -11,6 +11,9 @@ one batch.
   ``RichProgressBar`` a task with its columns, in its running display or, before it runs, in a display of its own.
 * ``terminal_progress()``: the same without a trainer, as a tqdm bar on stderr.
 * ``no_progress``: nothing.
+* ``progress_in_test_loop(trainer)``: a pass that runs inside the trainer's test loop (a feature-cache build), whose
+  batches the trainer's own test bar already counts: that bar is renamed to the pass's description (Lightning's reads
+  ``Testing DataLoader <k>``), so one bar shows what runs, the count and the rate.
 
 Where the bar's stream is not a terminal (a log file, a pipe) a pass writes one line instead, when it ends
 (``pass_summary``): ``fit knn@50 on data.fit: 500/500 batches in 12.3s (40.6 batches/s)``.
@@ -25,7 +28,15 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TextIO
 
-__all__ = ["Advance", "PassProgress", "no_progress", "pass_summary", "terminal_progress", "trainer_progress"]
+__all__ = [
+    "Advance",
+    "PassProgress",
+    "no_progress",
+    "pass_summary",
+    "terminal_progress",
+    "progress_in_test_loop",
+    "trainer_progress",
+]
 
 Advance = Callable[[], None]
 PassProgress = Callable[[str, int | None], AbstractContextManager[Advance]]
@@ -107,43 +118,105 @@ def _rich_display(columns: list[Any], console: Any, description: str, total: int
         yield advance
 
 
-def _of_bar(trainer: Any) -> PassProgress:
-    """The display of a pass for ``trainer``'s bar as it is now (module docstring; an object without a
-    ``progress_bar_callback``, e.g. a stand-in trainer, has none)."""
+def _shown_bar(trainer: Any) -> Any | None:
+    """``trainer``'s progress bar callback where it shows (module docstring), else None (also for an object without
+    a ``progress_bar_callback``, e.g. a stand-in trainer)."""
     bar = getattr(trainer, "progress_bar_callback", None)
     if bar is None or not trainer.is_global_zero or not getattr(bar, "is_enabled", True):
-        return no_progress
-    if callable(getattr(bar, "init_test_tqdm", None)):  # TQDMProgressBar of either package: it draws on stdout
-        if not _is_terminal(sys.stdout):
-            return functools.partial(_line, _print_to(sys.stdout))
-        return functools.partial(_tqdm_bar, bar.init_test_tqdm)
-    if callable(getattr(bar, "configure_columns", None)) and hasattr(bar, "progress"):  # RichProgressBar
-        running = bar.progress
-        if running is not None:
-            console = running.console
-        else:  # the console the bar will open (its console_kwargs: stored privately, read with a default)
-            from rich.console import Console
+        return None
+    return bar
 
-            console = Console(**(getattr(bar, "_console_kwargs", None) or {}))
-        if not (console.is_terminal or console.is_jupyter):
-            return functools.partial(
-                _line, lambda line: console.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
-            )
-        if running is not None and running.live.is_started:
-            return functools.partial(_rich_task, running)
-        return functools.partial(_rich_display, bar.configure_columns(trainer), console)
-    return no_progress  # a bar of another kind: its own display is unknown
+
+def _is_tqdm(bar: Any) -> bool:
+    return callable(getattr(bar, "init_test_tqdm", None))  # TQDMProgressBar of either package: it draws on stdout
+
+
+def _is_rich(bar: Any) -> bool:
+    return callable(getattr(bar, "configure_columns", None)) and hasattr(bar, "progress")  # RichProgressBar
+
+
+def _rich_console(bar: Any) -> Any:
+    """The console of a RichProgressBar's running display, else the one it will open (its console_kwargs: stored
+    privately, read with a default)."""
+    if bar.progress is not None:
+        return bar.progress.console
+    from rich.console import Console  # installed wherever a RichProgressBar is
+
+    return Console(**(getattr(bar, "_console_kwargs", None) or {}))
+
+
+def _log_line(bar: Any) -> Callable[[str], None] | None:
+    """Where ``bar`` draws on a stream that is not a terminal (a log file, a pipe): how a pass writes its line there;
+    None on a terminal, or for a bar of another kind (its own display is unknown)."""
+    if _is_tqdm(bar):
+        return None if _is_terminal(sys.stdout) else _print_to(sys.stdout)
+    if _is_rich(bar):
+        console = _rich_console(bar)
+        if console.is_terminal or console.is_jupyter:
+            return None
+        return lambda line: console.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
+    return None
+
+
+def _of_bar(trainer: Any) -> PassProgress:
+    """The display of a pass for ``trainer``'s bar as it is now (module docstring)."""
+    bar = _shown_bar(trainer)
+    if bar is None:
+        return no_progress
+    write = _log_line(bar)
+    if write is not None:
+        return functools.partial(_line, write)
+    if _is_tqdm(bar):
+        return functools.partial(_tqdm_bar, bar.init_test_tqdm)
+    if _is_rich(bar):
+        if bar.progress is not None and bar.progress.live.is_started:
+            return functools.partial(_rich_task, bar.progress)
+        return functools.partial(_rich_display, bar.configure_columns(trainer), _rich_console(bar))
+    return no_progress
+
+
+@contextmanager
+def _chosen_when_it_starts(
+    choose: Callable[[Any], PassProgress], trainer: Any, description: str, total: int | None
+) -> Iterator[Advance]:
+    """The display ``choose(trainer)`` gives as the pass starts (the trainer's bar may change between passes)."""
+    with choose(trainer)(description, total) as advance:
+        yield advance
 
 
 def trainer_progress(trainer: Any) -> PassProgress:
     """The passes' display following ``trainer``'s progress bar (module docstring)."""
+    return functools.partial(_chosen_when_it_starts, _of_bar, trainer)
 
-    @contextmanager
-    def progress(description: str, total: int | None) -> Iterator[Advance]:
-        with _of_bar(trainer)(description, total) as advance:
-            yield advance
 
-    return progress
+@contextmanager
+def _renamed_test_bar(rename: Callable[[str], None], description: str, total: int | None) -> Iterator[Advance]:
+    """The trainer's running test bar, which counts the batches itself, shows ``description`` (``rename``)."""
+    rename(description)
+    yield lambda: None
+
+
+def _of_test_bar(trainer: Any) -> PassProgress:
+    """The display of a pass inside ``trainer``'s test loop as it is now: on a terminal, the running test bar of
+    Lightning's ``TQDMProgressBar`` or ``RichProgressBar`` renamed; on a log stream, the pass's line when it ends;
+    nothing without a bar or before the test bar exists."""
+    bar = _shown_bar(trainer)
+    if bar is None:
+        return no_progress
+    write = _log_line(bar)
+    if write is not None:
+        return functools.partial(_line, write)
+    if _is_tqdm(bar) and bar._test_progress_bar is not None:  # its public property raises while unset
+        return functools.partial(_renamed_test_bar, bar._test_progress_bar.set_description)
+    if _is_rich(bar) and bar.progress is not None and bar.test_progress_bar_id is not None:
+        task, progress = bar.test_progress_bar_id, bar.progress
+        return functools.partial(_renamed_test_bar, lambda text: progress.update(task, description=text))
+    return no_progress
+
+
+def progress_in_test_loop(trainer: Any) -> PassProgress:
+    """The display of passes inside ``trainer``'s test loop (module docstring), chosen as each starts."""
+    return functools.partial(_chosen_when_it_starts, _of_test_bar, trainer)
 
 
 def terminal_progress() -> PassProgress:

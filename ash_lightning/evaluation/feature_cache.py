@@ -33,7 +33,8 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from ash_lightning._cache import (
 )
 from ash_lightning._files import expand_user_vars
 from ash_lightning.data.datamodule import OODDataModuleMixin, SetIdentity
+from ash_lightning.data.progress import Advance, PassProgress, no_progress, progress_in_test_loop
 from ash_lightning.errors import UserError
 from ash_lightning.shaping.sweep import split_point
 
@@ -264,6 +266,8 @@ class _Set:
     num_samples: int
     cached: CachedSet | None
     writer: EntryWriter | None = None
+    shown: ExitStack = field(default_factory=ExitStack)  # the build's progress display, open while it is written
+    advance: Advance = field(default=lambda: None)  # counts one batch of the build
 
 
 class FeatureCache:
@@ -280,9 +284,10 @@ class FeatureCache:
         model: nn.Module,
         placement: str,
         writable: bool = True,
+        progress: PassProgress = no_progress,
     ) -> None:
         self.root, self.max_bytes, self._size_checked = Path(root), max_bytes, False
-        self.model, self.placement, self.writable = model, placement, writable
+        self.model, self.placement, self.writable, self.progress = model, placement, writable, progress
         self.sets = [_Set(name, key, n, read_set(entry_dir(root, key), key)) for name, key, n in sets]
 
     @property
@@ -312,10 +317,14 @@ class FeatureCache:
                 self._check_size(shared)
                 directory = entry_dir(self.root, entry.key)
                 entry.writer = EntryWriter(directory, entry.key, entry.num_samples, shared.dtype, shared.shape[1:])
+                description = f"test {entry.name} and cache its features ({entry.num_samples} samples)"
+                entry.advance = entry.shown.enter_context(self.progress(description, None))
             entry.writer.add(shared, targets, index)
+            entry.advance()
             if entry.writer.complete:
                 stored = entry.writer.commit()
                 entry.writer = None
+                entry.shown.close()
                 log.info(
                     "feature cache: %s data set %r in %s",
                     "stored" if stored else "another run stored",
@@ -335,6 +344,7 @@ class FeatureCache:
                 dropped.append((entry, entry.writer.written))
                 entry.writer.discard()
                 entry.writer = None
+                entry.shown.close()
         return dropped
 
     def _check_size(self, shared: Tensor) -> None:
@@ -409,4 +419,4 @@ def open_feature_cache(
     net = network_key(network, model, placement, str(trainer.precision), trainer.strategy.root_device.type)
     sets = [(data.name, set_key(net, data), data.num_samples) for data in datamodule.test_set_identities()]
     writable = writable_cache_folder(directory, directory, FIX)
-    return FeatureCache(directory, sets, max_gib * GIB, model, placement, writable)
+    return FeatureCache(directory, sets, max_gib * GIB, model, placement, writable, progress_in_test_loop(trainer))

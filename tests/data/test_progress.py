@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 from torch.utils.data import DataLoader, TensorDataset
 
 from ash_lightning.data.fit_pass import FitPass, planned_batches
-from ash_lightning.data.progress import pass_summary, terminal_progress, trainer_progress
+from ash_lightning.data.progress import pass_summary, progress_in_test_loop, terminal_progress, trainer_progress
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 SUMMARY = re.compile(r"^fit knn@50 on data\.fit: (\d+)/5 batches in \d+\.\ds \((\d+\.\d|-) batches/s\)(, stopped)?$")
@@ -76,6 +76,36 @@ def test_rich_bar_that_runs_gets_a_task_of_its_display() -> None:
         _fit(trainer_progress(trainer))
         (task,) = running.tasks
     assert (task.description, task.completed, task.total) == ("fit knn@50 on data.fit", 5, 5)
+
+
+BUILD = "test dark and cache its features (67 samples)"
+
+
+def test_a_pass_inside_the_test_loop_renames_the_running_tqdm_test_bar(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    bar = TQDMProgressBar()
+    with progress_in_test_loop(_trainer(bar))(BUILD, None):  # before the test bar exists: nothing to rename
+        pass
+    bar.test_progress_bar = test_bar = bar.init_test_tqdm()
+    test_bar.set_description("Testing DataLoader 1")
+    with progress_in_test_loop(_trainer(bar))(BUILD, None) as advance:
+        advance()
+    assert test_bar.desc == f"{BUILD}: " and test_bar.n == 0  # the trainer's bar counts the batches itself
+
+
+def test_a_pass_inside_the_test_loop_renames_the_running_rich_test_bar() -> None:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    terminal = Terminal()
+    bar = _rich_bar(terminal, force_terminal=True)
+    trainer = _trainer(bar)
+    bar.progress = Progress(*bar.configure_columns(trainer), console=Console(file=terminal, force_terminal=True))
+    bar.test_progress_bar_id = bar.progress.add_task("Testing", total=5)
+    with progress_in_test_loop(trainer)(BUILD, None):
+        pass
+    (task,) = bar.progress.tasks
+    assert (task.description, task.completed) == (BUILD, 0)
 
 
 @pytest.mark.parametrize("kind", ["tqdm", "rich"])
