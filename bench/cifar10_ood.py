@@ -16,10 +16,15 @@ Calibrated methods go to their own section, e.g.
 --fit-every 10`` (fit on every 10th ID image, test on the rest; ``--fit NPZ`` sets ``data.fit`` to another file).
 
 ``--detectors knn@50 vim@32 odin ...`` (needs fit data) adds a second ``main.py test`` run per model, shaping
-``none`` times the detectors, whose rows join the table; the script then measures, in the same process, each
-detector's extra cost per batch of ``--batch-size`` ID images relative to the backbone's forward pass (median of
-interleaved rounds; feature-space detectors score the batch's features and logits, ``odin``/``adascale`` run their
-own passes), fitted with ``fit_detector`` on the same fit data.
+``none`` times the detectors, whose rows join the table.
+
+After the runs the script measures, in the same process, the extra cost per batch of ``--batch-size`` ID images of
+every reported row relative to the backbone's forward pass (median of ``--cost-rounds`` interleaved rounds):
+a shaping row costs what its setting adds to a sweep's batch (the shaping, the classifier and the first score on
+the batch's penultimate features, ``outputs_from_shared``; for ``none`` the classifier and score alone), calibrated
+shapings fitted with ``calibrate_shapers`` on the fit data; a detector row costs its score (feature-space
+detectors score the batch's features and logits, ``odin``/``adascale`` run their own passes), fitted with
+``fit_detector`` on the same fit data.
 """
 
 from __future__ import annotations
@@ -41,12 +46,17 @@ import torch
 import yaml
 
 from ash_lightning.data import OODDataModule
+from ash_lightning.data.fit_pass import FitPass
 from ash_lightning.detectors import FeatureDetector, FeaturesAndLogits
 from ash_lightning.detectors.fitting import fit_detector
 from ash_lightning.detectors.scoring import detector_scores
 from ash_lightning.evaluation.metrics import fpr_key
 from ash_lightning.models.backbone import create_backbone
+from ash_lightning.scores import get_score
+from ash_lightning.shaping.calibration import calibrate_shapers
 from ash_lightning.shaping.hooks import resolve_hook_point
+from ash_lightning.shaping.specs import get_shaping
+from ash_lightning.shaping.sweep import outputs_from_shared
 
 from _common import (
     GROUPS,
@@ -84,6 +94,8 @@ PUBLISHED_ACCURACY = {
     "cifar_resnet44": 0.9310,
     "cifar_resnet56": 0.9339,
 }  # akamaster README, lossless CIFAR-10 test set
+# The 1-minute load average, sampled when the script starts and before and after each step: the machine may be shared.
+LOADS: list[float] = []
 OOD_DESCRIPTIONS = {
     "textures": "DTD (Textures), 1,200 images of 10 of its 47 classes, resized to 32 on the short side "
     "(bilinear) and centre-cropped to 32×32",
@@ -116,7 +128,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[],
         help="detector specs (knn@50, vim@32, odin, ...): a second run with shaping none, and their cost",
     )
-    parser.add_argument("--cost-rounds", type=int, default=5, help="timed rounds of the detector cost")
+    parser.add_argument("--cost-rounds", type=int, default=5, help="timed rounds of the extra cost per batch")
     parser.add_argument(
         "--react-percentile",
         type=float,
@@ -225,6 +237,7 @@ def run_sweep(
     rel_config = str(config_path.relative_to(REPO))
     log_path = out_dir / f"{version}.log"
     print(f"[{version}] python main.py test --config {rel_config}  (log: {log_path.relative_to(REPO)})", flush=True)
+    LOADS.append(os.getloadavg()[0])
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(
@@ -235,6 +248,7 @@ def run_sweep(
             env=os.environ.copy(),
         )
     wall = time.perf_counter() - start
+    LOADS.append(os.getloadavg()[0])
     if proc.returncode != 0:
         sys.exit(
             f"error: main.py test failed for {backbone} (exit {proc.returncode}); the end of "
@@ -256,30 +270,54 @@ def baseline_accuracy(results: dict[str, Any]) -> float | None:
 
 @dataclass(frozen=True)
 class DetectorRun:
-    """The detectors' ``main.py test`` run of one model and their measured cost."""
+    """The detectors' ``main.py test`` run of one model."""
 
     results: dict[str, Any]
     wall: float
     config: str
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Extra cost per batch, measured in one interleaved run: the forward pass's seconds and, per shaping spec
+    (as the results name it) and per detector spec, extra seconds / forward-pass seconds."""
+
     forward_seconds: float
-    cost: dict[str, float]  # detector spec -> extra seconds per batch / forward-pass seconds
+    shapings: dict[str, float]
+    detectors: dict[str, float]
 
 
-def detector_costs(
-    backbone: str, detectors: list[str], data: dict[str, Any], batch_size: int, rounds: int
-) -> tuple[float, dict[str, float]]:
-    """Seconds of the backbone's forward pass on the first ``batch_size`` ID test images, and each detector's
-    extra seconds on that batch divided by it (fitted with ``fit_detector`` on ``data["fit"]``)."""
+def extra_costs(
+    backbone: str,
+    shapings: list[str],
+    score: str,
+    detectors: list[str],
+    data: dict[str, Any],
+    batch_size: int,
+    rounds: int,
+) -> Costs:
+    """Seconds of the backbone's forward pass on the first ``batch_size`` ID test images and, divided by it, the
+    extra seconds on that batch of each shaping setting (its part of a sweep with ``score``: the classifier with
+    the shaping attached, on the batch's penultimate features, then the score; calibrated shapings fitted with
+    ``calibrate_shapers`` on ``data["fit"]``) and of each detector (fitted with ``fit_detector`` on ``data["fit"]``),
+    all timed in the same interleaved rounds."""
     model = create_backbone(backbone, checkpoint_path=f"$DATASETS/{checkpoint_file(backbone)}").eval()
     datamodule = OODDataModule(
-        id=data["id"], ood=data["ood"], fit=data["fit"], backbone=backbone, batch_size=batch_size
+        id=data["id"], ood=data["ood"], fit=data.get("fit"), backbone=backbone, batch_size=batch_size
     )
     x, _, _ = next(iter(datamodule.test_dataloader()[0]))
     std = datamodule.data_config()["std"]
     forward = FeaturesAndLogits(model)
     with torch.inference_mode():
         features, logits = forward(x)
+    score_fn = get_score(score)
+    requested = [get_shaping(spec) for spec in shapings]
+    shapers = calibrate_shapers(requested, model, "penultimate", FitPass(datamodule.fit_dataloader))
     timers: dict[str, Any] = {"forward": lambda: forward(x)}
+    for spec, shaper in zip(requested, shapers, strict=True):
+        timers[f"shaping {spec.spec}"] = lambda s=shaper: score_fn(
+            outputs_from_shared(model, features, [s], "penultimate").logits[0]
+        )
     gradients = []
     for spec in detectors:
         fitted = fit_detector(model, spec, datamodule.fit_dataloader())
@@ -290,12 +328,24 @@ def detector_costs(
             gradients.append(fitted.spec)
     median = interleaved_medians(timers, rounds, with_gradients=gradients)
     base = median.pop("forward")
-    return base, {spec: seconds / base for spec, seconds in median.items()}
+    prefix = "shaping "
+    return Costs(
+        base,
+        {name.removeprefix(prefix): t / base for name, t in median.items() if name.startswith(prefix)},
+        {name: t / base for name, t in median.items() if not name.startswith(prefix)},
+    )
 
 
 def _cost(ratio: float | None) -> str:
-    """An extra cost relative to the forward pass: ``+3.2%``, ``+305%``; an em dash for None."""
-    return "—" if ratio is None else f"+{100 * ratio:.1f}%"
+    """An extra cost relative to the forward pass: ``+0.03%``, ``+3.20%``, ``+305.1%``; an em dash for None."""
+    return "—" if ratio is None else f"+{100 * ratio:.{2 if ratio < 0.1 else 1}f}%"
+
+
+def row_cost(run: dict[str, Any], first_score: str, costs: Costs) -> float | None:
+    """The measured extra cost of a table row: its detector's, else its shaping's for the first score, else None."""
+    if run["shaping"] == "none" and run["score"] in costs.detectors:
+        return costs.detectors[run["score"]]
+    return costs.shapings.get(run["shaping"]) if run["score"] == first_score else None
 
 
 def model_section(
@@ -305,13 +355,13 @@ def model_section(
     wall: float,
     config: str,
     react_note: str,
+    costs: Costs,
     detectors: DetectorRun | None = None,
 ) -> str:
-    """The Markdown of one model: mean and group metrics, then per-set metrics, of the reported runs (and of the
-    detector runs, with their cost)."""
+    """The Markdown of one model: mean and group metrics with each row's extra cost, then per-set metrics, of the
+    reported runs (and of the detector runs)."""
     fkey = fpr_key(results["tpr"])
     runs = reported_runs(results, scores) + ([] if detectors is None else detectors.results["runs"])
-    cost = {} if detectors is None else detectors.cost
     images = sum(results["counts"].values())
     accuracy = baseline_accuracy(results)
     published = PUBLISHED_ACCURACY.get(backbone)
@@ -324,7 +374,7 @@ def model_section(
             "mean AUPR-In ↑",
             *[f"{g} {fkey.upper()} ↓" for g in results["groups"]],
             "ID acc %",
-            *(["extra cost ÷ forward"] if detectors else []),
+            "extra cost ÷ forward",
         ],
         [
             [
@@ -335,11 +385,11 @@ def model_section(
                 pct(r["mean"]["aupr_in"]),
                 *[pct(m[fkey]) for m in r["groups"].values()],
                 pct(r["id_accuracy"]),
-                *([_cost(cost.get(r["score"]))] if detectors else []),
+                _cost(row_cost(r, scores[0], costs)),
             ]
             for r in runs
         ],
-        "llrrrrrr" + "r" * bool(detectors),
+        "llrrrrrrr",
     )
     per_set = markdown_table(
         ["shaping", "score", *results["ood_sets"]],
@@ -364,6 +414,7 @@ def model_section(
             "including start-up).",
             f"Config written and run by the script: `python main.py test --config {config}`.",
             *([] if detectors is None else [_detector_note(detectors)]),
+            _cost_note(costs, images, scores[0]),
             "",
             f"Mean over the {len(results['ood_sets'])} OOD sets, in %; groups: "
             + "; ".join(f"{g} = {', '.join(m)}" for g, m in results["groups"].items())
@@ -379,14 +430,22 @@ def model_section(
 
 
 def _detector_note(run: DetectorRun) -> str:
-    """How the detector rows were run and their cost measured."""
-    images = sum(run.results["counts"].values())
+    """How the detector rows were run."""
     return (
         f"Detector rows: a second `main.py test` run (shaping none × {len(run.results['runs'])} detectors, fitted "
-        f"on the fit split), wall time **{run.wall:.0f} s**, config `{run.config}`. Their extra cost is measured "
-        f"in the same script run on one batch of ID test images, relative to the backbone's forward pass "
-        f"({run.forward_seconds * 1e3:.0f} ms per batch; {images:,} images in all): feature-space detectors score "
-        "the batch's features and logits, odin and adascale run their own passes (gradients to the input)."
+        f"on the fit split), wall time **{run.wall:.0f} s**, config `{run.config}`."
+    )
+
+
+def _cost_note(costs: Costs, images: int, score: str) -> str:
+    """How the extra cost column was measured."""
+    return (
+        "Extra cost ÷ forward: measured in the same script run on one batch of ID test images, relative to the "
+        f"backbone's forward pass ({costs.forward_seconds * 1e3:.0f} ms per batch; {images:,} images in all), "
+        "median of interleaved rounds. A shaping row costs what its setting adds to a sweep's batch: the "
+        f"classifier with the shaping attached on the batch's penultimate features, then {score} (for `none` the "
+        "classifier and score alone); feature-space detectors score the batch's features and logits, odin and "
+        "adascale run their own passes (gradients to the input)."
     )
 
 
@@ -409,6 +468,16 @@ def header(args: argparse.Namespace, data: dict[str, Any], accuracies: dict[str,
             "",
             f"Generated by `{command_line()}` on {machine_line()}.",
             "",
+            f"**Machine load**: the 1-minute load average ({os.cpu_count()} cores) was "
+            f"{min(LOADS):.1f}–{max(LOADS):.1f} across {len(LOADS)} samples taken at the start and before and after "
+            "each step of this run"
+            + (
+                ", more runnable jobs than cores: other jobs shared the machine, so wall times are upper bounds and "
+                "the costs carry the noise of its varying speed."
+                if max(LOADS) > (os.cpu_count() or 1)
+                else "."
+            ),
+            "",
             "**ID set**: the CIFAR-10 *test* set (10,000 images), but stored as **JPEG at quality 75** (no lossless "
             "copy was available, see `$DATASETS/SOURCES.md`). JPEG compression of 32×32 images is why the ID "
             f"accuracy here is {measured} rather than the published {published} on the lossless test set; OOD "
@@ -427,6 +496,7 @@ def header(args: argparse.Namespace, data: dict[str, Any], accuracies: dict[str,
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    LOADS.append(os.getloadavg()[0])
     if args.detectors and not (args.fit or args.fit_every):
         sys.exit("error: --detectors needs fit data: add --fit-every N (a split of the ID set) or --fit NPZ.")
     files = [ID_FILE, TRAIN_FILE, *OOD_FILES.values(), *map(checkpoint_file, args.models)]
@@ -452,13 +522,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         results, wall, config = run_sweep(backbone, shapings, args.scores, data, args, out_dir, backbone)
         detectors = None
         if args.detectors:
-            detector_results, detector_wall, detector_config = run_sweep(
-                backbone, ["none"], args.detectors, data, args, out_dir, f"{backbone}_detectors"
+            detectors = DetectorRun(
+                *run_sweep(backbone, ["none"], args.detectors, data, args, out_dir, f"{backbone}_detectors")
             )
-            print(f"[{backbone}] measuring the detectors' cost per batch", flush=True)
-            forward_seconds, cost = detector_costs(backbone, args.detectors, data, args.batch_size, args.cost_rounds)
-            detectors = DetectorRun(detector_results, detector_wall, detector_config, forward_seconds, cost)
-        sections.append(model_section(backbone, results, args.scores, wall, config, react_note, detectors))
+        print(f"[{backbone}] measuring the extra cost per batch", flush=True)
+        costs = extra_costs(backbone, shapings, args.scores[0], args.detectors, data, args.batch_size, args.cost_rounds)
+        LOADS.append(os.getloadavg()[0])
+        sections.append(model_section(backbone, results, args.scores, wall, config, react_note, costs, detectors))
         accuracies[backbone] = baseline_accuracy(results)
     publish(
         args.section,
