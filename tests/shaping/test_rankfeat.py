@@ -320,3 +320,28 @@ def test_main_py_runs_rankfeat_alone_and_scores_as_openood(
     order = np.argsort(store["id"]["index"])
     assert np.array_equal(store["id"]["index"][order], torch.cat(index).numpy())
     np.testing.assert_allclose(store["id"]["scores"][order].ravel(), conf.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_svd_on_the_cpu_runs_on_one_thread_and_restores_the_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batched CPU SVD is many times slower on several threads (see ``_one_thread_on_cpu``): it runs on one, the
+    caller's thread count comes back, and the result is the plain SVD's."""
+    from ash_lightning.shaping import rankfeat
+
+    seen: list[int] = []
+    plain_svd = torch.linalg.svd
+
+    def svd(a: torch.Tensor, full_matrices: bool = True):
+        seen.append(torch.get_num_threads())
+        return plain_svd(a, full_matrices=full_matrices)
+
+    a = torch.rand(6, 8, 5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(torch.linalg, "svd", svd)
+        top = rankfeat.svd_top(a)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    u, s, vh = plain_svd(a, full_matrices=False)
+    torch.testing.assert_close(top, s[:, :1, None] * (u[:, :, :1] @ vh[:, :1, :]), rtol=0, atol=1e-6)
