@@ -20,8 +20,9 @@ Calibrated methods go to their own section, e.g.
 
 After the runs the script measures, in the same process, the extra cost per batch of ``--batch-size`` ID images of
 every reported row relative to the backbone's forward pass (median of ``--cost-rounds`` interleaved rounds):
-a shaping row costs what its setting adds to a sweep's batch (the shaping, the classifier and the first score on
-the batch's penultimate features, ``outputs_from_shared``; for ``none`` the classifier and score alone), calibrated
+a shaping row costs what its setting adds to a sweep's batch (``outputs_from_shared`` from the part of the pass a
+sweep shares, then the first score: the shaping and the classifier on the batch's penultimate features, for ``none``
+the classifier alone; for ``rankfeat`` the last stage's two branches from its input, then pooling), calibrated
 shapings fitted with ``calibrate_shapers`` on the fit data; a detector row costs its score (feature-space
 detectors score the batch's features and logits, ``odin``/``adascale`` run their own passes), fitted with
 ``fit_detector`` on the same fit data.
@@ -56,7 +57,7 @@ from ash_lightning.scores import get_score
 from ash_lightning.shaping.calibration import calibrate_shapers
 from ash_lightning.shaping.hooks import resolve_hook_point
 from ash_lightning.shaping.specs import get_shaping
-from ash_lightning.shaping.sweep import outputs_from_shared
+from ash_lightning.shaping.sweep import outputs_from_shared, shared_part
 
 from _common import (
     GROUPS,
@@ -297,10 +298,10 @@ def extra_costs(
     rounds: int,
 ) -> Costs:
     """Seconds of the backbone's forward pass on the first ``batch_size`` ID test images and, divided by it, the
-    extra seconds on that batch of each shaping setting (its part of a sweep with ``score``: the classifier with
-    the shaping attached, on the batch's penultimate features, then the score; calibrated shapings fitted with
-    ``calibrate_shapers`` on ``data["fit"]``) and of each detector (fitted with ``fit_detector`` on ``data["fit"]``),
-    all timed in the same interleaved rounds."""
+    extra seconds on that batch of each shaping setting (its part of a sweep with ``score``: from the part of the
+    pass a sweep shares, ``shared_part``, the rest with the shaping attached, then the score; calibrated shapings
+    fitted with ``calibrate_shapers`` on ``data["fit"]``) and of each detector (fitted with ``fit_detector`` on
+    ``data["fit"]``), all timed in the same interleaved rounds."""
     model = create_backbone(backbone, checkpoint_path=f"$DATASETS/{checkpoint_file(backbone)}").eval()
     datamodule = OODDataModule(
         id=data["id"], ood=data["ood"], fit=data.get("fit"), backbone=backbone, batch_size=batch_size
@@ -315,8 +316,10 @@ def extra_costs(
     shapers = calibrate_shapers(requested, model, "penultimate", FitPass(datamodule.fit_dataloader))
     timers: dict[str, Any] = {"forward": lambda: forward(x)}
     for spec, shaper in zip(requested, shapers, strict=True):
-        timers[f"shaping {spec.spec}"] = lambda s=shaper: score_fn(
-            outputs_from_shared(model, features, [s], "penultimate").logits[0]
+        with torch.inference_mode():
+            shared = shared_part(model, x, "penultimate", [shaper])  # as a sweep with this setting shares it
+        timers[f"shaping {spec.spec}"] = lambda s=shaper, h=shared: score_fn(
+            outputs_from_shared(model, h, [s], "penultimate").logits[0]
         )
     gradients = []
     for spec in detectors:
@@ -444,8 +447,9 @@ def _cost_note(costs: Costs, images: int, score: str) -> str:
         f"backbone's forward pass ({costs.forward_seconds * 1e3:.0f} ms per batch; {images:,} images in all), "
         "median of interleaved rounds. A shaping row costs what its setting adds to a sweep's batch: the "
         f"classifier with the shaping attached on the batch's penultimate features, then {score} (for `none` the "
-        "classifier and score alone); feature-space detectors score the batch's features and logits, odin and "
-        "adascale run their own passes (gradients to the input)."
+        "classifier and score alone; for `rankfeat` the last stage's two branches from its input); feature-space "
+        "detectors score the batch's features and logits, odin and adascale run their own passes (gradients to "
+        "the input)."
     )
 
 
