@@ -21,7 +21,7 @@ def test_cli_applies_it_before_running_unless_disabled(
 ) -> None:
     events: list[str] = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: events.append("keep") or True)
-    monkeypatch.setattr(cli._CLI, "run", staticmethod(lambda args: events.append("run")))
+    monkeypatch.setattr(cli._CLI, "run", staticmethod(lambda args, command: events.append("run")))
     if env is None:
         monkeypatch.delenv(allocator.KEEP_FREED_MEMORY_ENV, raising=False)
     else:
