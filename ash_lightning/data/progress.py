@@ -158,14 +158,9 @@ def _log_line(bar: Any) -> Callable[[str], None] | None:
     return None
 
 
-def _of_bar(trainer: Any) -> PassProgress:
-    """The display of a pass for ``trainer``'s bar as it is now (module docstring)."""
-    bar = _shown_bar(trainer)
-    if bar is None:
-        return no_progress
-    write = _log_line(bar)
-    if write is not None:
-        return functools.partial(_line, write)
+def _own_bar(bar: Any, trainer: Any) -> PassProgress:
+    """A bar of the pass's own on a terminal: one made like Lightning's tqdm test bar, or a task of the rich bar's
+    display (its running one, else one of its own)."""
     if _is_tqdm(bar):
         return functools.partial(_tqdm_bar, bar.init_test_tqdm)
     if _is_rich(bar):
@@ -176,36 +171,15 @@ def _of_bar(trainer: Any) -> PassProgress:
 
 
 @contextmanager
-def _chosen_when_it_starts(
-    choose: Callable[[Any], PassProgress], trainer: Any, description: str, total: int | None
-) -> Iterator[Advance]:
-    """The display ``choose(trainer)`` gives as the pass starts (the trainer's bar may change between passes)."""
-    with choose(trainer)(description, total) as advance:
-        yield advance
-
-
-def trainer_progress(trainer: Any) -> PassProgress:
-    """The passes' display following ``trainer``'s progress bar (module docstring)."""
-    return functools.partial(_chosen_when_it_starts, _of_bar, trainer)
-
-
-@contextmanager
 def _renamed_test_bar(rename: Callable[[str], None], description: str, total: int | None) -> Iterator[Advance]:
     """The trainer's running test bar, which counts the batches itself, shows ``description`` (``rename``)."""
     rename(description)
     yield lambda: None
 
 
-def _of_test_bar(trainer: Any) -> PassProgress:
-    """The display of a pass inside ``trainer``'s test loop as it is now: on a terminal, the running test bar of
-    Lightning's ``TQDMProgressBar`` or ``RichProgressBar`` renamed; on a log stream, the pass's line when it ends;
-    nothing without a bar or before the test bar exists."""
-    bar = _shown_bar(trainer)
-    if bar is None:
-        return no_progress
-    write = _log_line(bar)
-    if write is not None:
-        return functools.partial(_line, write)
+def _test_bar_renamed(bar: Any, trainer: Any) -> PassProgress:
+    """On a terminal, the running test bar of Lightning's ``TQDMProgressBar`` or ``RichProgressBar`` renamed;
+    nothing before the test bar exists."""
     if _is_tqdm(bar) and bar._test_progress_bar is not None:  # its public property raises while unset
         return functools.partial(_renamed_test_bar, bar._test_progress_bar.set_description)
     if _is_rich(bar) and bar.progress is not None and bar.test_progress_bar_id is not None:
@@ -214,9 +188,33 @@ def _of_test_bar(trainer: Any) -> PassProgress:
     return no_progress
 
 
+@contextmanager
+def _shown_as_it_starts(
+    on_terminal: Callable[[Any, Any], PassProgress], trainer: Any, description: str, total: int | None
+) -> Iterator[Advance]:
+    """The pass's display for ``trainer``'s bar as it is when the pass starts (it may change between passes):
+    nothing without a bar, the pass's line on a log stream, else ``on_terminal(bar, trainer)``."""
+    bar = _shown_bar(trainer)
+    write = None if bar is None else _log_line(bar)
+    shown: PassProgress
+    if bar is None:
+        shown = no_progress
+    elif write is not None:
+        shown = functools.partial(_line, write)
+    else:
+        shown = on_terminal(bar, trainer)
+    with shown(description, total) as advance:
+        yield advance
+
+
+def trainer_progress(trainer: Any) -> PassProgress:
+    """The passes' display following ``trainer``'s progress bar (module docstring)."""
+    return functools.partial(_shown_as_it_starts, _own_bar, trainer)
+
+
 def progress_in_test_loop(trainer: Any) -> PassProgress:
-    """The display of passes inside ``trainer``'s test loop (module docstring), chosen as each starts."""
-    return functools.partial(_chosen_when_it_starts, _of_test_bar, trainer)
+    """The display of passes inside ``trainer``'s test loop (module docstring)."""
+    return functools.partial(_shown_as_it_starts, _test_bar_renamed, trainer)
 
 
 def terminal_progress() -> PassProgress:
