@@ -66,10 +66,11 @@ def test_cifar10_config_runs_and_writes_json(shared_data: Path, tmp_path: Path) 
 
 
 def test_ddp_two_processes_equal_one(tiny_data: dict, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """With calibrated shapers each DDP process fits them on data.fit (its own empty cache) as one process does; also
-    with a covariate-shifted ID set of an odd size (DistributedSampler pads its shards)."""
+    """With calibrated shapers each DDP process fits them on data.fit (its own empty cache) as one process does; with
+    rankfeat (the sweep's split point before the last stage); also with a covariate-shifted ID set of an odd size
+    (DistributedSampler pads its shards)."""
     single, double = tmp_path / "one", tmp_path / "two"
-    shaping = ["ash_s@90", "ash_b@65", "optfs", "bfact@95@2", "ras"]
+    shaping = ["ash_s@90", "ash_b@65", "optfs", "bfact@95@2", "ras", "rankfeat"]
     csid = {"shifted": {"kind": "npz", "path": str(write_npz(tmp_path / "shifted.npz", 37, 3, 0.8))}}
     config = tiny_config(tiny_data, tiny_checkpoint, single, shaping=shaping, score=["energy", "msp"])
     config["data"]["fit"] = {"kind": "npz", "path": str(tiny_data["id"]), "limit": 40}
