@@ -143,9 +143,14 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f}"
 
 
+def _flag(run: Mapping[str, Any]) -> str:
+    """`` EQUAL_SCORES_FLAG`` when the run's ID scores are all equal, else nothing."""
+    return f" {EQUAL_SCORES_FLAG}" if run.get("equal_id_scores") else ""
+
+
 def _flagged(run: Mapping[str, Any]) -> str:
-    """The run's setting, ``<shaping> + <score>``, with ``EQUAL_SCORES_FLAG`` when its ID scores are all equal."""
-    return f"{run['shaping']} + {run['score']}" + (f" {EQUAL_SCORES_FLAG}" if run.get("equal_id_scores") else "")
+    """The run's setting, ``<shaping> + <score>``, with ``_flag``."""
+    return f"{run['shaping']} + {run['score']}{_flag(run)}"
 
 
 def format_table(results: Mapping[str, Any]) -> str:
@@ -173,8 +178,7 @@ def format_table(results: Mapping[str, Any]) -> str:
             "|---:|---|---|---:|---:|---:|---:|",
         ]
         lines += [
-            f"| {rank} | {runs[i]['shaping']} | {runs[i]['score']}"
-            f"{f' {EQUAL_SCORES_FLAG}' if runs[i].get('equal_id_scores') else ''} | {_pct(runs[i]['mean'][fkey])} | "
+            f"| {rank} | {runs[i]['shaping']} | {runs[i]['score']}{_flag(runs[i])} | {_pct(runs[i]['mean'][fkey])} | "
             f"{_pct(runs[i]['mean']['auroc'])} | {_pct(runs[i]['mean']['aupr_in'])} | "
             f"{_pct(runs[i]['id_accuracy'])} |"
             for rank, i in enumerate(results["ranking"], start=1)

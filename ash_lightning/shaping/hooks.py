@@ -141,17 +141,17 @@ def last_stage(model: nn.Module, spec: str) -> nn.Module:
     """``find_last_stage(model)``, or a ValueError where ``spec`` (a ``StageShaper``) cannot work on ``model``: no
     ResNet stages, a global pooling that is not an average, or a classifier that is not an ``nn.Linear``."""
     stages, name = _stages(model), type(model).__name__
+    pool, classifier = _find_global_pool(model), find_classifier(model)
     problem = None
     if len(stages) < 2:
         problem = f"{name} has no ResNet stages layer1..layerN as direct children (its last: {_last_children(model)})"
-    elif not _averages(_find_global_pool(model)):
-        pool = _find_global_pool(model)
+    elif not _averages(pool):
         pool_type = getattr(pool, "pool_type", None)
         problem = f"{name}'s global pooling is {type(pool).__name__ if pool is not None else 'not found'}"
         problem += f" (pool_type {pool_type!r})" if pool_type is not None else ""
         problem += ", not an average, where the two branches' logits are averaged through the pooled maps"
-    elif not isinstance(find_classifier(model), nn.Linear):
-        problem = f"{name}'s classifier is {type(find_classifier(model)).__name__}, not an nn.Linear"
+    elif not isinstance(classifier, nn.Linear):
+        problem = f"{name}'s classifier is {type(classifier).__name__}, not an nn.Linear"
     if problem is not None:
         raise ValueError(
             f"{spec} removes the top singular component of the feature maps of a ResNet's last two stages (block 3 "
